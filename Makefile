@@ -1,0 +1,41 @@
+# Two commands on a fresh clone: `make run` and `make test`. Both set up .venv and system tools.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+CONFIG ?= deploy/config/default.yaml
+APT_PACKAGES := dcmtk dicom3tools
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup system-deps run test test-fast test-slow bench clean
+
+setup: system-deps $(VENV)/.installed
+
+# dcmtk (dcmsend, storescp, dcmdump, dcmj2pnm) and dicom3tools (dciodvfy) are the real DICOM peers of the tests.
+system-deps:
+	@command -v dcmsend >/dev/null && command -v dciodvfy >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); }
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU wheel of torch first: a bare "torch" requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(BIN)/dicomnode serve --config $(CONFIG)
+
+# Fast unit tests first, then the end-to-end tests marked slow (real dcmtk peers, training runs).
+test: setup
+	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m slow
+
+test-fast: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,106 @@
+"""Classical enhancers: CLAHE, global histogram equalisation and multi-scale Retinex.
+
+They need no weights, run on the CPU, and serve both as baselines in `dicomnode evaluate` and as
+node models (``kind: clahe | histeq | retinex``) usable before any trained weights exist.
+Colour images are processed on their intensity only and the chroma is kept, so hues do not shift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import gaussian_filter
+from skimage import exposure
+
+from models.registry import Enhancer, ModelInfo
+
+VERSION = "1.0"
+
+
+def _as_float(image: np.ndarray) -> np.ndarray:
+    img = np.asarray(image, dtype=np.float32)
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise ValueError(f"expected (H, W) or (H, W, 3) image, got shape {img.shape}")
+    return np.clip(img, 0.0, 1.0)
+
+
+def _on_intensity(image: np.ndarray, op) -> np.ndarray:
+    """Apply ``op`` (a [0,1] -> [0,1] gray transform) to the intensity, keeping chroma for RGB."""
+    img = _as_float(image)
+    if img.ndim == 2:
+        return np.clip(op(img), 0, 1).astype(np.float32)
+    intensity = img.max(axis=2)  # HSV value: scaling RGB by new/old value keeps hue and saturation
+    new = np.clip(op(intensity), 0, 1)
+    gain = np.where(intensity > 1e-6, new / np.maximum(intensity, 1e-6), 0.0)
+    out = img * gain[..., None]
+    return np.clip(out, 0, 1).astype(np.float32)
+
+
+def clahe(image: np.ndarray, clip_limit: float = 0.01, kernel_fraction: float = 1 / 8) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (scikit-image), tiles of 1/8 the image."""
+
+    def op(gray: np.ndarray) -> np.ndarray:
+        kernel = max(8, int(min(gray.shape) * kernel_fraction))
+        return exposure.equalize_adapthist(gray, kernel_size=kernel, clip_limit=clip_limit)
+
+    return _on_intensity(image, op)
+
+
+def histeq(image: np.ndarray, nbins: int = 256) -> np.ndarray:
+    """Global histogram equalisation."""
+    return _on_intensity(image, lambda g: exposure.equalize_hist(g, nbins=nbins))
+
+
+def retinex(image: np.ndarray, sigmas: Sequence[float] = (0.02, 0.1, 0.3), clip_percent: float = 1.0) -> np.ndarray:
+    """Multi-scale Retinex on intensity (MSRCP-style chroma preservation).
+
+    ``sigmas`` are fractions of the shorter image side, so the method behaves the same at any
+    resolution; the log-ratio output is stretched between the ``clip_percent`` percentiles.
+    """
+
+    def op(gray: np.ndarray) -> np.ndarray:
+        eps = 1e-4
+        side = min(gray.shape)
+        log_img = np.log(gray + eps)
+        msr = np.zeros_like(gray, dtype=np.float64)
+        for frac in sigmas:
+            msr += log_img - np.log(gaussian_filter(gray.astype(np.float64), sigma=max(1.0, frac * side)) + eps)
+        msr /= len(sigmas)
+        lo, hi = np.percentile(msr, [clip_percent, 100 - clip_percent])
+        if hi - lo < 1e-9:
+            return gray
+        return (msr - lo) / (hi - lo)
+
+    return _on_intensity(image, op)
+
+
+class ClassicalEnhancer(Enhancer):
+    """Adapter from a per-image function to the node's Enhancer interface."""
+
+    def __init__(self, kind: str, name: str, func, params: Mapping[str, Any]):
+        self.info = ModelInfo(kind=kind, name=name, version=VERSION, weights_sha256=None, card={"params": dict(params)})
+        self._func = func
+        self._params = dict(params)
+
+    def enhance(self, images: Sequence[np.ndarray], guidance: np.ndarray | None = None) -> list[np.ndarray]:
+        return [self._func(img, **self._params) for img in images]
+
+
+def _builder(kind: str, name: str, func, allowed: set[str]):
+    def build(*, weights: Path | None, device: str, options: dict[str, Any]) -> Enhancer:
+        unknown = set(options) - allowed
+        if unknown:
+            raise ValueError(f"{kind}: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        if weights is not None:
+            raise ValueError(f"{kind}: takes no weights")
+        return ClassicalEnhancer(kind, name, func, options)
+
+    return build
+
+
+build_clahe = _builder("clahe", "CLAHE", clahe, {"clip_limit", "kernel_fraction"})
+build_histeq = _builder("histeq", "Histogram equalisation", histeq, {"nbins"})
+build_retinex = _builder("retinex", "Multi-scale Retinex", retinex, {"sigmas", "clip_percent"})
