@@ -136,3 +136,12 @@ def build_model(
     module_name, func_name = target.split(":")
     builder = getattr(importlib.import_module(module_name), func_name)
     return builder(weights=Path(weights) if weights else None, device=resolve_device(device), options=dict(options or {}))
+
+
+def load_checkpoint(weights: Path | str, *, device: str = "auto", options: Mapping[str, Any] | None = None) -> Enhancer:
+    """Build whatever model a weights file's card describes (``card["kind"]``)."""
+    card = read_card(Path(weights), verify=False)
+    kind = card.get("kind")
+    if not kind:
+        raise ModelLoadError(f"model card for {weights} names no kind")
+    return build_model(kind, weights=Path(weights), device=device, options=options)

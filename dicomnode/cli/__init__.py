@@ -18,7 +18,9 @@ from dicomnode import __version__
 
 # Order = order in `dicomnode --help`.
 COMMAND_MODULES: tuple[str, ...] = (
-    "dicomnode.cli.node",  # serve, check-config, route, status, resend, enhance
+    "dicomnode.cli.node",  # serve, status, resend
+    "dicomnode.cli.admin",  # check-config, route
+    "dicomnode.cli.offline",  # enhance (files/folders, no network)
     "dicomnode.cli.train",  # train pretrain-g | hqgnet | stillgan | lamegan
     "dicomnode.cli.modelinfo",  # models info
     "dicomnode.cli.evaluate",  # evaluate
