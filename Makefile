@@ -21,6 +21,8 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU wheel of torch first: a bare "torch" requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# pypiqe declares the GUI opencv-python; cv2 comes from opencv-python-headless above.
+	$(BIN)/pip install -q --no-deps pypiqe==1.2
 	touch $@
 
 run: setup
