@@ -1,0 +1,335 @@
+"""Shared helpers for the reliability tests: certificates, synthetic studies, dcmtk peers, a node process.
+
+Everything runs over loopback with real processes: ``storescp`` as the PACS, ``dcmsend``/``echoscu`` as
+the modality and ``dicomnode serve`` as the node, so the tests see what a site would see.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+REPO = Path(__file__).resolve().parents[1]
+DICOMNODE = REPO / ".venv" / "bin" / "dicomnode"
+UID_ROOT = "1.2.826.0.1.3680043.10.1234."  # test-only UIDs, deterministic from a seed string
+
+
+def uid(seed: str) -> str:
+    return generate_uid(prefix=UID_ROOT, entropy_srcs=[seed])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until something accepts TCP connections on loopback ``port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
+
+
+# ----------------------------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Patient:
+    name: str = "Testpatient^Alice"
+    patient_id: str = "PID-000001"
+    birth_date: str = "19700101"
+
+
+def ct_dataset(study: str, series: str, index: int, *, patient: Patient = Patient(), rows: int = 16,
+               cols: int = 16, modality: str = "CT", pixels: np.ndarray | None = None) -> Dataset:
+    """A small but complete CT image; UIDs derived from (study, series, index) so reruns are identical."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = uid(f"{study}/{series}/{index}")
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = uid(f"{study}")
+    ds.SeriesInstanceUID = uid(f"{study}/{series}")
+    ds.FrameOfReferenceUID = uid(f"{study}/for")
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = "O"
+    ds.StudyDate = "20240101"
+    ds.StudyTime = "120000"
+    ds.AccessionNumber = "ACC1"
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = "1"
+    ds.Modality = modality
+    ds.Manufacturer = "test"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = index + 1
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.ImagePositionPatient = [0, 0, float(index)]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [1, 1]
+    ds.SliceThickness = 1
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    if pixels is None:
+        rng = np.random.default_rng(abs(hash((study, series, index))) % 2**32)
+        pixels = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    return ds
+
+
+def write_series(folder: Path, study: str, series: str, count: int, **kwargs: Any) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        ds = ct_dataset(study, series, i, **kwargs)
+        path = folder / f"{series}_{i:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def sop_uids(folder: Path) -> list[str]:
+    """SOPInstanceUID of every DICOM file under ``folder`` (duplicates kept, so callers can count them)."""
+    out = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            try:
+                out.append(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+            except Exception:  # noqa: BLE001 - temp files of a peer mid-write are not results
+                continue
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- TLS
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path  # self-signed, not from the CA
+    rogue_key: Path
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def make_certs(folder: Path) -> Certs:
+    """A private CA, a server and a client certificate signed by it, and a rogue self-signed one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca = folder / "ca.key", folder / "ca.pem"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+             "-days", "2", "-subj", "/CN=dicomnode test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    pairs = {}
+    for name in ("server", "client"):
+        key, csr, cert = folder / f"{name}.key", folder / f"{name}.csr", folder / f"{name}.pem"
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                 "-subj", f"/CN=dicomnode test {name}")
+        ext = folder / f"{name}.ext"
+        usage = "serverAuth" if name == "server" else "clientAuth"
+        ext.write_text(f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n"
+                       "subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+                 "-out", str(cert), "-days", "2", "-extfile", str(ext))
+        pairs[name] = (cert, key)
+    rogue_key, rogue = folder / "rogue.key", folder / "rogue.pem"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(rogue_key), "-out", str(rogue),
+             "-days", "2", "-subj", "/CN=rogue")
+    return Certs(ca, *pairs["server"], *pairs["client"], rogue, rogue_key)
+
+
+# ----------------------------------------------------------------------------------------------- peers
+def tool_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"  # dcmtk leaves Nagle on otherwise (REFERENCE 5): slow small PDUs
+    return env
+
+
+def echoscu(port: int, *, aet: str = "MODALITY", aec: str = "DICOMNODE", tls: Sequence[str] = (),
+            timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(["echoscu", "-aet", aet, "-aec", aec, "-to", "10", "-ta", "10", "-td", "10",
+                           *tls, "127.0.0.1", str(port)], capture_output=True, text=True, timeout=timeout,
+                          env=tool_env())
+
+
+def dcmsend(port: int, paths: Iterable[Path], *, aet: str = "MODALITY", aec: str = "DICOMNODE",
+            tls: Sequence[str] = (), extra: Sequence[str] = (), timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["dcmsend", "-aet", aet, "-aec", aec, "-to", "10", "-ta", "10", "-td", "30",
+                           *tls, *extra, "127.0.0.1", str(port), *map(str, paths)],
+                          capture_output=True, text=True, timeout=timeout, env=tool_env())
+
+
+class StoreSCP:
+    """``storescp`` as the PACS: receives into ``folder``; TLS when ``certs`` is given."""
+
+    def __init__(self, folder: Path, *, port: int | None = None, aet: str = "PACS", certs: Certs | None = None):
+        self.folder = folder
+        self.port = port or free_port()
+        self.aet = aet
+        self.certs = certs
+        self.proc: subprocess.Popen | None = None
+        self.log = folder.parent / f"storescp_{self.port}.log"
+
+    def start(self) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tls: list[str] = []
+        if self.certs is not None:
+            tls = ["+tls", str(self.certs.server_key), str(self.certs.server_cert), "+cf", str(self.certs.ca),
+                   "-vc"]
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", self.aet, "-od", str(self.folder), "+xa", "-uf", "--fork", *tls, str(self.port)],
+            stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=tool_env(), start_new_session=True)
+        wait_port(self.port, 15, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # --fork children are in its own process group
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+    def __enter__(self) -> StoreSCP:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ----------------------------------------------------------------------------------------------- node
+def node_config(root: Path, port: int, destinations: Mapping[str, Any], *, rules: list[dict] | None = None,
+                node: Mapping[str, Any] | None = None, storage: Mapping[str, Any] | None = None,
+                dispatch: Mapping[str, Any] | None = None, log_file: Path | None = None,
+                models: Mapping[str, Any] | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+    """A config dict (the YAML schema of dicomnode.config) for a node on loopback; CLAHE by default."""
+    dest_names = list(destinations)
+    cfg: dict[str, Any] = {
+        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port, "series_quiet_seconds": 1.0,
+                 **(node or {})},
+        "storage": {"root": str(root), **(storage or {})},
+        "destinations": dict(destinations),
+        "models": dict(models) if models is not None else {"clahe": {"kind": "clahe"}},
+        "rules": rules if rules is not None else [
+            {"name": "ct", "match": {"Modality": "CT"}, "model": "clahe", "destinations": dest_names}],
+        "dispatch": {"max_attempts": 5, "backoff_initial_seconds": 0.5, "backoff_max_seconds": 2.0,
+                     **(dispatch or {})},
+        "logging": {"level": "INFO", **({"file": str(log_file)} if log_file else {})},
+    }
+    cfg.update(extra or {})
+    return cfg
+
+
+class NodeProcess:
+    """``dicomnode serve`` as a subprocess (so it can be SIGKILLed and restarted like in production)."""
+
+    def __init__(self, workdir: Path, config: Mapping[str, Any]):
+        self.workdir = workdir
+        self.config = dict(config)
+        self.port = int(config["node"]["port"])
+        self.config_path = workdir / "node.yaml"
+        self.stderr_path = workdir / "node.stderr.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 60) -> NodeProcess:
+        if not DICOMNODE.exists():
+            raise RuntimeError(f"{DICOMNODE} not found: run `make setup`")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+        self.starts += 1
+        self.proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(self.config_path)],
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("ab"),
+                                     cwd=self.workdir, env=tool_env())
+        wait_port(self.port, timeout, self.proc)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up handlers run, as in a power cut or an OOM kill."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
+
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run another ``dicomnode`` command (status, resend) on the same config."""
+        return subprocess.run([str(DICOMNODE), *args, "--config", str(self.config_path)], capture_output=True,
+                              text=True, timeout=timeout, cwd=self.workdir)
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+def python() -> str:
+    return sys.executable
+
+
+def tools_present(*names: str) -> bool:
+    return all(shutil.which(n) for n in names)

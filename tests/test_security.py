@@ -1,0 +1,141 @@
+"""Access control and DICOM TLS, shown with real dcmtk peers over loopback.
+
+security.py is tested first against a bare pynetdicom SCP/SCU (fast), then the running node is tested
+with wrong calling/called AE titles, TLS echoes with and without client certificates, and sending to a
+TLS storescp (slow: subprocess node).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from conftest import require_tools
+from dicomnode.security import TLSConfigError, client_ssl_context, client_tls_args, server_ssl_context
+from reliability import Certs, StoreSCP, echoscu, make_certs, sop_uids, write_series
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    require_tools("openssl")
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def _tls(key: Path, cert: Path, ca: Path) -> list[str]:
+    return ["+tls", str(key), str(cert), "+cf", str(ca)]
+
+
+# ------------------------------------------------------------------------------------ security.py
+def test_server_context_settings(certs: Certs) -> None:
+    ctx = server_ssl_context({"cert": certs.server_cert, "key": certs.server_key})
+    assert ctx.verify_mode == ssl.CERT_NONE and ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+    ctx = server_ssl_context({"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca})
+    assert ctx.verify_mode == ssl.CERT_OPTIONAL
+    ctx = server_ssl_context({"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca,
+                              "require_client_cert": True})
+    assert ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_bad_tls_settings_are_named(certs: Certs, tmp_path: Path) -> None:
+    with pytest.raises(TLSConfigError, match="not found: .*missing.pem"):
+        server_ssl_context({"cert": tmp_path / "missing.pem", "key": certs.server_key})
+    with pytest.raises(TLSConfigError, match="require_client_cert needs node.tls.ca"):
+        server_ssl_context({"cert": certs.server_cert, "key": certs.server_key, "require_client_cert": True})
+    with pytest.raises(TLSConfigError, match="cannot load certificate"):  # key of another certificate
+        server_ssl_context({"cert": certs.server_cert, "key": certs.client_key})
+    with pytest.raises(TLSConfigError, match="cert and key go together"):
+        client_ssl_context({"ca": certs.ca, "cert": certs.client_cert})
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate")
+    with pytest.raises(TLSConfigError, match="cannot load CA"):
+        client_ssl_context({"ca": not_pem})
+    assert client_tls_args(None, "pacs") is None
+
+
+def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> str | None:
+    """TLS handshake over a loopback socket pair; None on success, else the client's error."""
+    srv, cli = socket.socketpair()
+    errors: list[Exception] = []
+
+    def serve() -> None:
+        try:
+            with server_ctx.wrap_socket(srv, server_side=True) as s:
+                s.recv(1)
+        except (ssl.SSLError, OSError) as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        with client_ctx.wrap_socket(cli, server_hostname="localhost") as c:
+            c.sendall(b"x")
+            c.recv(1)  # TLS 1.3: a refused client certificate shows up on the first read
+    except (ssl.SSLError, OSError) as exc:
+        return str(exc)
+    finally:
+        t.join(10)
+    return str(errors[0]) if errors else None
+
+
+def test_contexts_verify_each_other(certs: Certs) -> None:
+    server = server_ssl_context({"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca,
+                                 "require_client_cert": True})
+    good = client_ssl_context({"ca": certs.ca, "cert": certs.client_cert, "key": certs.client_key})
+    assert _handshake(server, good) is None
+    assert _handshake(server, client_ssl_context({"ca": certs.ca})) is not None  # no client certificate
+    rogue = client_ssl_context({"ca": certs.ca, "cert": certs.rogue_cert, "key": certs.rogue_key})
+    assert _handshake(server, rogue) is not None  # client certificate from another CA
+    # the client refuses a server whose certificate does not chain to its CA
+    fake_server = server_ssl_context({"cert": certs.rogue_cert, "key": certs.rogue_key})
+    assert "certificate verify failed" in (_handshake(fake_server, good) or "")
+
+
+# ------------------------------------------------------------------- dcmtk against security.py (fast)
+@pytest.fixture
+def tls_echo_scp(certs: Certs, free_port: int):
+    """A pynetdicom Verification SCP behind server_ssl_context(require_client_cert=True)."""
+    ae = AE(ae_title="DICOMNODE")
+    ae.add_supported_context(Verification)
+    ctx = server_ssl_context({"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca,
+                              "require_client_cert": True})
+    server = ae.start_server(("127.0.0.1", free_port), block=False, ssl_context=ctx)
+    yield free_port
+    server.shutdown()
+
+
+def test_dcmtk_echo_through_server_context(certs: Certs, tls_echo_scp: int) -> None:
+    require_tools("echoscu")
+    ok = echoscu(tls_echo_scp, tls=_tls(certs.client_key, certs.client_cert, certs.ca))
+    assert ok.returncode == 0, ok.stderr
+    plain = echoscu(tls_echo_scp)
+    assert plain.returncode != 0
+    anonymous = echoscu(tls_echo_scp, tls=["+tla", "+cf", str(certs.ca)])  # TLS, but no client certificate
+    assert anonymous.returncode != 0
+    rogue = echoscu(tls_echo_scp, tls=_tls(certs.rogue_key, certs.rogue_cert, certs.ca))
+    assert rogue.returncode != 0
+
+
+def test_pynetdicom_scu_stores_to_tls_storescp(certs: Certs, tmp_path: Path) -> None:
+    require_tools("storescp")
+    paths = write_series(tmp_path / "in", "tls", "s1", 2)
+    with StoreSCP(tmp_path / "pacs", certs=certs) as pacs:
+        ae = AE(ae_title="DICOMNODE")
+        ae.add_requested_context(CTImageStorage)
+        tls = client_tls_args({"ca": certs.ca, "cert": certs.client_cert, "key": certs.client_key}, "127.0.0.1")
+        assoc = ae.associate("127.0.0.1", pacs.port, ae_title="PACS", tls_args=tls)
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(p).Status for p in paths]
+        assoc.release()
+        assert statuses == [0, 0]
+        # without TLS the same PACS does not answer DICOM
+        plain = ae.associate("127.0.0.1", pacs.port, ae_title="PACS")
+        assert not plain.is_established
+    assert len(set(sop_uids(tmp_path / "pacs"))) == 2
+
+
