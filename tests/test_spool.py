@@ -1,0 +1,116 @@
+"""Ledger states, duplicate handling, follow-up jobs, delivery retries and restart recovery."""
+
+from __future__ import annotations
+
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+
+from dicomnode.spool import Spool, write_atomic
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    sp = Spool(tmp_path / "var")
+    yield sp
+    sp.close()
+
+
+def land(spool: Spool, sop: str, series: str = "1.2.3.4", payload: bytes = b"x", now: float = 100.0) -> tuple[int, Path]:
+    landed = spool.write_incoming(payload)
+    return spool.accept(
+        landed, study_uid="1.2.3", series_uid=series, sop_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+        calling_aet="SCANNER", now=now,
+    )
+
+
+def test_folders_and_files_are_private(spool: Spool) -> None:
+    for folder in (spool.root, spool.incoming, spool.series_dir, spool.outgoing, spool.quarantine_dir):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    _, path = land(spool, "1.2.3.4.1")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((spool.root / "ledger.sqlite3").stat().st_mode) == 0o600
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_duplicate_sop_replaces_and_late_instance_opens_follow_up(spool: Spool) -> None:
+    job, first = land(spool, "1.2.3.4.1", payload=b"old")
+    job2, again = land(spool, "1.2.3.4.1", payload=b"new")
+    land(spool, "1.2.3.4.2")
+    assert job == job2 and first == again
+    rows = spool.ledger.instances(job)
+    assert [r.sop_uid for r in rows] == ["1.2.3.4.1", "1.2.3.4.2"]
+    assert again.read_bytes() == b"new"
+
+    assert spool.ledger.complete_quiet_jobs(5.0, now=104.0) == []  # not quiet yet
+    assert spool.ledger.complete_quiet_jobs(5.0, now=105.0) == [job]
+    follow, _ = land(spool, "1.2.3.4.1", now=106.0)
+    assert follow != job
+    assert spool.ledger.job(follow).follow_up_of == job
+    assert spool.ledger.job(job).state == "complete"
+    assert len(spool.ledger.instances(job)) == 2  # the earlier job keeps its own copy
+
+
+def test_claim_is_exclusive_and_recover_redoes_processing(spool: Spool) -> None:
+    job, _ = land(spool, "1.2.3.4.1")
+    spool.ledger.complete_quiet_jobs(0.0, now=200.0)
+    claimed: list[object] = []
+    threads = [threading.Thread(target=lambda: claimed.append(spool.ledger.claim_job())) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [c.id for c in claimed if c is not None] == [job]
+    assert spool.ledger.job(job).state == "processing"
+    assert spool.ledger.recover() == [job]
+    assert spool.ledger.job(job).state == "complete"
+
+
+def test_delivery_retry_dead_letter_and_resend(spool: Spool, tmp_path: Path) -> None:
+    job, _ = land(spool, "1.2.3.4.1")
+    spool.ledger.complete_quiet_jobs(0.0, now=200.0)
+    spool.ledger.claim_job()
+    out = spool.outgoing_dir(job) / "1.2.9.dcm"
+    write_atomic(out, b"derived")
+    created = spool.ledger.record_outputs(job, [out], "derived", ["pacs", "archive"], action="enhance", rule="r", model="m")
+    assert created == 2 and spool.ledger.job(job).state == "derived"
+    # recording again (a redo after a crash) adds nothing
+    assert spool.ledger.record_outputs(job, [out], "derived", ["pacs", "archive"], action="enhance", rule="r", model="m") == 0
+
+    due = spool.ledger.due_deliveries()
+    assert {d.destination for d in due} == {"pacs", "archive"}
+    archive = next(d for d in due if d.destination == "archive")
+    pacs = next(d for d in due if d.destination == "pacs")
+    spool.ledger.mark_sent([archive.id])
+    assert spool.ledger.mark_failed(pacs.id, "0xA700 refused", max_attempts=2, retry_in=60) == "pending"
+    assert [d.id for d in spool.ledger.due_deliveries()] == []  # backing off
+    assert spool.ledger.settle_jobs() == []  # still pending
+    assert spool.ledger.mark_failed(pacs.id, "association rejected", max_attempts=2, retry_in=60) == "dead_letter"
+    assert spool.ledger.settle_jobs() == [(job, "failed")]
+    dead = spool.ledger.deliveries(state="dead_letter")
+    assert [(d.destination, d.attempts, d.last_error) for d in dead] == [("pacs", 2, "association rejected")]
+
+    assert spool.ledger.resend(job) == 1
+    assert spool.ledger.job(job).state == "derived"
+    (again,) = spool.ledger.due_deliveries()
+    assert again.attempts == 0 and again.destination == "pacs"
+    spool.ledger.mark_sent([again.id])
+    assert spool.ledger.settle_jobs() == [(job, "done")]
+    assert spool.ledger.counts()["deliveries"] == {"sent": 2}
+
+
+def test_quarantine_keeps_bytes_and_reason(spool: Spool) -> None:
+    kept = spool.quarantine(b"not dicom", "cannot parse")
+    assert kept.read_bytes() == b"not dicom"
+    assert kept.with_name(kept.name[:-4] + ".reason.txt").read_text() == "cannot parse\n"
+
+
+def test_ledger_survives_reopen(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "var")
+    job, _ = land(sp, "1.2.3.4.1")
+    sp.close()
+    sp2 = Spool(tmp_path / "var")
+    assert sp2.ledger.job(job).state == "collecting"
+    sp2.close()
