@@ -1,0 +1,131 @@
+"""Retention sweep over a real spool + ledger: what goes, what stays, and that nothing in flight is touched."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from dicomnode.retention import DAY, sweep
+from dicomnode.spool import Spool
+from reliability import ct_dataset, uid
+
+
+def _config(delivered: float | None = 7.0, failed: float | None = 30.0) -> SimpleNamespace:
+    return SimpleNamespace(storage=SimpleNamespace(retention_days_delivered=delivered, retention_days_failed=failed))
+
+
+def _job(spool: Spool, series: str, state: str, count: int = 2) -> int:
+    """A job with ``count`` received instances, one output and one delivery per output, in ``state``."""
+    job_id = 0
+    for i in range(count):
+        ds = ct_dataset("retention", series, i)
+        landed = spool.write_incoming(b"DICM-test-bytes-" + str(i).encode())
+        job_id, _ = spool.accept(landed, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+                                 sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, calling_aet="MOD")
+    if state == "collecting":
+        return job_id
+    out = spool.outgoing_dir(job_id) / f"{uid(series + '/out')}.dcm"
+    out.write_bytes(b"derived")
+    spool.ledger.record_outputs(job_id, [out], "derived", ["pacs"], action="enhance", rule="r", model="m")
+    if state in ("done", "failed"):
+        delivery = spool.ledger.deliveries(job_id)[0]
+        if state == "done":
+            spool.ledger.mark_sent([delivery.id])
+        else:
+            spool.ledger.mark_failed(delivery.id, "peer down", max_attempts=1, retry_in=0)
+        assert spool.ledger.settle_jobs() == [(job_id, state)]
+    elif state != "derived":
+        spool.ledger.set_job(job_id, state)
+    return job_id
+
+
+def _files(spool: Spool, job_id: int) -> list[Path]:
+    return [p for base in (spool.series_dir, spool.outgoing) for p in (base / f"job-{job_id}").rglob("*")]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "var")
+    yield s
+    s.close()
+
+
+def test_sweep_by_age_and_state(spool: Spool) -> None:
+    jobs = {state: _job(spool, f"s-{state}", state)
+            for state in ("done", "failed", "collecting", "processing", "derived")}
+    assert all(_files(spool, j) for j in jobs.values())
+    now = time.time()
+
+    early = sweep(_config(), spool, now + 6 * DAY)  # nothing is old enough yet
+    assert early.total_jobs == 0 and early.files_removed == 0
+
+    week = sweep(_config(), spool, now + 8 * DAY)
+    assert week.jobs_purged == {"done": 1, "failed": 0}
+    assert not _files(spool, jobs["done"]) and not (spool.series_dir / f"job-{jobs['done']}").exists()
+    assert week.files_removed == 3 and week.bytes_freed > 0  # 2 instances + 1 output
+    assert _files(spool, jobs["failed"])  # failed data is kept longer, for resend
+
+    month = sweep(_config(), spool, now + 31 * DAY)
+    assert month.jobs_purged == {"done": 0, "failed": 1}  # the done job is not purged twice
+    assert not _files(spool, jobs["failed"])
+
+    years = sweep(_config(), spool, now + 1000 * DAY)  # work in flight is never touched, however old
+    assert years.total_jobs == 0
+    for state in ("collecting", "processing", "derived"):
+        assert len(_files(spool, jobs[state])) >= 2, state
+    # the ledger keeps the history, marked purged
+    rows = {r["id"]: r["purged"] for r in spool.ledger.query("SELECT id, purged FROM jobs")}
+    assert rows[jobs["done"]] == 1 and rows[jobs["failed"]] == 1 and rows[jobs["derived"]] == 0
+    assert spool.ledger.job(jobs["done"]).state == "done"
+
+
+def test_keep_forever_when_unset(spool: Spool) -> None:
+    done, failed = _job(spool, "a", "done"), _job(spool, "b", "failed")
+    summary = sweep(_config(delivered=None, failed=None), spool, time.time() + 10_000 * DAY)
+    assert summary.total_jobs == 0 and _files(spool, done) and _files(spool, failed)
+
+
+def test_zero_days_purges_finished_jobs_at_once(spool: Spool) -> None:
+    done = _job(spool, "a", "done")
+    summary = sweep(_config(delivered=0), spool, time.time() + 1)
+    assert summary.jobs_purged["done"] == 1 and not _files(spool, done)
+
+
+def test_quarantine_and_stale_incoming(spool: Spool) -> None:
+    now = time.time()
+    old_q = spool.quarantine(b"garbage", "cannot parse")
+    new_q = spool.quarantine(b"garbage2", "cannot parse")
+    reason = old_q.with_name(old_q.name[:-4] + ".reason.txt")
+    assert reason.exists()
+    for path in (old_q, reason):
+        os.utime(path, (now - 40 * DAY, now - 40 * DAY))
+    stale = spool.incoming / "crashed.part"
+    stale.write_bytes(b"half")
+    os.utime(stale, (now - 2 * DAY, now - 2 * DAY))
+    fresh = spool.incoming / "in-flight.part"
+    fresh.write_bytes(b"arriving")
+
+    summary = sweep(_config(), spool, now)
+    assert summary.quarantine_removed == 2 and summary.incoming_removed == 1
+    assert not old_q.exists() and not reason.exists() and new_q.exists()
+    assert not stale.exists() and fresh.exists()
+    assert "2 quarantined and 1 stale incoming files removed" in str(summary)
+
+
+def test_undeletable_files_are_reported_and_retried(spool: Spool) -> None:
+    if os.geteuid() == 0:
+        pytest.skip("root ignores directory permissions")
+    done = _job(spool, "a", "done")
+    folder = spool.series_dir / f"job-{done}"
+    folder.chmod(0o500)  # files inside cannot be unlinked
+    try:
+        summary = sweep(_config(delivered=0), spool, time.time() + 1)
+        assert summary.jobs_purged["done"] == 0 and summary.errors
+        assert spool.ledger.job(done).purged == 0  # not marked: the next sweep tries again
+    finally:
+        folder.chmod(0o700)
+    assert sweep(_config(delivered=0), spool, time.time() + 1).jobs_purged["done"] == 1
