@@ -186,12 +186,15 @@ class StorageConfig(_Strict):
 
 
 class TLSClientConfig(_Strict):
-    """TLS when the node connects to a peer: ``ca`` verifies the peer, ``cert``/``key`` identify us."""
+    """TLS when the node connects to a peer: ``ca`` verifies the peer, ``cert``/``key`` identify us.
+
+    Host names are not checked (peers are addressed by IP and AE title; trust comes from the CA
+    chain, as in dcmtk): see :mod:`dicomnode.security`.
+    """
 
     ca: ConfigPath | None = None  # None = the system's trusted CAs
     cert: ConfigPath | None = None
     key: ConfigPath | None = None
-    check_hostname: bool = True
 
 
 class DicomDestinationConfig(_Strict):
