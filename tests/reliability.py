@@ -333,3 +333,87 @@ def python() -> str:
 
 def tools_present(*names: str) -> bool:
     return all(shutil.which(n) for n in names)
+
+
+# ----------------------------------------------------------------------------------------------- raw SCU
+@dataclass(frozen=True)
+class RawObject:
+    """Bytes to send as one C-STORE exactly as given (no encoding, no validation by the sender)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    body: bytes
+
+
+def encoded_body(ds: Dataset) -> bytes:
+    """The dataset as it travels over the wire: no preamble, no file meta."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    fp = DicomBytesIO()
+    ts = ds.file_meta.TransferSyntaxUID
+    fp.is_little_endian, fp.is_implicit_VR = ts.is_little_endian, ts.is_implicit_VR
+    write_dataset(fp, ds)
+    return fp.getvalue()
+
+
+def raw_object(ds: Dataset, body: bytes | None = None) -> RawObject:
+    return RawObject(str(ds.file_meta.MediaStorageSOPClassUID), str(ds.file_meta.MediaStorageSOPInstanceUID),
+                     str(ds.file_meta.TransferSyntaxUID), encoded_body(ds) if body is None else body)
+
+
+def send_raw(port: int, objects: Sequence[RawObject], folder: Path, *, aet: str = "MODALITY",
+             aec: str = "DICOMNODE", timeout: float = 30) -> list[int | None]:
+    """C-STORE each object's bytes over one pynetdicom association; the status per object.
+
+    None: no status came back (context not accepted, association refused or aborted). Bytes are sent
+    from files with pynetdicom's chunked sender, which streams them without parsing, so malformed
+    datasets reach the peer as they are.
+    """
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import AE, _config
+    from pynetdicom.presentation import build_context
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, obj in enumerate(objects):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = obj.sop_class_uid
+        meta.MediaStorageSOPInstanceUID = obj.sop_instance_uid
+        meta.TransferSyntaxUID = obj.transfer_syntax
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_file_meta_info(fp, meta, enforce_standard=True)
+        path = folder / f"raw_{i:04d}.dcm"
+        path.write_bytes(b"\0" * 128 + b"DICM" + fp.getvalue() + obj.body)
+        paths.append(path)
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    contexts = {(o.sop_class_uid, o.transfer_syntax) for o in objects}
+    for sop_class in {c for c, _ in contexts}:
+        ae.requested_contexts.append(build_context(sop_class, sorted({t for c, t in contexts if c == sop_class})))
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    statuses: list[int | None] = []
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title=aec)
+        if not assoc.is_established:
+            return [None] * len(objects)
+        for path in paths:
+            if not assoc.is_established:
+                statuses.append(None)
+                continue
+            try:
+                rsp = assoc.send_c_store(path)
+            except ValueError:  # no accepted presentation context for this object
+                statuses.append(None)
+                continue
+            statuses.append(int(rsp.Status) if "Status" in rsp else None)
+        if assoc.is_established:
+            assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return statuses
