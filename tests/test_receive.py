@@ -1,0 +1,181 @@
+"""The C-STORE SCP against real dcmtk senders (echoscu, dcmsend) over loopback."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
+
+from dicomnode.receive import DiskGuard, Receiver, ReceiveSettings, read_uids, transfer_syntaxes
+from dicomnode.spool import Spool
+from tests.conftest import require_tools
+
+NODE_AET = "TESTNODE"
+
+
+def ct_series(folder: Path, count: int, series_uid: str | None = None) -> list[Path]:
+    """Copies of pydicom's CT_small with fresh SOPInstanceUIDs in one series."""
+    ds = dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"ct{i}.dcm"
+        ds.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def dcmsend(port: int, *files: Path, aet: str = "SCANNER", aec: str = NODE_AET) -> str:
+    proc = subprocess.run(
+        ["dcmsend", "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+        capture_output=True, text=True, timeout=60, env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+    )
+    return proc.stdout + proc.stderr
+
+
+def echoscu(port: int, aec: str = NODE_AET, aet: str = "SCANNER") -> int:
+    return subprocess.run(
+        ["echoscu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)], capture_output=True, timeout=30
+    ).returncode
+
+
+class Usage:
+    """A fake disk whose fill level the test sets."""
+
+    def __init__(self) -> None:
+        self.percent = 10.0
+
+    def __call__(self, _path: Path) -> tuple[int, int, int]:
+        used = int(self.percent * 10)
+        return 1000, used, 1000 - used
+
+
+@pytest.fixture
+def node(tmp_path: Path, free_port: int) -> Iterator[tuple[Receiver, Spool, Usage]]:
+    require_tools("dcmsend", "echoscu")
+    spool = Spool(tmp_path / "var")
+    usage = Usage()
+    settings = ReceiveSettings(
+        ae_title=NODE_AET, host="127.0.0.1", port=free_port, allowed_calling_aets=("SCANNER", "ECHOSCU"),
+        max_object_bytes=200_000,
+    )
+    guard = DiskGuard(spool.root, 90.0, 85.0, usage=usage, interval=0.0)
+    receiver = Receiver(spool, settings, disk_guard=guard)
+    receiver.start()
+    yield receiver, spool, usage
+    receiver.stop(timeout=5)
+    spool.close()
+
+
+def test_transfer_syntax_order() -> None:
+    ts = transfer_syntaxes()
+    assert ts[0] != ExplicitVRLittleEndian and ts[-1] == "1.2.840.10008.1.2"  # compressed first, implicit last
+    assert ts.index(ExplicitVRLittleEndian) < ts.index("1.2.840.10008.1.2")
+    assert ts.index("1.2.840.10008.1.2.4.50") < ts.index(ExplicitVRLittleEndian)
+
+
+def test_echo_store_duplicates_and_calling_aet(node: tuple[Receiver, Spool, Usage], tmp_path: Path) -> None:
+    receiver, spool, _ = node
+    assert echoscu(receiver.port, aet="ECHOSCU") == 0
+    assert echoscu(receiver.port, aet="STRANGER") != 0  # not in allowed_calling_aets
+    assert echoscu(receiver.port, aec="WRONGAE") != 0  # require_called_aet
+    files = ct_series(tmp_path / "in", 3)
+    out = dcmsend(receiver.port, *files, files[0])  # the first one twice
+    assert "with status SUCCESS  : 4" in out, out
+    (job,) = spool.ledger.jobs()
+    assert job.state == "collecting" and job.calling_aet == "SCANNER"
+    stored = spool.ledger.instances(job.id)
+    assert sorted(i.sop_uid for i in stored) == sorted(dcmread(f).SOPInstanceUID for f in files)
+    for inst, src in zip(sorted(stored, key=lambda i: i.sop_uid), sorted(files, key=lambda f: dcmread(f).SOPInstanceUID)):
+        # bytes as sent: same dataset, nothing decoded or rewritten
+        assert dcmread(inst.path).PixelData == dcmread(src).PixelData
+    assert receiver.stats.stored == 4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the garbage it reads
+def test_unparseable_and_incomplete_objects_fail_and_node_keeps_serving(
+    node: tuple[Receiver, Spool, Usage], tmp_path: Path
+) -> None:
+    receiver, spool, _ = node
+    (good,) = ct_series(tmp_path / "in", 1)
+    ds = dcmread(good)
+    del ds.SeriesInstanceUID
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    bad = tmp_path / "noseries.dcm"
+    ds.save_as(bad)
+    out = dcmsend(receiver.port, bad, good)
+    assert "Error: CannotUnderstand" in out and "with status SUCCESS  : 1" in out, out
+
+    # Valid file meta followed by garbage: pynetdicom's chunked sender streams the bytes as they are.
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    holder = Dataset()
+    holder.file_meta = meta
+    garbage = tmp_path / "garbage.dcm"
+    holder.save_as(garbage, enforce_file_format=True)
+    with garbage.open("ab") as fh:
+        fh.write(b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 300)
+    ae = AE(ae_title="SCANNER")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title=NODE_AET)
+        assert assoc.is_established
+        status = assoc.send_c_store(garbage)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = False
+    assert 0xC000 <= status.Status <= 0xCFFF
+
+    reasons = sorted(p.read_text() for p in spool.quarantine_dir.glob("*.reason.txt"))
+    assert len(reasons) == 2
+    missing = [r for r in reasons if "lacks SeriesInstanceUID" in r]
+    assert len(missing) == 1
+    (other,) = set(reasons) - set(missing)
+    assert re.search(r"cannot parse|invalid UID|lacks", other), other
+    assert echoscu(receiver.port) == 0  # still serving
+    assert len(spool.ledger.instances(spool.ledger.jobs()[0].id)) == 1
+
+
+def test_disk_watermarks_and_size_limit(node: tuple[Receiver, Spool, Usage], tmp_path: Path) -> None:
+    receiver, spool, usage = node
+    files = ct_series(tmp_path / "in", 3)
+    usage.percent = 95.0
+    assert "with status REFUSED  : 1" in dcmsend(receiver.port, files[0])  # 0xA700
+    usage.percent = 87.0  # between the watermarks: still refusing (hysteresis)
+    assert "with status REFUSED  : 1" in dcmsend(receiver.port, files[1])
+    usage.percent = 80.0
+    assert "with status SUCCESS  : 1" in dcmsend(receiver.port, files[2])
+    assert [i.sop_uid for i in spool.ledger.instances(spool.ledger.jobs()[0].id)] == [dcmread(files[2]).SOPInstanceUID]
+
+    big = dcmread(files[0])
+    big.add_new(0x00291010, "OB", b"\0" * 250_000)  # private payload beyond max_object_bytes
+    big.SOPInstanceUID = generate_uid()
+    big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
+    big.save_as(tmp_path / "big.dcm")
+    assert "with status REFUSED  : 1" in dcmsend(receiver.port, tmp_path / "big.dcm")
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_read_uids_names_the_problem(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"hello")
+    with pytest.raises(ValueError, match="cannot parse"):
+        read_uids(junk)
+    (ct,) = ct_series(tmp_path, 1)
+    assert read_uids(ct)["SOPClassUID"] == CTImageStorage
