@@ -182,8 +182,9 @@ def brisque(image: np.ndarray) -> float:
     if min(gray.shape) < 16:
         raise ValueError(f"BRISQUE needs at least 16x16 pixels, got {gray.shape}")
     # The package converts with skimage rgb2gray, so hand it the luminance replicated to RGB.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # the package's float() of 1-element arrays warns on numpy 2
         warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         return float(_brisque_model().score(np.repeat(gray[..., None], 3, axis=2)))
 
 
