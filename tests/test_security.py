@@ -8,6 +8,7 @@ TLS storescp (slow: subprocess node).
 from __future__ import annotations
 
 import socket
+import subprocess
 import ssl
 import threading
 from pathlib import Path
@@ -18,7 +19,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 
 from conftest import require_tools
 from dicomnode.security import TLSConfigError, client_ssl_context, client_tls_args, server_ssl_context
-from reliability import Certs, StoreSCP, echoscu, make_certs, sop_uids, write_series
+from reliability import Certs, StoreSCP, dcmsend, echoscu, free_port, make_certs, sop_uids, tool_env, write_series
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,71 @@ def test_pynetdicom_scu_stores_to_tls_storescp(certs: Certs, tmp_path: Path) -> 
     assert len(set(sop_uids(tmp_path / "pacs"))) == 2
 
 
+
+
+# ------------------------------------------------------------------- the node's Receiver (fast)
+def _receiver(tmp_path: Path, **settings):
+    from dicomnode.receive import ReceiveSettings, Receiver
+    from dicomnode.spool import Spool
+
+    spool = Spool(tmp_path / "var")
+    receiver = Receiver(spool, ReceiveSettings(host="127.0.0.1", port=free_port(), **settings))
+    receiver.start()
+    return receiver, spool
+
+
+def storescu(port: int, paths: list[Path], *, tls: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-aet", "MODALITY", "-aec", "DICOMNODE", "-to", "10", *tls, "127.0.0.1",
+                           str(port), *map(str, paths)], capture_output=True, text=True, timeout=60, env=tool_env())
+
+
+def test_calling_and_called_ae_checks(tmp_path: Path) -> None:
+    require_tools("echoscu", "dcmsend")
+    receiver, spool = _receiver(tmp_path, ae_title="DICOMNODE", allowed_calling_aets=("CT01", "MR01"))
+    try:
+        port = receiver.port
+        assert echoscu(port, aet="CT01").returncode == 0
+        assert echoscu(port, aet="MR01").returncode == 0
+        refused = echoscu(port, aet="INTRUDER")
+        assert refused.returncode != 0 and "Association Rejected" in refused.stdout + refused.stderr
+        assert echoscu(port, aet="CT01", aec="WRONGNODE").returncode != 0  # called AE must be ours
+        paths = write_series(tmp_path / "in", "access", "s1", 2)
+        assert dcmsend(port, paths, aet="INTRUDER").returncode != 0
+        assert not spool.ledger.query("SELECT id FROM instances")  # nothing stored from a stranger
+        assert dcmsend(port, paths, aet="CT01").returncode == 0
+        assert len(spool.ledger.query("SELECT id FROM instances")) == 2
+    finally:
+        receiver.stop()
+        spool.close()
+
+
+def test_anyone_may_call_when_the_list_is_empty(tmp_path: Path) -> None:
+    require_tools("echoscu")
+    receiver, spool = _receiver(tmp_path, require_called_aet=False)
+    try:
+        assert echoscu(receiver.port, aet="ANYONE", aec="WHATEVER").returncode == 0
+    finally:
+        receiver.stop()
+        spool.close()
+
+
+def test_node_receiver_over_tls(certs: Certs, tmp_path: Path) -> None:
+    require_tools("echoscu", "storescu")
+    tls = {"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca, "require_client_cert": True}
+    receiver, spool = _receiver(tmp_path, tls=tls)
+    try:
+        port = receiver.port
+        client = _tls(certs.client_key, certs.client_cert, certs.ca)
+        assert echoscu(port, tls=client).returncode == 0
+        assert echoscu(port).returncode != 0  # plain TCP to a TLS port
+        assert echoscu(port, tls=["+tla", "+cf", str(certs.ca)]).returncode != 0  # no client certificate
+        assert echoscu(port, tls=_tls(certs.rogue_key, certs.rogue_cert, certs.ca)).returncode != 0
+        # the modality does not trust a node certificate from another CA either
+        assert echoscu(port, tls=_tls(certs.client_key, certs.client_cert, certs.rogue_cert)).returncode != 0
+        paths = write_series(tmp_path / "in", "tls", "s1", 3)
+        sent = storescu(port, paths, tls=client)  # dcmtk's dcmsend has no TLS; storescu does
+        assert sent.returncode == 0, sent.stderr
+        assert len(spool.ledger.query("SELECT id FROM instances")) == 3
+    finally:
+        receiver.stop()
+        spool.close()

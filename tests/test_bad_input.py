@@ -1,0 +1,124 @@
+"""Bad input at the node's door: each kind gets the right DIMSE status or fails later as a job with a
+clear reason; the bytes are kept in quarantine; nothing derived is sent from them; the node keeps serving.
+
+The first part drives the node's real Receiver in-process (fast); the last test runs ``dicomnode serve``
+with a storescp PACS and checks that objects that pass the door but cannot be decoded end as failed
+jobs with a reason, while the good series beside them is delivered (slow).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.uid import JPEGBaseline8Bit, MRImageStorage
+
+from dicomnode.receive import ReceiveSettings, Receiver
+from dicomnode.spool import Spool
+from reliability import ct_dataset, encoded_body, free_port, raw_object, send_raw
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+MAX_OBJECT = 64 * 1024
+
+
+@pytest.fixture
+def scp(tmp_path: Path):
+    spool = Spool(tmp_path / "var")
+    receiver = Receiver(spool, ReceiveSettings(host="127.0.0.1", port=free_port(), max_object_bytes=MAX_OBJECT))
+    receiver.start()
+    yield receiver, spool
+    receiver.stop()
+    spool.close()
+
+
+def _quarantined(spool: Spool) -> dict[str, str]:
+    """reason file name -> reason text."""
+    return {p.name: p.read_text() for p in spool.quarantine_dir.glob("*.reason.txt")}
+
+
+def _instances(spool: Spool) -> set[str]:
+    return {r["sop_uid"] for r in spool.ledger.query("SELECT sop_uid FROM instances")}
+
+
+def test_each_bad_input_gets_its_status(scp, tmp_path: Path) -> None:
+    receiver, spool = scp
+    good = ct_dataset("bad", "good", 0)
+    body = encoded_body(good)
+
+    mismatched = ct_dataset("bad", "mismatch", 0)
+    mismatched.SOPClassUID = MRImageStorage  # the dataset says MR, the C-STORE command says CT
+    big = ct_dataset("bad", "big", 0, rows=256, cols=256)  # 128 KiB of pixels > MAX_OBJECT
+
+    cases = {
+        # name: (object, accepted status range, kept in quarantine)
+        "zero bytes": (raw_object(good, b""), range(0xC000, 0xD000), True),
+        "truncated header": (raw_object(good, body[:50]), range(0xC000, 0xD000), True),
+        "garbage": (raw_object(good, b"\x08\x00\x16\x00" + b"\xa5" * 300), range(0xC000, 0xD000), True),
+        "SOP class mismatch": (raw_object(mismatched), range(0xA900, 0xAA00), True),
+        "too large": (raw_object(big), range(0xA700, 0xA800), False),
+    }
+    seen = {}
+    for name, (obj, expected, kept) in cases.items():
+        before = set(_quarantined(spool))
+        [status] = send_raw(receiver.port, [obj], tmp_path / name.replace(" ", "_"))
+        seen[name] = status
+        assert status in expected, f"{name}: status {status if status is None else hex(status)}"
+        new = set(_quarantined(spool)) - before
+        assert len(new) == (1 if kept else 0), name
+    assert not _instances(spool)  # none of them reached a job
+    reasons = "\n".join(_quarantined(spool).values())
+    assert "differ from the C-STORE command" in reasons
+    assert "lacks" in reasons or "cannot parse" in reasons
+    # and the node still takes a good object afterwards, on the next association
+    assert send_raw(receiver.port, [raw_object(good)], tmp_path / "after") == [0]
+    assert _instances(spool) == {good.SOPInstanceUID}
+
+
+def test_unsupported_transfer_syntax_is_refused_at_negotiation(scp, tmp_path: Path) -> None:
+    receiver, spool = scp
+    ds = ct_dataset("bad", "ts", 0)
+    private_ts = raw_object(ds)
+    private_ts = type(private_ts)(private_ts.sop_class_uid, private_ts.sop_instance_uid, "1.2.826.0.1.3680043.10.1234.99",
+                                  private_ts.body)
+    statuses = send_raw(receiver.port, [private_ts, raw_object(ds)], tmp_path)
+    # no presentation context for the unknown syntax, so nothing could be sent with it; the
+    # association stays usable for the object in a syntax the node accepts
+    assert statuses == [None, 0]
+    assert _instances(spool) == {ds.SOPInstanceUID}
+
+
+def test_many_bad_associations_then_good(scp, tmp_path: Path) -> None:
+    receiver, spool = scp
+    good = ct_dataset("bad", "good2", 0)
+    body = encoded_body(good)
+    for i in range(10):
+        [status] = send_raw(receiver.port, [raw_object(good, body[: 10 + 7 * i])], tmp_path / f"b{i}")
+        assert status is not None and status >= 0xA000
+    assert len(_quarantined(spool)) == 10
+    assert send_raw(receiver.port, [raw_object(good)], tmp_path / "good") == [0]
+
+
+def test_undecodable_pixels_pass_the_door(scp, tmp_path: Path) -> None:
+    """The SCP never decodes pixels (speed, REFERENCE 5): broken JPEG data is accepted and filed.
+
+    What happens to it next (a failed job with a reason, nothing sent) is shown end to end in
+    test_node_fails_bad_objects_as_jobs.
+    """
+    receiver, spool = scp
+    ds = jpeg_with_garbage("bad", "jpeg", 0)
+    assert send_raw(receiver.port, [raw_object(ds)], tmp_path) == [0]
+    assert _instances(spool) == {ds.SOPInstanceUID}
+
+
+def jpeg_with_garbage(study: str, series: str, index: int):
+    """A CT whose JPEG Baseline fragments hold bytes no decoder can read."""
+    from pydicom.encaps import encapsulate
+
+    ds = ct_dataset(study, series, index)
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xe0" + b"\x13\x37" * 50 + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.LossyImageCompression = "01"
+    return ds
