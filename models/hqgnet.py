@@ -1,0 +1,429 @@
+"""HQG-Net (He et al., "Unpaired medical image enhancement with high-quality guidance"), section III.
+
+Parts, named as in the paper:
+
+- ``G`` (:class:`GuidanceExtractor`): ResNet-18 + FC -> v_z in R^64 (Eq. 1), pretrained as the
+  encoder of :class:`GuidanceAutoEncoder` (decoder = transposed ResNet-18) on HQ and LQ images.
+- ``E_gen`` (:class:`Generator`): ResNet-50 encoder ``E_e`` (f1..f4), ``FC_e`` -> v_y in R^16,
+  v_c = concat(v_z, v_y) in R^80 (Eq. 2); decoder ``E_d`` with four levels
+  r_k = conv3(conv1(concat(up(h_{k+1}), f_k))), r_4 = conv3(f_4) (Eq. 3), each followed by a
+  :class:`VIN` module h_k = r_k + conv3(LReLU(AdaLIN(r_k, v_c))) (Eq. 4) with
+  AdaLIN = rho * AdaIN + (1 - rho) * AdaLN, rho learnable, init 0.5, kept in [0, 1] (Eqs. 5-6).
+- ``E_dis`` (:class:`PatchDiscriminator`): PatchGAN (70x70 receptive field for 3 layers).
+
+What the paper leaves open, and what we chose (``docs/hqgnet.md`` has the full list):
+
+- Decoder widths. The paper's size (Table IV: 66.42 M parameters, 87.33 G "FLOPs" = MACs at 384^2
+  for G + E_gen) is matched by a constant 512-channel decoder. With the small MLP that predicts
+  (gamma, beta) of each AdaLIN from v_c (two 512-wide hidden layers, as in U-GAT-IT, from which
+  AdaLIN comes) this lands at about 65.6 M / 86 GMAC; the remaining ~1 % are in details the paper
+  does not give (the output head after f1's stride-4 level, bias terms, the MLP's exact width).
+- Output head. ResUNet-50 with its "last layer abandoned" ends at stride 4; we return to full
+  resolution with two up-sampling stages that also read the encoder stem (stride 2) and the input,
+  and predict a residual in logit space: x_hat = sigmoid(logit(y) + delta). Its last conv starts at
+  zero, so training starts from the identity map, which keeps structure from the first step and
+  keeps the output in the input's [0, 1] range.
+- rho is one value per channel (as in U-GAT-IT); gamma = 1 + MLP(v_c) so that AdaLIN starts as a
+  plain normalisation.
+- Any input size at inference: frames are reflect-padded to a multiple of 32 (the encoder's
+  stride) and cropped back (:func:`pad_to_multiple`).
+
+The released code of the authors trains a different (StarGAN-v2-like) model; this follows the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.backbones.resnet import ARCHS, ResNet
+
+__all__ = [
+    "HQGNetConfig",
+    "hqgnet_paper",
+    "hqgnet_lite",
+    "config_by_name",
+    "AdaLIN",
+    "VIN",
+    "GuidanceExtractor",
+    "GuidanceDecoder",
+    "GuidanceAutoEncoder",
+    "Generator",
+    "PatchDiscriminator",
+    "HQGNet",
+    "build_hqgnet",
+    "build_discriminator",
+    "clamp_rho_",
+    "pad_to_multiple",
+]
+
+STRIDE = 32  # total down-sampling of the ResNet encoders
+
+
+@dataclass
+class HQGNetConfig:
+    """Architecture of one HQG-Net; ``to_dict`` goes into the model card and rebuilds the net."""
+
+    name: str = "lite"
+    channels: int = 1  # 1 gray, 3 RGB
+    guidance_dim: int = 64  # |v_z| (h in Eq. 1)
+    lq_dim: int = 16  # |v_y| (Eq. 2)
+    g_arch: str = "resnet18"
+    g_width: int = 64  # ResNet base width of G (64 = torchvision)
+    enc_arch: str = "resnet50"
+    enc_width: int = 64  # ResNet base width of E_e
+    dec_channels: tuple[int, int, int, int] = (512, 512, 512, 512)  # decoder width at levels 1..4 (strides 4..32)
+    head_channels: tuple[int, int] = (64, 32)  # output head widths at strides 2 and 1
+    style_hidden: int = 512  # hidden width of the MLP v_c -> (gamma, beta); 0 = one linear layer
+    disc_width: int = 64  # PatchGAN ndf
+    disc_layers: int = 3  # PatchGAN strided layers (3 -> 70x70 patches)
+
+    def __post_init__(self) -> None:
+        self.dec_channels = tuple(int(c) for c in self.dec_channels)  # type: ignore[assignment]
+        self.head_channels = tuple(int(c) for c in self.head_channels)  # type: ignore[assignment]
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (gray) or 3 (RGB), got {self.channels}")
+        for arch in (self.g_arch, self.enc_arch):
+            if arch not in ARCHS:
+                raise ValueError(f"unknown backbone {arch!r}; known: {', '.join(ARCHS)}")
+        if len(self.dec_channels) != 4 or len(self.head_channels) != 2:
+            raise ValueError("dec_channels needs 4 widths (levels 1..4) and head_channels 2")
+
+    @property
+    def cond_dim(self) -> int:
+        """|v_c| = |v_z| + |v_y| (80 in the paper)."""
+        return self.guidance_dim + self.lq_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dec_channels"] = list(self.dec_channels)
+        d["head_channels"] = list(self.head_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HQGNetConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown HQG-Net config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def g_signature(self) -> dict[str, Any]:
+        """The fields that decide G's weights: a pretrained G fits a config when these agree."""
+        return {"channels": self.channels, "guidance_dim": self.guidance_dim, "g_arch": self.g_arch, "g_width": self.g_width}
+
+
+def hqgnet_paper(channels: int = 3) -> HQGNetConfig:
+    """The paper's configuration: ResNet-18 G, ResNet-50 E_e, constant 512-channel decoder."""
+    return HQGNetConfig(name="paper", channels=channels)
+
+
+def hqgnet_lite(channels: int = 1) -> HQGNetConfig:
+    """Same structure, narrow: half-width ResNet-18 for G and E_e, 64-128 channel decoder.
+
+    About 6 M parameters, so it trains on two CPU cores in minutes at 128-192 px and ships in a
+    few MB (fp16).
+    """
+    return HQGNetConfig(
+        name="lite", channels=channels, g_arch="resnet18", g_width=32, enc_arch="resnet18", enc_width=32,
+        dec_channels=(64, 96, 128, 128), head_channels=(32, 16), style_hidden=64, disc_width=32, disc_layers=3,
+    )
+
+
+CONFIGS = {"paper": hqgnet_paper, "lite": hqgnet_lite}
+
+
+def config_by_name(name: str, channels: int) -> HQGNetConfig:
+    try:
+        return CONFIGS[name](channels)
+    except KeyError:
+        raise ValueError(f"unknown HQG-Net config {name!r}; known: {', '.join(CONFIGS)}") from None
+
+
+def _backbone(arch: str, channels: int, width: int, num_classes: int | None) -> ResNet:
+    return ARCHS[arch](in_channels=channels, base_width=width, num_classes=num_classes)
+
+
+def pad_to_multiple(x: Tensor, multiple: int = STRIDE) -> tuple[Tensor, tuple[int, int]]:
+    """Pad (N, C, H, W) at the bottom/right to a multiple of ``multiple``; returns (padded, (H, W)).
+
+    Reflect padding continues the image's own texture, so no dark border leaks into the
+    normalisation statistics; it needs pad < size, so tiny frames fall back to edge replication.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+class AdaLIN(nn.Module):
+    """Adaptive layer-instance normalisation (Eqs. 5-6) with (gamma, beta) predicted from v_c."""
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int = 0, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.rho = nn.Parameter(torch.full((1, channels, 1, 1), 0.5))
+        if hidden > 0:
+            self.mlp: nn.Module = nn.Sequential(nn.Linear(cond_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+            feat = hidden
+        else:
+            self.mlp = nn.Identity()
+            feat = cond_dim
+        self.gamma = nn.Linear(feat, channels)
+        self.beta = nn.Linear(feat, channels)
+        for lin in (self.gamma, self.beta):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        xf = x.float()  # statistics in fp32 also under autocast
+        in_mean = xf.mean(dim=(2, 3), keepdim=True)
+        in_var = xf.var(dim=(2, 3), keepdim=True, unbiased=False)
+        ln_mean = xf.mean(dim=(1, 2, 3), keepdim=True)
+        ln_var = xf.var(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        x_in = (xf - in_mean) * torch.rsqrt(in_var + self.eps)
+        x_ln = (xf - ln_mean) * torch.rsqrt(ln_var + self.eps)
+        rho = self.rho.clamp(0.0, 1.0)
+        out = rho * x_in + (1.0 - rho) * x_ln
+        h = self.mlp(cond)
+        gamma = 1.0 + self.gamma(h).float()
+        beta = self.beta(h).float()
+        return (out * gamma[:, :, None, None] + beta[:, :, None, None]).to(x.dtype)
+
+
+class VIN(nn.Module):
+    """Variational information normalisation (Eq. 4): h = r + conv3(LReLU(AdaLIN(r, v_c)))."""
+
+    def __init__(self, channels: int, cond_dim: int, hidden: int = 0):
+        super().__init__()
+        self.adalin = AdaLIN(channels, cond_dim, hidden)
+        self.act = nn.LeakyReLU(0.2, inplace=True)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, r: Tensor, cond: Tensor) -> Tensor:
+        return r + self.conv(self.act(self.adalin(r, cond)))
+
+
+class GuidanceExtractor(nn.Module):
+    """G: ResNet + FC -> v_z (Eq. 1). The FC is the ResNet's own ``fc`` (torchvision layout)."""
+
+    def __init__(self, cfg: HQGNetConfig):
+        super().__init__()
+        self.backbone = _backbone(cfg.g_arch, cfg.channels, cfg.g_width, cfg.guidance_dim)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.backbone.head(self.backbone(z)[3])
+
+
+class _UpBlock(nn.Module):
+    """Transposed BasicBlock: 2x up-sampling, two 3x3 convs, projected shortcut."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.skip = nn.Conv2d(cin, cout, 1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.up(x)
+        return self.act(self.body(x) + self.skip(x))
+
+
+class GuidanceDecoder(nn.Module):
+    """Decoder of G's auto-encoder: the ResNet-18 trunk mirrored, reading only v_z.
+
+    Reconstructing from the 64-d vector alone forces v_z to summarise the image (brightness,
+    contrast, texture statistics): the HQ cue that VIN injects. It works at one fixed ``size``
+    (a multiple of 32) and is thrown away after pretraining.
+    """
+
+    def __init__(self, cfg: HQGNetConfig, size: int):
+        super().__init__()
+        if size % STRIDE:
+            raise ValueError(f"auto-encoder size must be a multiple of {STRIDE}, got {size}")
+        w = cfg.g_width
+        widths = [w * 8, w * 4, w * 2, w, w]
+        self.grid = size // STRIDE
+        self.fc = nn.Linear(cfg.guidance_dim, widths[0] * self.grid * self.grid)
+        self.widths = widths
+        self.blocks = nn.Sequential(*[_UpBlock(widths[i], widths[i + 1]) for i in range(4)])
+        self.out = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w, cfg.channels, 3, padding=1))
+
+    def forward(self, v: Tensor) -> Tensor:
+        x = F.relu(self.fc(v)).view(v.shape[0], self.widths[0], self.grid, self.grid)
+        return torch.sigmoid(self.out(self.blocks(x)))
+
+
+class GuidanceAutoEncoder(nn.Module):
+    """G + its transposed decoder, pretrained with MSE + SSIM on HQ and LQ images."""
+
+    def __init__(self, cfg: HQGNetConfig, size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.size = size
+        self.g = GuidanceExtractor(cfg)
+        self.decoder = GuidanceDecoder(cfg, size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-2:] != (self.size, self.size):
+            raise ValueError(f"auto-encoder was built for {self.size}x{self.size} inputs, got {tuple(x.shape[-2:])}")
+        return self.decoder(self.g(x))
+
+
+class Generator(nn.Module):
+    """E_gen: ResNet encoder E_e + FC_e, the four-level VIN decoder E_d, and the output head."""
+
+    def __init__(self, cfg: HQGNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        # E_e; its ``fc`` is FC_e (pooled f4 -> v_y).
+        self.encoder = _backbone(cfg.enc_arch, cfg.channels, cfg.enc_width, cfg.lq_dim)
+        f = self.encoder.channels
+        d = cfg.dec_channels
+        self.conv4 = nn.Conv2d(f[3], d[3], 3, padding=1)  # r_4 = conv3(f_4)
+        self.squeeze = nn.ModuleList([nn.Conv2d(d[k + 1] + f[k], d[k], 1) for k in range(3)])  # conv1, levels 1..3
+        self.conv = nn.ModuleList([nn.Conv2d(d[k], d[k], 3, padding=1) for k in range(3)])  # conv3, levels 1..3
+        self.vin = nn.ModuleList([VIN(d[k], cfg.cond_dim, cfg.style_hidden) for k in range(4)])
+        h2, h1 = cfg.head_channels
+        stem = self.encoder.stem_channels
+        self.reduce = nn.Conv2d(d[0], h2, 1)  # narrow before leaving stride 4: full-res convs dominate the cost
+        self.head2 = nn.Sequential(nn.Conv2d(h2 + stem, h2, 3, padding=1), nn.LeakyReLU(0.2, inplace=True))
+        self.head1 = nn.Sequential(nn.Conv2d(h2 + cfg.channels, h1, 3, padding=1), nn.LeakyReLU(0.2, inplace=True))
+        self.out = nn.Conv2d(h1, cfg.channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def encode_lq(self, y: Tensor) -> Tensor:
+        """v_y = FC_e(E_e(y)) (also used on x_hat in L_FC, Eq. 8)."""
+        return self.encoder.head(self.encoder(y)[3])
+
+    def forward(self, y: Tensor, v_z: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_hat, v_c) for an LQ batch ``y`` (sides multiple of 32) and guidance ``v_z`` (N or 1, 64)."""
+        if y.shape[-1] % STRIDE or y.shape[-2] % STRIDE:
+            raise ValueError(f"generator input sides must be multiples of {STRIDE}, got {tuple(y.shape[-2:])}; use HQGNet.enhance")
+        stem = self.encoder.stem(y)
+        f1 = self.encoder.layer1(self.encoder.maxpool(stem))
+        f2 = self.encoder.layer2(f1)
+        f3 = self.encoder.layer3(f2)
+        f4 = self.encoder.layer4(f3)
+        feats = (f1, f2, f3)
+        v_y = self.encoder.head(f4)
+        if v_z.shape[0] == 1 and y.shape[0] > 1:
+            v_z = v_z.expand(y.shape[0], -1)
+        v_c = torch.cat([v_z.to(v_y.dtype), v_y], dim=1)
+        h = self.vin[3](self.conv4(f4), v_c)
+        for k in (2, 1, 0):
+            up = F.interpolate(h, size=feats[k].shape[-2:], mode="bilinear", align_corners=False)
+            r = self.conv[k](self.squeeze[k](torch.cat([up, feats[k]], dim=1)))
+            h = self.vin[k](r, v_c)
+        x = F.interpolate(self.reduce(h), size=stem.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.head2(torch.cat([x, stem], dim=1))
+        x = F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.head1(torch.cat([x, y], dim=1))
+        delta = self.out(x).float()
+        base = torch.logit(y.float().clamp(1e-3, 1 - 1e-3))
+        return torch.sigmoid(base + delta).to(y.dtype), v_c
+
+
+class PatchDiscriminator(nn.Module):
+    """E_dis: PatchGAN (pix2pix), instance-normalised; one logit per overlapping patch."""
+
+    def __init__(self, channels: int, width: int = 64, layers: int = 3):
+        super().__init__()
+        seq: list[nn.Module] = [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+        mult = 1
+        for n in range(1, layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < layers else 1
+            seq += [nn.Conv2d(width * prev, width * mult, 4, stride=stride, padding=1, bias=False), nn.InstanceNorm2d(width * mult, affine=True), nn.LeakyReLU(0.2, inplace=True)]
+        seq.append(nn.Conv2d(width * mult, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*seq)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class HQGNet(nn.Module):
+    """What ships: G + E_gen. ``extract_guidance`` and ``enhance`` are the inference API."""
+
+    def __init__(self, cfg: HQGNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.g = GuidanceExtractor(cfg)
+        self.gen = Generator(cfg)
+
+    def extract_guidance(self, images: Tensor) -> Tensor:
+        """v_z = G(z) for HQ images (N, C, H, W) in [0, 1] -> (N, guidance_dim)."""
+        x, _ = pad_to_multiple(images)
+        return self.g(x)
+
+    def enhance(self, x: Tensor, v_z: Tensor) -> Tensor:
+        """Enhance LQ images (N, C, H, W) in [0, 1] of any size, guided by v_z ((N or 1), 64)."""
+        xp, (h, w) = pad_to_multiple(x)
+        out, _ = self.gen(xp, v_z)
+        return out[..., :h, :w]
+
+    def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        return self.enhance(y, self.extract_guidance(z))
+
+
+def build_hqgnet(cfg: HQGNetConfig | dict[str, Any]) -> HQGNet:
+    if isinstance(cfg, dict):
+        cfg = HQGNetConfig.from_dict(cfg)
+    return HQGNet(cfg)
+
+
+def build_discriminator(cfg: HQGNetConfig) -> PatchDiscriminator:
+    return PatchDiscriminator(cfg.channels, cfg.disc_width, cfg.disc_layers)
+
+
+@torch.no_grad()
+def clamp_rho_(module: nn.Module) -> None:
+    """Clip every AdaLIN rho into [0, 1] in place; call after each optimiser step.
+
+    The forward pass already clamps, so outputs never see rho outside [0, 1]; clipping the stored
+    value as well keeps its gradient alive (a clamped value would have none).
+    """
+    for m in module.modules():
+        if isinstance(m, AdaLIN):
+            m.rho.clamp_(0.0, 1.0)
+
+
+# --- Learning objective (Eqs. 7-11) -------------------------------------------------------------
+
+
+@dataclass
+class LossWeights:
+    """lambda1 (L_FC in L_CA, Eq. 9), lambda2 (L_GAN in L^e, Eq. 11), lambda3 (L^e in HQG-Net+, Eq. 15)."""
+
+    lambda1: float = 10.0
+    lambda2: float = 1.0
+    lambda3: float = 5.0
+
+
+def joint_vector(net: HQGNet, x: Tensor) -> Tensor:
+    """v_x = concat(G(x), FC_e(E_e(x))) (Eq. 8), differentiable w.r.t. x (G may be frozen)."""
+    return torch.cat([net.g(x), net.gen.encode_lq(x)], dim=1)
+
+
+def enhancement_loss(net: HQGNet, y: Tensor, x_hat: Tensor, v_c: Tensor, fake_logits: Tensor, weights: LossWeights) -> dict[str, Tensor]:
+    """L^e = L_CA + lambda2 * L_GAN with L_CA = L_Haar + lambda1 * L_FC (Eqs. 9, 11); all terms returned."""
+    from models.losses.gan import generator_adversarial_loss
+    from models.losses.gram import feature_consistency_loss
+    from models.losses.haar import haar_loss
+
+    l_haar = haar_loss(x_hat.float(), y.float())
+    l_fc = feature_consistency_loss(joint_vector(net, x_hat), v_c)
+    l_ca = l_haar + weights.lambda1 * l_fc
+    l_gan = generator_adversarial_loss(fake_logits)
+    return {"haar": l_haar, "fc": l_fc, "ca": l_ca, "gan": l_gan, "e": l_ca + weights.lambda2 * l_gan}

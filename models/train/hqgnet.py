@@ -1,0 +1,226 @@
+"""Train HQG-Net on unpaired LQ and HQ folders (images or DICOM); with --masks, HQG-Net+.
+
+Each step draws an LQ batch y and an HQ batch z, computes v_z = G(z) with the pretrained, frozen
+G (--g, from `dicomnode train pretrain-g`), enhances x_hat = E_gen(y, v_z), then
+  - updates the PatchGAN E_dis on HQ z (real) against x_hat (fake), and
+  - updates E_gen on L^e = L_Haar + lambda1 L_FC + lambda2 L_GAN (Eqs. 7-11).
+With --masks (LQ masks, same file stems) a small U-Net segmenter Theta is trained jointly on
+Theta(x_hat) and E_gen on L^d + lambda3 L^e (bi-level cooperative training, Eqs. 15-18).
+Adam(0.5, 0.99), lr 1e-4, batch 4, random flips, as in the paper. The export ``OUT/NAME.pt`` +
+``.json`` (G + E_gen) loads with `build_model("hqgnet", weights=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.hqgnet import (
+    STRIDE,
+    HQGNet,
+    LossWeights,
+    build_discriminator,
+    clamp_rho_,
+    config_by_name,
+    enhancement_loss,
+)
+from models.losses.gan import discriminator_loss
+from models.registry import ModelLoadError, read_card
+from models.segmenter import SmallUNet, UNetConfig, segmentation_loss
+from models.train.common import (
+    Checkpointer,
+    LossLog,
+    Precision,
+    Timer,
+    add_common_arguments,
+    count_parameters,
+    dataset_description,
+    export_weights,
+    hardware_description,
+    infer_channels,
+    load_state_dict,
+    pick_device,
+    save_sample_grid,
+    seed_everything,
+)
+from models.train.data import ImageFolder, infinite, list_images
+
+log = logging.getLogger(__name__)
+
+KIND = "hqgnet"
+MODEL_NAME = "HQG-Net"
+VERSION = "1.0.0"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lq", type=Path, required=True, help="folder of low-quality images or DICOM files (to enhance)")
+    parser.add_argument("--hq", type=Path, required=True, help="folder of high-quality images or DICOM files (guidance and 'real' for E_dis)")
+    parser.add_argument("--g", type=Path, default=None, help="pretrained G weights from `dicomnode train pretrain-g` (strongly advised)")
+    parser.add_argument("--masks", type=Path, default=None, help="segmentation masks of the LQ images (same stems): HQG-Net+ bi-level training")
+    parser.add_argument("--config", choices=("lite", "paper"), default="lite", help="architecture (default lite: trains on CPU)")
+    parser.add_argument("--lambda1", type=float, default=10.0, help="weight of L_FC in L_CA (Eq. 9, default 10)")
+    parser.add_argument("--lambda2", type=float, default=1.0, help="weight of L_GAN in L^e (Eq. 11, default 1)")
+    parser.add_argument("--lambda3", type=float, default=5.0, help="weight of L^e against L^d with --masks (Eq. 15, default 5)")
+    parser.add_argument("--half", action="store_true", help="export weights as fp16 (half the file size)")
+    add_common_arguments(parser, size=192, iterations=2000, batch_size=4, lr=1e-4)
+
+
+def load_pretrained_g(net: HQGNet, path: Path) -> dict[str, Any]:
+    """Load G weights exported by pretrain-g into ``net.g``; SystemExit naming any mismatch."""
+    try:
+        card = read_card(path)
+    except ModelLoadError as exc:
+        raise SystemExit(f"--g: {exc}") from None
+    if card.get("kind") != "hqgnet-g":
+        raise SystemExit(f"--g: {path} is a {card.get('kind')!r} model, not G weights from `dicomnode train pretrain-g`")
+    from models.hqgnet import HQGNetConfig
+
+    theirs = HQGNetConfig.from_dict(card["config"]).g_signature()
+    ours = net.cfg.g_signature()
+    if theirs != ours:
+        diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+        raise SystemExit(f"--g: G in {path} does not fit this config (theirs, ours): {diff}; pretrain with the same --config and --channels")
+    net.g.load_state_dict(load_state_dict(path))
+    return card
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.size % STRIDE:
+        raise SystemExit(f"--size must be a multiple of {STRIDE}, got {args.size}")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    try:
+        lq_paths, hq_paths = list_images(args.lq), list_images(args.hq)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    channels = args.channels or infer_channels(lq_paths)
+    cfg = config_by_name(args.config, channels)
+    weights = LossWeights(args.lambda1, args.lambda2, args.lambda3)
+    try:
+        lq_data = ImageFolder(lq_paths, args.size, channels, masks=args.masks, seed=args.seed)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    hq_data = ImageFolder(hq_paths, args.size, channels, seed=args.seed + 1)
+    lq_batches = infinite(lq_data, args.batch_size, seed=args.seed)
+    hq_batches = infinite(hq_data, args.batch_size, seed=args.seed + 1)
+    bilevel = args.masks is not None
+
+    net = HQGNet(cfg).to(device)
+    g_card = None
+    if args.g is not None:
+        g_card = load_pretrained_g(net, args.g)
+    else:
+        log.warning("no --g given: G is untrained, so v_z carries no learned HQ cue; run `dicomnode train pretrain-g` first")
+    net.g.requires_grad_(False)  # G is the fixed HQ cue extractor; gradients still flow through it to x_hat (L_FC)
+    disc = build_discriminator(cfg).to(device)
+    seg = SmallUNet(UNetConfig(channels=channels)).to(device) if bilevel else None
+    enh_params = list(net.gen.parameters()) + (list(seg.parameters()) if seg is not None else [])
+    opt_e = torch.optim.Adam(enh_params, lr=args.lr, betas=(0.5, 0.99))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(0.5, 0.99))
+    prec = Precision(device, args.amp)
+    modules = {"net": net, "disc": disc, **({"seg": seg} if seg is not None else {})}
+    optimizers = {"opt_e": opt_e, "opt_d": opt_d}
+    ckpt = Checkpointer(args.out)
+    losslog = LossLog(args.out / "log.csv")
+    step = 0
+    if args.resume:
+        step, _ = ckpt.load(modules, optimizers)
+
+    def sample(i: int, data: ImageFolder):
+        item = data[i]
+        return item[0] if isinstance(item, tuple) else item
+
+    val_y = torch.stack([sample(i, lq_data) for i in range(min(4, len(lq_data)))]).to(device)
+    val_z = sample(0, hq_data)[None].to(device)
+    log.info("hqgnet: %s config, %d channel(s), %d LQ / %d HQ images%s, E_gen %.2f M params, %s",
+             cfg.name, channels, len(lq_paths), len(hq_paths), " + masks (HQG-Net+)" if bilevel else "",
+             count_parameters(net.gen) / 1e6, device)
+
+    def set_train() -> None:
+        net.train()
+        net.g.eval()  # frozen: BN uses its pretrained statistics
+        disc.train()
+        if seg is not None:
+            seg.train()
+
+    from tqdm import tqdm
+
+    timer = Timer()
+    recent: list[dict[str, float]] = []
+    set_train()
+    with tqdm(total=args.iterations, initial=step, desc="hqgnet+" if bilevel else "hqgnet", unit="step", disable=None) as bar:
+        while step < args.iterations:
+            batch = next(lq_batches)
+            y, mask = (batch[0].to(device), batch[1].to(device)) if bilevel else (batch.to(device), None)
+            z = next(hq_batches).to(device)
+            with prec.autocast():
+                with torch.no_grad():
+                    v_z = net.g(z)
+                x_hat, v_c = net.gen(y, v_z)
+                d_loss = discriminator_loss(disc(z), disc(x_hat.detach()))
+            prec.step(d_loss, opt_d)
+            with prec.autocast():
+                losses = enhancement_loss(net, y, x_hat, v_c, disc(x_hat), weights)
+                total = losses["e"]
+                if seg is not None:
+                    losses["seg"] = segmentation_loss(seg(x_hat), mask)
+                    total = losses["seg"] + weights.lambda3 * losses["e"]
+                losses["total"] = total
+            prec.step(total, opt_e)
+            clamp_rho_(net.gen)
+            step += 1
+            values = {"d": float(d_loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+            recent = (recent + [values])[-50:]
+            bar.update(1)
+            bar.set_postfix(e=f"{values['e']:.3f}", haar=f"{values['haar']:.4f}", d=f"{values['d']:.3f}")
+            if step % 10 == 0 or step == args.iterations:
+                losslog.write(step, values)
+            if step % args.val_every == 0 or step == args.iterations:
+                net.eval()
+                with torch.no_grad():
+                    out = net.enhance(val_y, net.extract_guidance(val_z))
+                save_sample_grid(args.out / "samples" / f"step_{step:06d}.png", [val_y, out, val_z], ["LQ input", "enhanced", "HQ guidance"])
+                set_train()
+            if step % args.checkpoint_every == 0 or step == args.iterations:
+                ckpt.save(step, modules, optimizers)
+
+    net.eval()
+    with torch.no_grad():  # mean HQ guidance vector: a ready default for the node's per-modality cache
+        vz = [net.extract_guidance(sample(i, hq_data)[None].to(device)) for i in range(len(hq_data))]
+        hq_guidance = torch.cat(vz).mean(0).float().cpu().tolist()
+    final = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+    card = {
+        "kind": KIND,
+        "name": MODEL_NAME + ("+" if bilevel else ""),
+        "version": VERSION,
+        "config": cfg.to_dict(),
+        "channels": channels,
+        "size": args.size,
+        "modality": args.modality,
+        "training_data": {
+            "lq": dataset_description(args.lq, len(lq_paths)),
+            "hq": dataset_description(args.hq, len(hq_paths)),
+            **({"masks": str(args.masks)} if bilevel else {}),
+            "g_weights": {"path": str(args.g), "sha256": g_card["weights_sha256"]} if g_card else None,
+        },
+        "loss_weights": {"lambda1": weights.lambda1, "lambda2": weights.lambda2, **({"lambda3": weights.lambda3} if bilevel else {})},
+        "iterations": step,
+        "seconds": round(timer.seconds, 1),
+        "hardware": hardware_description(device),
+        "final_losses": final,
+        "hq_guidance_mean": hq_guidance,
+        "command": " ".join(sys.argv),
+    }
+    name = args.name or f"{KIND}-{cfg.name}"
+    path = args.out / f"{name}.pt"
+    export_weights(path, net.state_dict(), card, half=args.half)
+    if seg is not None:
+        torch.save(seg.state_dict(), args.out / f"{name}-segmenter.pt")
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+    print(f"hqgnet: {step} steps in {timer.seconds:.0f} s; last-50 mean {summary}; weights -> {path}")
+    return 0

@@ -1,0 +1,151 @@
+"""Pretrain HQG-Net's guidance extractor G as an auto-encoder on HQ and LQ images (MSE + SSIM).
+
+G (ResNet-18 + FC -> 64-d v_z) is the encoder; a transposed ResNet-18 decodes the image back from
+v_z alone. As in the paper, LQ images are mixed in with the HQ ones so that v_z stays stable
+when the guidance image itself is imperfect. The exported ``OUT/NAME.pt`` + ``.json`` holds G's
+weights only; pass it to `dicomnode train hqgnet --g OUT/NAME.pt` with the same --config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.hqgnet import STRIDE, GuidanceAutoEncoder, config_by_name
+from models.train.common import (
+    Checkpointer,
+    LossLog,
+    Precision,
+    Timer,
+    add_common_arguments,
+    count_parameters,
+    dataset_description,
+    export_weights,
+    hardware_description,
+    infer_channels,
+    pick_device,
+    save_sample_grid,
+    seed_everything,
+)
+from models.train.data import ImageFolder, infinite, list_images
+
+log = logging.getLogger(__name__)
+
+G_KIND = "hqgnet-g"
+G_VERSION = "1.0.0"
+
+
+def _gaussian_window(size: int, sigma: float, channels: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(channels, 1, size, size).contiguous()
+
+
+def ssim(x: Tensor, y: Tensor, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """Mean SSIM of (N, C, H, W) images in [0, 1] (Wang et al. 2004, Gaussian window, valid region)."""
+    x, y = x.float(), y.float()
+    c = x.shape[1]
+    w = _gaussian_window(window, sigma, c, x.device, x.dtype)
+    mu_x, mu_y = F.conv2d(x, w, groups=c), F.conv2d(y, w, groups=c)
+    sxx = F.conv2d(x * x, w, groups=c) - mu_x**2
+    syy = F.conv2d(y * y, w, groups=c) - mu_y**2
+    sxy = F.conv2d(x * y, w, groups=c) - mu_x * mu_y
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
+    return s.mean()
+
+
+def reconstruction_loss(recon: Tensor, target: Tensor) -> dict[str, Tensor]:
+    mse = F.mse_loss(recon.float(), target.float())
+    s = ssim(recon, target)
+    return {"mse": mse, "ssim": s, "loss": mse + (1.0 - s)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hq", type=Path, required=True, help="folder of high-quality images or DICOM files")
+    parser.add_argument("--lq", type=Path, required=True, help="folder of low-quality images or DICOM files (mixed in for robustness)")
+    parser.add_argument("--config", choices=("lite", "paper"), default="lite", help="architecture of G (must match the later `train hqgnet --config`)")
+    add_common_arguments(parser, size=192, iterations=1000, batch_size=8, lr=1e-3)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.size % STRIDE:
+        raise SystemExit(f"--size must be a multiple of {STRIDE}, got {args.size}")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    try:
+        hq_paths, lq_paths = list_images(args.hq), list_images(args.lq)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    channels = args.channels or infer_channels(lq_paths)
+    cfg = config_by_name(args.config, channels)
+    data = ImageFolder(hq_paths + lq_paths, args.size, channels, seed=args.seed)
+    val = torch.stack([data[i] for i in range(min(4, len(data)))])  # fixed sample rows (first images)
+    batches = infinite(data, args.batch_size, seed=args.seed)
+
+    ae = GuidanceAutoEncoder(cfg, args.size).to(device)
+    opt = torch.optim.Adam(ae.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    prec = Precision(device, args.amp)
+    ckpt = Checkpointer(args.out)
+    losslog = LossLog(args.out / "log.csv")
+    step = 0
+    if args.resume:
+        step, _ = ckpt.load({"ae": ae}, {"opt": opt})
+    log.info("pretrain-g: %s config, %d channel(s), %d HQ + %d LQ images, %.2f M params, %s", cfg.name, channels, len(hq_paths), len(lq_paths), count_parameters(ae.g) / 1e6, device)
+
+    timer = Timer()
+    recent: list[dict[str, float]] = []
+    from tqdm import tqdm
+
+    ae.train()
+    with tqdm(total=args.iterations, initial=step, desc="pretrain-g", unit="step", disable=None) as bar:
+        while step < args.iterations:
+            x = next(batches).to(device, non_blocking=True)
+            with prec.autocast():
+                recon = ae(x)
+            losses = reconstruction_loss(recon, x)
+            prec.step(losses["loss"], opt)
+            step += 1
+            values = {k: float(v.detach()) for k, v in losses.items()}
+            recent = (recent + [values])[-50:]
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", ssim=f"{values['ssim']:.3f}")
+            if step % 10 == 0 or step == args.iterations:
+                losslog.write(step, values)
+            if step % args.val_every == 0 or step == args.iterations:
+                ae.eval()
+                with torch.no_grad():
+                    save_sample_grid(args.out / "samples" / f"step_{step:06d}.png", [val, ae(val.to(device)).cpu()], ["input", "reconstruction"])
+                ae.train()
+            if step % args.checkpoint_every == 0 or step == args.iterations:
+                ckpt.save(step, {"ae": ae}, {"opt": opt})
+
+    final = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+    name = args.name or f"{G_KIND}-{cfg.name}"
+    card = {
+        "kind": G_KIND,
+        "name": "HQG-Net guidance extractor G",
+        "version": G_VERSION,
+        "config": cfg.to_dict(),
+        "channels": channels,
+        "size": args.size,
+        "modality": args.modality,
+        "training_data": {"hq": dataset_description(args.hq, len(hq_paths)), "lq": dataset_description(args.lq, len(lq_paths))},
+        "iterations": step,
+        "seconds": round(timer.seconds, 1),
+        "hardware": hardware_description(device),
+        "final_losses": final,
+        "command": " ".join(sys.argv),
+    }
+    path = args.out / f"{name}.pt"
+    export_weights(path, ae.g.state_dict(), card)
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+    print(f"pretrain-g: {step} steps in {timer.seconds:.0f} s; last-50 mean {summary}; G weights -> {path}")
+    return 0
