@@ -394,15 +394,17 @@ class LoggingConfig(_Strict):
 
 
 class NodeConfig(_Strict):
-    node: NodeSettings = NodeSettings()
-    storage: StorageConfig = StorageConfig()
+    # Section defaults are empty mappings validated like user input, so their relative paths
+    # (storage.root = ./var) resolve against the config file's folder, not the working directory.
+    node: NodeSettings = Field(default_factory=dict)  # type: ignore[arg-type]
+    storage: StorageConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     destinations: dict[Name, DestinationConfig] = {}
     models: dict[Name, ModelConfig] = {}
     rules: list[Rule]
-    unmatched: UnmatchedPolicy = UnmatchedPolicy()
-    derive: DerivePolicy = DerivePolicy()
-    dispatch: DispatchPolicy = DispatchPolicy()
-    logging: LoggingConfig = LoggingConfig()
+    unmatched: UnmatchedPolicy = Field(default_factory=dict)  # type: ignore[arg-type]
+    derive: DerivePolicy = Field(default_factory=dict)  # type: ignore[arg-type]
+    dispatch: DispatchPolicy = Field(default_factory=dict)  # type: ignore[arg-type]
+    logging: LoggingConfig = Field(default_factory=dict)  # type: ignore[arg-type]
 
     @property
     def config_hash(self) -> str:
