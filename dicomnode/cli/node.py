@@ -1,0 +1,191 @@
+"""`dicomnode serve | status | resend`: run the node, inspect its ledger, re-queue dead letters.
+
+``status`` and ``resend`` only open the ledger (SQLite, WAL), so they work while ``serve`` runs
+and never import torch. Everything printed or logged names studies, series and instances by UID,
+never by patient name, ID or birth date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from dicomnode.config import ConfigError, NodeConfig, load_config
+from dicomnode.spool import JOB_STATES, Spool
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the DICOM node (C-STORE in, enhanced series out)")
+    serve.add_argument("--config", required=True, type=Path, help="node configuration (YAML)")
+    serve.set_defaults(func=cmd_serve)
+
+    status = subparsers.add_parser("status", help="jobs by state, pending/dead-letter deliveries, unmatched series")
+    status.add_argument("--config", required=True, type=Path, help="node configuration (YAML)")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--limit", type=int, default=20, help="rows to list per section (default 20)")
+    status.set_defaults(func=cmd_status)
+
+    resend = subparsers.add_parser("resend", help="move dead-lettered deliveries back to pending")
+    resend.add_argument("--config", required=True, type=Path, help="node configuration (YAML)")
+    which = resend.add_mutually_exclusive_group(required=True)
+    which.add_argument("--job", type=int, help="only this job's dead letters")
+    which.add_argument("--all-dead", action="store_true", help="every dead letter")
+    resend.set_defaults(func=cmd_resend)
+
+
+def _load(path: Path) -> NodeConfig:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    except OSError as exc:
+        print(f"error: cannot read config {path}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def _open_spool(config: NodeConfig) -> Spool:
+    root = Path(config.storage.root)
+    if not (root / "ledger.sqlite3").exists():
+        print(f"error: no ledger at {root / 'ledger.sqlite3'} (has `dicomnode serve` run with this config?)",
+              file=sys.stderr)
+        raise SystemExit(1)
+    return Spool(root)
+
+
+def setup_logging(config: NodeConfig, verbose: int = 0) -> None:
+    """Service logging from ``logging.level``/``logging.file``; -v on the command line lowers the level."""
+    level = getattr(logging, config.logging.level)
+    if verbose:
+        level = min(level, logging.DEBUG if verbose > 1 else logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if config.logging.file is not None:
+        Path(config.logging.file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.handlers.WatchedFileHandler(config.logging.file))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    root.setLevel(level)
+    # pynetdicom logs every PDU at INFO; keep its association chatter to warnings unless debugging.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    setup_logging(config, getattr(args, "verbose", 0))
+    missing = config.missing_files()
+    if missing:
+        for key, reason in missing:
+            log.error("%s: %s", key, reason)
+        return 2
+    from dicomnode.server import Server  # heavy imports (torch via models) only for serve
+
+    return Server(config).serve_forever()
+
+
+def collect_status(spool: Spool, limit: int = 20) -> dict[str, Any]:
+    ledger = spool.ledger
+    counts = ledger.counts()
+    jobs = {state: counts["jobs"].get(state, 0) for state in JOB_STATES}
+    pending = ledger.deliveries(state="pending")
+    dead = ledger.deliveries(state="dead_letter")
+    failed_jobs = ledger.jobs("failed")
+    unmatched = ledger.unmatched_series()
+
+    def delivery(d: Any) -> dict[str, Any]:
+        return {"id": d.id, "job": d.job_id, "destination": d.destination, "attempts": d.attempts,
+                "sop_file": Path(d.path).name, "next_attempt_at": d.next_attempt_at, "last_error": d.last_error}
+
+    return {
+        "spool": str(spool.root),
+        "jobs": jobs,
+        "deliveries": {
+            "pending": len(pending),
+            "sent": counts["deliveries"].get("sent", 0),
+            "dead_letter": len(dead),
+            "pending_by_destination": dict(Counter(d.destination for d in pending)),
+            "dead_letter_by_destination": dict(Counter(d.destination for d in dead)),
+        },
+        "dead_letters": [delivery(d) for d in dead[:limit]],
+        "pending_deliveries": [delivery(d) for d in pending[:limit]],
+        "failed_jobs": [
+            {"job": j.id, "series_uid": j.series_uid, "rule": j.rule, "model": j.model, "error": j.error}
+            for j in failed_jobs[-limit:]
+        ],
+        "unmatched_series": [
+            {"job": r["job_id"], "study_uid": r["study_uid"], "series_uid": r["series_uid"],
+             "calling_aet": r["calling_aet"], "action": r["action"]}
+            for r in unmatched[-limit:]
+        ],
+        "unmatched_total": len(unmatched),
+    }
+
+
+def _when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    spool = _open_spool(config)
+    try:
+        info = collect_status(spool, args.limit)
+    finally:
+        spool.close()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"spool: {info['spool']}")
+    print("jobs:       " + ", ".join(f"{k} {v}" for k, v in info["jobs"].items()))
+    d = info["deliveries"]
+    print(f"deliveries: pending {d['pending']}, sent {d['sent']}, dead_letter {d['dead_letter']}")
+    for name, n in sorted(d["pending_by_destination"].items()):
+        print(f"  pending to {name}: {n}")
+    if info["pending_deliveries"]:
+        print("pending (retrying):")
+        for x in info["pending_deliveries"]:
+            if x["attempts"]:
+                print(f"  #{x['id']} job {x['job']} -> {x['destination']}: attempt {x['attempts'] + 1} at "
+                      f"{_when(x['next_attempt_at'])}; last error: {x['last_error']}")
+    if info["dead_letters"]:
+        print("dead letters (dicomnode resend --job ID | --all-dead):")
+        for x in info["dead_letters"]:
+            print(f"  #{x['id']} job {x['job']} -> {x['destination']} {x['sop_file']} after {x['attempts']} "
+                  f"attempts: {x['last_error']}")
+    if info["failed_jobs"]:
+        print("failed jobs:")
+        for j in info["failed_jobs"]:
+            print(f"  job {j['job']} series {j['series_uid']} rule {j['rule']} model {j['model']}: {j['error']}")
+    print(f"unmatched series: {info['unmatched_total']}")
+    for u in info["unmatched_series"]:
+        print(f"  job {u['job']} study {u['study_uid']} series {u['series_uid']} from {u['calling_aet']}: "
+              f"{u['action']}")
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    spool = _open_spool(config)
+    try:
+        if args.job is not None and spool.ledger.job(args.job) is None:
+            print(f"error: no job {args.job} in the ledger", file=sys.stderr)
+            return 1
+        count = spool.ledger.resend(args.job if not args.all_dead else None)
+    finally:
+        spool.close()
+    scope = f"job {args.job}" if args.job is not None else "all jobs"
+    print(f"{count} dead-lettered deliveries of {scope} back to pending; a running node sends them within seconds")
+    return 0
