@@ -210,7 +210,7 @@ class StoreSCP:
             tls = ["+tls", str(self.certs.server_key), str(self.certs.server_cert), "+cf", str(self.certs.ca),
                    "-vc"]
         self.proc = subprocess.Popen(
-            ["storescp", "-aet", self.aet, "-od", str(self.folder), "+xa", "-uf", "--fork", *tls, str(self.port)],
+            ["storescp", "-aet", self.aet, "-od", str(self.folder), "+xa", "+uf", "--fork", *tls, str(self.port)],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT, env=tool_env(), start_new_session=True)
         wait_port(self.port, 15, self.proc)
         return self
