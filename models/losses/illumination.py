@@ -31,8 +31,9 @@ def illumination_map(image: torch.Tensor, patch: int) -> torch.Tensor:
     h, w = image.shape[-2:]
     p = max(1, min(patch, math.ceil(min(h, w) / 2)))
     intensity = image.float().mean(dim=1, keepdim=True)
-    local = F.avg_pool2d(intensity, kernel_size=p, stride=p, ceil_mode=True, count_include_pad=False)
-    diff = local - intensity.mean(dim=(2, 3), keepdim=True)
+    # Subtracting the global mean before pooling (same result) keeps a flat image at exactly 0.
+    centred = intensity - intensity.mean(dim=(2, 3), keepdim=True)
+    diff = F.avg_pool2d(centred, kernel_size=p, stride=p, ceil_mode=True, count_include_pad=False)
     return F.interpolate(diff, size=(h, w), mode="bicubic", align_corners=False)
 
 

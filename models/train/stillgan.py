@@ -97,7 +97,6 @@ def run_cycle_gan(args: argparse.Namespace, build_spec: Callable[[int], CycleGAN
     G_LQ->HQ with its model card. ``build_spec(channels)`` builds the model-specific parts."""
     from models.stillgan import ImagePool, lsgan_loss
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for flag in ("iterations", "batch_size", "size"):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
