@@ -13,11 +13,15 @@ Parts, named as in the paper:
 
 What the paper leaves open, and what we chose (``docs/hqgnet.md`` has the full list):
 
-- Decoder widths. The paper's size (Table IV: 66.42 M parameters, 87.33 G "FLOPs" = MACs at 384^2
-  for G + E_gen) is matched by a constant 512-channel decoder. With the small MLP that predicts
-  (gamma, beta) of each AdaLIN from v_c (two 512-wide hidden layers, as in U-GAT-IT, from which
-  AdaLIN comes) this lands at about 65.6 M / 86 GMAC; the remaining ~1 % are in details the paper
-  does not give (the output head after f1's stride-4 level, bias terms, the MLP's exact width).
+- Decoder widths. The paper gives none; its size (Table IV: 66.42 M parameters, 87.33 G "FLOPs",
+  which are MACs, at 384^2 for G + E_gen) is matched by a constant 512-channel decoder. That alone
+  gives 62.8 M / 83.4 GMAC (REFERENCE §1). The rest is in parts the paper names but does not size:
+  the MLP that predicts each AdaLIN's (gamma, beta) from v_c (two 512-wide hidden layers, as in
+  U-GAT-IT, where AdaLIN comes from: +3.3 M) and the output head from stride 4 back to full
+  resolution (1x1 to 64 channels, then 3x3 convs at strides 2 and 1: about +4 GMAC). Measured
+  (`dicomnode models info hqgnet --size 384`): G 11.21 M / 5.33 GMAC, E_gen 54.65 M / 82.07 GMAC,
+  total 65.86 M / 87.40 GMAC, i.e. -0.8 % parameters and +0.1 % MACs from Table IV. The last
+  0.56 M are most likely in details such as biases or the MLP's exact width.
 - Output head. ResUNet-50 with its "last layer abandoned" ends at stride 4; we return to full
   resolution with two up-sampling stages that also read the encoder stem (stride 2) and the input,
   and predict a residual in logit space: x_hat = sigmoid(logit(y) + delta). Its last conv starts at
