@@ -30,17 +30,27 @@ def _as_float(image: np.ndarray) -> np.ndarray:
 def _on_intensity(image: np.ndarray, op) -> np.ndarray:
     """Apply ``op`` (a [0,1] -> [0,1] gray transform) to the intensity, keeping chroma for RGB."""
     img = _as_float(image)
-    if img.ndim == 2:
-        return np.clip(op(img), 0, 1).astype(np.float32)
-    intensity = img.max(axis=2)  # HSV value: scaling RGB by new/old value keeps hue and saturation
+    intensity = img if img.ndim == 2 else img.max(axis=2)  # HSV value: scaling RGB by new/old keeps hue
+    if float(intensity.max() - intensity.min()) < 1e-6:
+        # A uniform frame (blank, all black) has no contrast to enhance; the equalisers would map it
+        # to white (CLAHE) or mid-gray (histeq), so it passes through unchanged.
+        return img.astype(np.float32)
     new = np.clip(op(intensity), 0, 1)
-    gain = np.where(intensity > 1e-6, new / np.maximum(intensity, 1e-6), 0.0)
+    if img.ndim == 2:
+        return new.astype(np.float32)
+    dark = intensity <= 1e-6
+    gain = np.where(dark, 0.0, new / np.maximum(intensity, 1e-6))
     out = img * gain[..., None]
+    # Black pixels have no hue to keep: they get the new intensity as neutral gray, as in gray images.
+    out = np.where(dark[..., None], new[..., None], out)
     return np.clip(out, 0, 1).astype(np.float32)
 
 
 def clahe(image: np.ndarray, clip_limit: float = 0.01, kernel_fraction: float = 1 / 8) -> np.ndarray:
     """Contrast-limited adaptive histogram equalisation (scikit-image), tiles of 1/8 the image."""
+
+    if not 0 < clip_limit <= 1 or not 0 < kernel_fraction <= 1:
+        raise ValueError(f"clahe needs 0 < clip_limit <= 1 and 0 < kernel_fraction <= 1, got {clip_limit}, {kernel_fraction}")
 
     def op(gray: np.ndarray) -> np.ndarray:
         kernel = max(8, int(min(gray.shape) * kernel_fraction))
@@ -60,6 +70,11 @@ def retinex(image: np.ndarray, sigmas: Sequence[float] = (0.02, 0.1, 0.3), clip_
     ``sigmas`` are fractions of the shorter image side, so the method behaves the same at any
     resolution; the log-ratio output is stretched between the ``clip_percent`` percentiles.
     """
+
+    if not sigmas or any(float(s) <= 0 for s in sigmas):
+        raise ValueError(f"retinex sigmas must be a non-empty list of positive fractions, got {list(sigmas)}")
+    if not 0 <= clip_percent < 50:
+        raise ValueError(f"retinex clip_percent must be in [0, 50), got {clip_percent}")
 
     def op(gray: np.ndarray) -> np.ndarray:
         eps = 1e-4
@@ -96,6 +111,13 @@ def _builder(kind: str, name: str, func, allowed: set[str]):
             raise ValueError(f"{kind}: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
         if weights is not None:
             raise ValueError(f"{kind}: takes no weights")
+        # Try the options on a small ramp now, so a bad value fails at start-up, not on the first study.
+        probe = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+        try:
+            if not np.isfinite(func(probe, **options)).all():
+                raise ValueError("the output is not finite")
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            raise ValueError(f"{kind}: invalid option value(s) {options}: {exc}") from exc
         return ClassicalEnhancer(kind, name, func, options)
 
     return build

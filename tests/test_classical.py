@@ -23,3 +23,23 @@ def test_unknown_kind_and_bad_option_are_named():
         build_model("nope")
     with pytest.raises(ValueError, match="clip_limt"):
         build_model("clahe", options={"clip_limt": 0.1})
+
+
+@pytest.mark.parametrize("kind", ["clahe", "histeq", "retinex"])
+def test_uniform_frames_pass_through_and_black_rgb_pixels_match_gray(kind):
+    model = build_model(kind, device="cpu")
+    black, flat = np.zeros((16, 16), np.float32), np.full((16, 16, 3), 0.3, np.float32)
+    out_black, out_flat = model.enhance([black, flat])
+    assert np.array_equal(out_black, black) and np.array_equal(out_flat, flat)
+    ramp = np.linspace(0, 1, 24 * 24, dtype=np.float32).reshape(24, 24)
+    gray_out, rgb_out = model.enhance([ramp, np.repeat(ramp[..., None], 3, axis=2)])
+    np.testing.assert_allclose(rgb_out, np.repeat(gray_out[..., None], 3, axis=2), atol=1e-6)
+
+
+def test_bad_option_values_fail_at_build_time():
+    with pytest.raises(ValueError, match="retinex: invalid option"):
+        build_model("retinex", options={"sigmas": []})
+    with pytest.raises(ValueError, match="clahe: invalid option.*clip_limit"):
+        build_model("clahe", options={"clip_limit": -1})
+    with pytest.raises(ValueError, match="histeq: invalid option"):
+        build_model("histeq", options={"nbins": "many"})
