@@ -82,3 +82,20 @@ class ResnetGenerator(nn.Module):
 def build_generator(config: LaMEGANConfig | dict) -> ResnetGenerator:
     cfg = config if isinstance(config, LaMEGANConfig) else LaMEGANConfig(**config)
     return ResnetGenerator(cfg)
+
+
+def model_parts(channels: int = 3) -> list[tuple]:
+    """(name, module, run(module, size), counted at inference) for `dicomnode models info`."""
+    from models.stillgan import PatchDiscriminator
+
+    cfg = LaMEGANConfig(channels=channels)
+
+    def run(module: nn.Module, size: int) -> torch.Tensor:
+        return module(torch.empty(1, channels, size, size))
+
+    return [
+        ("G_LQ->HQ", build_generator(cfg).eval(), run, True),
+        ("G_HQ->LQ", build_generator(cfg).eval(), run, False),
+        ("D_HQ", PatchDiscriminator(channels), run, False),
+        ("D_LQ", PatchDiscriminator(channels), run, False),
+    ]

@@ -196,3 +196,18 @@ class ImagePool:
 def build_generator(config: StillGANConfig | dict) -> ResUNetGenerator:
     cfg = config if isinstance(config, StillGANConfig) else StillGANConfig(**config)
     return ResUNetGenerator(cfg)
+
+
+def model_parts(channels: int = 3, depth: int = 8) -> list[tuple]:
+    """(name, module, run(module, size), counted at inference) for `dicomnode models info`."""
+    cfg = StillGANConfig(channels=channels, depth=depth)
+
+    def run(module: nn.Module, size: int) -> torch.Tensor:
+        return module(torch.empty(1, channels, size, size))
+
+    return [
+        ("G_LQ->HQ", build_generator(cfg).eval(), run, True),
+        ("G_HQ->LQ", build_generator(cfg).eval(), run, False),
+        ("D_HQ", PatchDiscriminator(channels), run, False),
+        ("D_LQ", PatchDiscriminator(channels), run, False),
+    ]

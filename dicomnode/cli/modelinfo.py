@@ -51,11 +51,14 @@ def _hqgnet_parts(config: str) -> Callable[[int], list[Part]]:
 MODEL_PARTS: dict[str, tuple[int, Callable[[int], list[Part]]]] = {
     "hqgnet": (3, _hqgnet_parts("paper")),
     "hqgnet-lite": (1, _hqgnet_parts("lite")),
+    "stillgan": (3, lambda c: [Part(*p) for p in __import__("models.stillgan", fromlist=["_"]).model_parts(c)]),
+    "lamegan": (3, lambda c: [Part(*p) for p in __import__("models.lamegan", fromlist=["_"]).model_parts(c)]),
 }
 
 # Published figures to print beside ours: name -> (M params, G MACs, source).
 PUBLISHED: dict[str, tuple[float, float, str]] = {
     "hqgnet": (66.42, 87.33, "HQG-Net paper, Table IV, 384x384"),
+    "stillgan": (58.38, 94.73, "HQG-Net paper, Table IV, 384x384"),
 }
 
 
