@@ -1,0 +1,273 @@
+"""HQG-Net networks, torchvision-layout backbones, the registry builder and `models info`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.backbones.resnet import load_torchvision_state_dict, resnet18, resnet50
+from models.hqgnet import (
+    AdaLIN,
+    GuidanceAutoEncoder,
+    HQGNetConfig,
+    LossWeights,
+    build_discriminator,
+    build_hqgnet,
+    clamp_rho_,
+    enhancement_loss,
+    hqgnet_lite,
+    hqgnet_paper,
+)
+from models.losses.gan import discriminator_loss
+from models.registry import ModelLoadError, build_model, load_checkpoint
+from models.train.common import export_weights
+
+
+def _torchvision_like(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A state dict with torchvision's keys and shapes, random values (what a .pth from torchvision holds)."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for k, v in model.state_dict().items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+        elif k.endswith("running_var"):
+            out[k] = torch.rand(v.shape, generator=g) + 0.5  # variances are positive
+        else:
+            out[k] = torch.randn(v.shape, generator=g) * 0.1
+    return out
+
+
+@pytest.fixture(scope="module")
+def r50() -> torch.nn.Module:
+    return resnet50()
+
+
+def test_resnet_state_dict_layout_is_torchvisions(r50):
+    r18 = resnet18()
+    sd50, sd18 = r50.state_dict(), r18.state_dict()
+    # torchvision's published parameter counts with the 1000-class fc.
+    assert sum(p.numel() for p in r50.parameters()) == 25_557_032
+    assert sum(p.numel() for p in r18.parameters()) == 11_689_512
+    for key, shape in {
+        "conv1.weight": (64, 3, 7, 7),
+        "layer1.0.conv1.weight": (64, 64, 1, 1),
+        "layer1.0.downsample.0.weight": (256, 64, 1, 1),
+        "layer4.2.bn3.running_var": (2048,),
+        "layer4.2.bn3.num_batches_tracked": (),
+        "fc.weight": (1000, 2048),
+    }.items():
+        assert tuple(sd50[key].shape) == shape, key
+    assert tuple(sd18["layer4.1.bn2.weight"].shape) == (512,)
+    assert "layer1.0.conv3.weight" not in sd18
+
+
+def test_load_torchvision_state_dict_strict(r50, tmp_path):
+    tv50 = _torchvision_like(r50)
+    torch.save(tv50, tmp_path / "resnet50.pth")
+    gray50 = load_torchvision_state_dict(resnet50(in_channels=1, num_classes=None), tmp_path / "resnet50.pth")
+    torch.testing.assert_close(gray50.conv1.weight, tv50["conv1.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(gray50.state_dict()["layer4.2.bn3.running_var"], tv50["layer4.2.bn3.running_var"])
+    with pytest.raises(ValueError, match="not a matching torchvision ResNet"):
+        load_torchvision_state_dict(resnet18(), tv50)
+
+
+def test_gray_adapted_resnet_equals_rgb_on_repeated_image():
+    tv18 = _torchvision_like(resnet18())
+    rgb = load_torchvision_state_dict(resnet18(num_classes=16), tv18).eval()  # fc differs: ignored
+    gray = load_torchvision_state_dict(resnet18(in_channels=1, num_classes=None), tv18).eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(gray(x)[3], rgb(x.repeat(1, 3, 1, 1))[3], rtol=1e-4, atol=1e-4)
+
+
+def test_resnet_features_strides():
+    f = resnet18(in_channels=1, base_width=16, num_classes=None)(torch.rand(1, 1, 64, 96))
+    assert [t.shape[1:] for t in f] == [(16, 16, 24), (32, 8, 12), (64, 4, 6), (128, 2, 3)]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("hw", [(32, 32), (45, 70), (96, 64)])
+def test_enhance_shapes_and_range_any_size(channels, hw):
+    torch.manual_seed(0)
+    net = build_hqgnet(hqgnet_lite(channels)).eval()
+    torch.nn.init.normal_(net.gen.out.weight, std=0.5)  # away from the identity start
+    x = torch.rand(2, channels, *hw)
+    with torch.no_grad():
+        v = net.extract_guidance(torch.rand(1, channels, 50, 40))
+        out = net.enhance(x, v)
+    assert v.shape == (1, 64)
+    assert out.shape == x.shape
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert not torch.allclose(out, x)
+
+
+def test_generator_starts_as_identity():
+    net = build_hqgnet(hqgnet_lite(1)).eval()
+    x = torch.rand(1, 1, 64, 64) * 0.9 + 0.05
+    with torch.no_grad():
+        out = net.enhance(x, torch.zeros(1, 64))
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
+
+
+def test_rho_stays_in_unit_interval():
+    ada = AdaLIN(4, 80, hidden=8)
+    opt = torch.optim.SGD(ada.parameters(), lr=10.0)
+    x, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 80)
+    (-(ada.rho.sum()) * 100).backward()  # pushes rho far above 1
+    opt.step()
+    assert ada.rho.max() > 1  # the raw parameter left [0, 1] ...
+    out_pushed = ada(x, cond)
+    with torch.no_grad():
+        ada.rho.fill_(1.0)
+    torch.testing.assert_close(out_pushed, ada(x, cond))  # ... but forward used the clamped value
+    with torch.no_grad():
+        ada.rho.fill_(-3.0)
+    clamp_rho_(ada)
+    assert ada.rho.min() >= 0 and ada.rho.max() <= 1
+    assert torch.all(AdaLIN(3, 80).rho == 0.5)  # paper: initialised at 0.5
+
+
+def test_adalin_mixes_instance_and_layer_norm():
+    ada = AdaLIN(3, 80, hidden=0)
+    x = torch.randn(2, 3, 5, 5) * 4 + 2
+    cond = torch.zeros(2, 80)  # gamma = 1, beta = 0 (weights are tiny, bias 0)
+    torch.nn.init.zeros_(ada.gamma.weight), torch.nn.init.zeros_(ada.beta.weight)
+    with torch.no_grad():
+        ada.rho.fill_(1.0)
+    y = ada(x, cond)
+    torch.testing.assert_close(y.mean(dim=(2, 3)), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ada.rho.fill_(0.0)
+    y = ada(x, cond)
+    torch.testing.assert_close(y.mean(dim=(1, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+
+
+def test_gradients_reach_every_parameter_group():
+    torch.manual_seed(0)
+    cfg = hqgnet_lite(1)
+    net, disc = build_hqgnet(cfg), build_discriminator(cfg)
+    net.g.requires_grad_(False)
+    # Zero-initialised layers (the last conv of the head, the last BN of each residual block) stop
+    # gradients at step 0 by design; give them values so the test sees the whole graph.
+    torch.nn.init.normal_(net.gen.out.weight, std=0.01)
+    for m in net.gen.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.ones_(m.weight)
+    y, z = torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64)
+    y.requires_grad_(True)
+    x_hat, v_c = net.gen(y, net.g(z))
+    losses = enhancement_loss(net, y, x_hat, v_c, disc(x_hat), LossWeights())
+    (losses["e"] + discriminator_loss(disc(z), disc(x_hat.detach()))).backward()
+    groups = {"encoder": net.gen.encoder, "FC_e": net.gen.encoder.fc, "decoder": net.gen.conv, "VIN": net.gen.vin, "head": net.gen.head1, "D": disc}
+    for name, module in groups.items():
+        for pname, p in module.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname} got no gradient"
+    assert all(p.grad is None for p in net.g.parameters())  # frozen G ...
+    assert y.grad is not None  # ... while gradients still flow through the graph
+
+    ae = GuidanceAutoEncoder(cfg, 64)
+    ae(torch.rand(2, 1, 64, 64)).mean().backward()
+    assert all(p.grad is not None for p in ae.g.parameters())
+
+
+def test_config_round_trip_and_errors():
+    cfg = hqgnet_lite(3)
+    assert HQGNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown HQG-Net config keys"):
+        HQGNetConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="channels"):
+        HQGNetConfig(channels=2)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        build_hqgnet(cfg).gen(torch.rand(1, 3, 40, 64), torch.zeros(1, 64))
+
+
+def test_paper_config_lands_near_table_iv():
+    from dicomnode.cli.modelinfo import measure
+
+    rows = {name: (p, m) for name, p, m, _ in measure("hqgnet", 384)}
+    params = rows["G"][0] + rows["E_gen"][0]
+    macs = rows["G"][1] + rows["E_gen"][1]
+    assert params == pytest.approx(66.42, rel=0.03)
+    assert macs == pytest.approx(87.33, rel=0.03)
+    assert rows["G"][0] == pytest.approx(11.21, abs=0.01)  # ResNet-18 + FC(512 -> 64)
+    assert hqgnet_paper().cond_dim == 80
+
+
+def _export(tmp_path, net, channels=1, size=64):
+    card = {"kind": "hqgnet", "name": "HQG-Net", "version": "test", "config": net.cfg.to_dict(), "channels": channels, "size": size}
+    path = tmp_path / "hqgnet.pt"
+    export_weights(path, net.state_dict(), card)
+    return path
+
+
+def test_save_load_identical_outputs(tmp_path):
+    torch.manual_seed(1)
+    net = build_hqgnet(hqgnet_lite(1))
+    torch.nn.init.normal_(net.gen.out.weight, std=0.1)
+    net.eval()
+    path = _export(tmp_path, net)
+    enh = build_model("hqgnet", weights=path, device="cpu")
+    assert enh.uses_guidance and enh.info.kind == "hqgnet" and enh.info.weights_sha256
+    rng = np.random.default_rng(0)
+    hq = rng.random((64, 64), dtype=np.float32)
+    frames = [rng.random((50, 70), dtype=np.float32), rng.random((64, 64), dtype=np.float32), rng.random((50, 70), dtype=np.float32)]
+    guidance = enh.extract_guidance([hq])
+    assert guidance.shape == (1, 64) and guidance.dtype == np.float32
+    with torch.no_grad():
+        want_v = net.extract_guidance(torch.from_numpy(hq)[None, None])
+        torch.testing.assert_close(torch.from_numpy(guidance), want_v, rtol=1e-5, atol=1e-5)
+        out = enh.enhance(frames, guidance)
+        for f, o in zip(frames, out):
+            want = net.enhance(torch.from_numpy(f)[None, None], want_v)[0, 0].numpy()
+            assert o.shape == f.shape and o.dtype == np.float32
+            np.testing.assert_allclose(o, want, atol=1e-5)
+    again = load_checkpoint(path, device="cpu").enhance(frames, guidance)
+    for a, b in zip(out, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_enhancer_channel_mismatch_and_errors(tmp_path):
+    torch.manual_seed(2)
+    net = build_hqgnet(hqgnet_lite(1))
+    torch.nn.init.normal_(net.gen.out.weight, std=0.1)
+    enh = build_model("hqgnet-lite", weights=_export(tmp_path, net.eval()), device="cpu")
+    rgb = np.random.default_rng(0).random((40, 48, 3), dtype=np.float32)
+    g = enh.extract_guidance([rgb])
+    out = enh.enhance([rgb, rgb[..., 0]], g)
+    assert out[0].shape == (40, 48, 3) and out[1].shape == (40, 48)
+    assert 0 <= out[0].min() and out[0].max() <= 1
+    with pytest.raises(ValueError, match="needs a guidance vector"):
+        enh.enhance([rgb])
+    with pytest.raises(ValueError, match="guidance must have shape"):
+        enh.enhance([rgb], np.zeros(10, dtype=np.float32))
+
+
+def test_builder_refuses_missing_and_corrupt_weights(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        build_model("hqgnet", weights=tmp_path / "none.pt", device="cpu")
+    with pytest.raises(ModelLoadError, match="needs trained weights"):
+        build_model("hqgnet", device="cpu")
+    path = _export(tmp_path, build_hqgnet(hqgnet_lite(1)))
+    with open(path, "r+b") as fh:
+        fh.seek(200)
+        fh.write(b"\x00garbage\x00")
+    with pytest.raises(ModelLoadError, match="corrupt"):
+        build_model("hqgnet", weights=path, device="cpu")
+
+
+def test_models_info_prints_parts(capsys):
+    from dicomnode.cli import main
+
+    assert main(["models", "info", "hqgnet-lite", "--size", "64"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines[1:]]
+    assert names == ["G", "E_gen", "discriminator", "total"]
+    total = lines[-1].split()
+    g, e = lines[1].split(), lines[2].split()
+    assert float(total[1]) == pytest.approx(float(g[1]) + float(e[1]), abs=0.011)
+    assert "M params" in lines[-1] and "G MACs" in lines[-1]
+    assert main(["models", "info", "hqgnet", "--size", "384"]) == 0
+    assert "published" in capsys.readouterr().out
