@@ -4,11 +4,13 @@
 only a success (or one of the storage warnings B000/B006/B007) counts as sent. A refused store is
 *not* sent, so the runtime's retry and dead-letter bookkeeping sees the truth.
 
-The SCU reuses one association per batch (about 3x faster than one per file, REFERENCE §5). It
-proposes, for each (SOP class, transfer syntax) of the batch, the file's own transfer syntax plus
-Explicit and Implicit VR Little Endian, so a compressed file goes as-is where the PACS takes it and
-is decompressed only where the PACS refuses its compression. Files whose own transfer syntax was
-accepted are streamed from disk without being decoded.
+The SCU reuses one association per batch (about 3x faster than one per file, REFERENCE §5). For
+every (SOP class, transfer syntax) of the batch it proposes the file's own transfer syntax and
+Explicit and Implicit VR Little Endian, each as a context of its own: in one context with several
+transfer syntaxes the *acceptor* picks (pynetdicom and dcmtk pick by their own preference, often
+uncompressed), and the node would decompress files the PACS could have taken as they are. So a
+compressed file goes as-is where the PACS takes it and is decompressed only where the PACS refuses
+its compression. Files whose own transfer syntax was accepted are streamed from disk undecoded.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from dicomnode.config import DicomDestinationConfig, DispatchPolicy, FolderDestinationConfig, NodeConfig
@@ -119,9 +122,14 @@ def _read_meta(path: Path) -> _FileInfo:
     return _FileInfo(path, UID(sop_class), UID(sop_instance), UID(tsyntax))
 
 
-def _proposed_syntaxes(tsyntax: UID) -> list[UID]:
-    """The file's own transfer syntax first, then the uncompressed ones (no duplicates)."""
-    return list(dict.fromkeys([tsyntax, *_UNCOMPRESSED]))
+def _contexts(infos: Sequence[_FileInfo]) -> list[tuple[UID, UID]]:
+    """(SOP class, transfer syntax) contexts for a batch: each file's own TS plus both uncompressed."""
+    pairs: dict[tuple[UID, UID], None] = {}
+    for info in infos:
+        pairs[(info.sop_class, info.transfer_syntax)] = None
+        for tsyntax in _UNCOMPRESSED:
+            pairs[(info.sop_class, tsyntax)] = None
+    return list(pairs)
 
 
 class DicomDestination(Destination):
@@ -195,15 +203,23 @@ class DicomDestination(Destination):
         ae.acse_timeout = self.timeout_seconds
         ae.dimse_timeout = self.timeout_seconds
         ae.network_timeout = self.timeout_seconds
-        for sop_class, tsyntax in dict.fromkeys((f.sop_class, f.transfer_syntax) for f in infos):
-            ae.add_requested_context(sop_class, _proposed_syntaxes(tsyntax))
+        for sop_class, tsyntax in _contexts(infos):
+            ae.add_requested_context(sop_class, [tsyntax])
         return ae
 
     def _associate(self, ae: AE) -> tuple[Association | None, str]:
         """Open the association; (None, reason) when it cannot be established."""
         where = f"{self.ae_title}@{self.host}:{self.port}"
+        # A peer that closes the connection right after its A-ASSOCIATE-RJ (dcmtk does) can make
+        # pynetdicom report an abort instead of the rejection: keep the RJ PDU to tell them apart.
+        rejections: list[A_ASSOCIATE_RJ] = []
+
+        def on_pdu(event: Any) -> None:
+            if isinstance(event.pdu, A_ASSOCIATE_RJ):
+                rejections.append(event.pdu)
+
         try:
-            kwargs: dict[str, Any] = {"ae_title": self.ae_title}
+            kwargs: dict[str, Any] = {"ae_title": self.ae_title, "evt_handlers": [(evt.EVT_PDU_RECV, on_pdu)]}
             if self.tls_args is not None:
                 kwargs["tls_args"] = self.tls_args
             assoc = ae.associate(self.host, self.port, **kwargs)
@@ -211,8 +227,8 @@ class DicomDestination(Destination):
             return None, f"cannot connect to {where}: {exc}"
         if assoc.is_established:
             return assoc, ""
-        if assoc.is_rejected:
-            rsp = assoc.acceptor.primitive
+        if rejections or assoc.is_rejected:
+            rsp = rejections[0] if rejections else assoc.acceptor.primitive
             if rsp is not None and getattr(rsp, "result_str", None):
                 why = f"{rsp.result_str}, source {rsp.source_str}: {rsp.reason_str}"
             else:
@@ -300,11 +316,12 @@ def _context_groups(infos: Sequence[tuple[int, _FileInfo]]) -> list[list[tuple[i
     current: list[tuple[int, _FileInfo]] = []
     keys: set[tuple[UID, UID]] = set()
     for item in infos:
-        key = (item[1].sop_class, item[1].transfer_syntax)
-        if key not in keys and len(keys) >= MAX_CONTEXTS:
+        needed = set(_contexts([item[1]])) - keys
+        if current and len(keys) + len(needed) > MAX_CONTEXTS:
             groups.append(current)
             current, keys = [], set()
-        keys.add(key)
+            needed = set(_contexts([item[1]]))
+        keys |= needed
         current.append(item)
     if current:
         groups.append(current)
