@@ -27,7 +27,7 @@ import numpy as np
 
 from models import metrics as M
 from models.metrics._common import LUMA_709
-from models.degrade import PRESETS, degrade
+from models.degrade import PRESETS, degrade, plan
 from models.registry import BUILDERS, Enhancer, build_model, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -492,10 +492,14 @@ def prepare_benchmark(name: str, workdir: Path, *, seed: int = 0, severity: floa
     inp, ref = workdir / "input", workdir / "reference"
     inp.mkdir(parents=True, exist_ok=True)
     ref.mkdir(parents=True, exist_ok=True)
-    for i, (stem, img) in enumerate(clean):
-        bad = degrade(img, "mixed", seed + i, severity=severity, pool=name if name in PRESETS else None)
-        imsave(ref / f"{stem}.png", np.round(img * 255).astype(np.uint8), check_contrast=False)
-        imsave(inp / f"{stem}.png", np.round(bad * 255).astype(np.uint8), check_contrast=False)
+    with open(workdir / "manifest.csv", "w", newline="") as fh:  # what was done to each image
+        writer = csv.writer(fh)
+        writer.writerow(["image", "seed", "severity", "degradations"])
+        for i, (stem, img) in enumerate(clean):
+            bad = degrade(img, "mixed", seed + i, severity=severity, pool=name)
+            imsave(ref / f"{stem}.png", np.round(img * 255).astype(np.uint8), check_contrast=False)
+            imsave(inp / f"{stem}.png", np.round(bad * 255).astype(np.uint8), check_contrast=False)
+            writer.writerow([f"{stem}.png", seed + i, severity, "+".join(plan("mixed", seed + i, name))])
     return inp, ref
 
 

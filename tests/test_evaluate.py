@@ -163,6 +163,9 @@ def test_fundus_benchmark_makes_pairs(tmp_path):
     E.prepare_benchmark("fundus", tmp_path / "again", limit=1)
     np.testing.assert_array_equal(imread(tmp_path / "again" / "input" / inputs[0].name), a)
     assert "Built-in FUNDUS benchmark" in (out / "results.md").read_text()
+    manifest = _read_csv(out / "data" / "manifest.csv")
+    assert [r["image"] for r in manifest] == [p.name for p in inputs]
+    assert all(set(r["degradations"].split("+")) <= {"illumination", "haze", "blur", "low_contrast"} for r in manifest)
 
 
 def test_ccm_benchmark_uses_shared_images(shared_data, tmp_path, monkeypatch):
