@@ -74,6 +74,9 @@ class Sample:
         if "seg" not in self._cache:
             from skimage.filters import sato, threshold_otsu
 
+            if self.mask is None or not self.mask.any() or self.mask.all():
+                raise ValueError("segmentation scores need a mask with both structure and background")
+
             gray = self.output if self.output.ndim == 2 else self.output @ LUMA_709
             bright = sato(gray, sigmas=(1, 2, 3), black_ridges=False)
             dark = sato(gray, sigmas=(1, 2, 3), black_ridges=True)
