@@ -228,7 +228,8 @@ def _gray_to_unit(raw: np.ndarray, ds: Dataset, info: PixelInfo, index: int) -> 
         slope, intercept = _rescale(ds, index)
         modality = raw.astype(np.float64) * slope + intercept
         try:
-            mapped = apply_voi(modality, voi_item, index=0).astype(np.float64)
+            # LUT indices are integers: round so pydicom indexes rather than warns about floats
+            mapped = apply_voi(np.rint(modality).astype(np.int64), voi_item, index=0).astype(np.float64)
             lut = np.asarray(voi_item.VOILUTSequence[0].LUTData, dtype=np.float64)
         except Exception:  # a broken LUT falls back to the other transforms below
             mapped = None

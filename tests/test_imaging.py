@@ -1,0 +1,234 @@
+"""Pixel decoding: every photometric interpretation, bit depth and transfer syntax -> [0, 1] frames."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from dicomnode.imaging import PixelDecodeError, decode, iter_frames, pixel_info, to_stored
+from tests.conftest import require_tools
+
+
+def sample(name: str) -> pydicom.Dataset:
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not bundled with this pydicom")
+    return pydicom.dcmread(path)
+
+
+def gray_dataset(pixels: np.ndarray, **attrs) -> Dataset:
+    """A minimal native single-frame gray dataset around ``pixels``."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+@pytest.mark.parametrize(
+    "name, nframes, shape, color, out_bits",
+    [
+        ("CT_small.dcm", 1, (128, 128), False, 16),  # 16-bit signed, rescale
+        ("MR_small.dcm", 1, (64, 64), False, 16),  # window centre/width
+        ("image_dfl.dcm", 1, (512, 512), False, 8),  # deflated, 8-bit gray
+        ("JPEGLSNearLossless_08.dcm", 1, (45, 10), False, 8),  # JPEG-LS lossy 8-bit
+        ("JPEGLSNearLossless_16.dcm", 1, (50, 10), False, 16),  # JPEG-LS lossy 16-bit
+        ("JPGExtended.dcm", 1, (1024, 256), False, 16),  # JPEG extended 12-bit
+        ("JPEG2000.dcm", 1, (1024, 256), False, 16),  # JPEG 2000 lossy
+        ("693_J2KI.dcm", 1, (512, 512), False, 16),  # JPEG 2000 lossy CT
+        ("examples_overlay.dcm", 1, (300, 484), False, 16),  # 12 stored in 16
+        ("rtdose.dcm", 15, (10, 10), False, 16),  # 32-bit multi-frame
+        ("ExplVR_BigEnd.dcm", 1, (60, 80, 3), True, 8),  # big endian RGB
+        ("SC_rgb_jpeg_gdcm.dcm", 1, (100, 100, 3), True, 8),  # JPEG lossless RGB
+        ("SC_rgb_dcmtk_+eb+cy+np.dcm", 1, (100, 100, 3), True, 8),  # JPEG baseline YBR_FULL_422
+        ("SC_rgb_jls_lossy_line.dcm", 1, (100, 100, 3), True, 8),  # JPEG-LS RGB
+        ("SC_rgb_gdcm_KY.dcm", 1, (100, 100, 3), True, 8),  # JPEG 2000 RGB
+        ("examples_jpeg2k.dcm", 1, (480, 640, 3), True, 8),  # JPEG 2000 YBR_RCT
+        ("SC_rgb_rle_16bit_2frame.dcm", 2, (100, 100, 3), True, 8),  # RLE 16-bit RGB multi-frame
+        ("SC_ybr_full_422_uncompressed.dcm", 1, (100, 100, 3), True, 8),  # native YBR_FULL_422
+        ("examples_palette.dcm", 1, (350, 800, 3), True, 8),  # PALETTE COLOR -> RGB
+        ("examples_ybr_color.dcm", 30, (240, 320, 3), True, 8),  # US multi-frame JPEG YBR
+    ],
+)
+def test_decode_shapes_and_range(name, nframes, shape, color, out_bits):
+    img = decode(sample(name))
+    assert len(img.frames) == nframes
+    assert img.color is color and img.out_bits == out_bits
+    for frame in img.frames:
+        assert frame.shape == shape and frame.dtype == np.float32
+        assert 0.0 <= float(frame.min()) and float(frame.max()) <= 1.0
+    assert float(np.ptp(img.frames[0])) > 0.1  # not a blank image
+
+
+def test_lossless_transfer_syntaxes_decode_identically():
+    reference = decode(sample("MR_small.dcm")).frames[0]
+    for name in (
+        "MR_small_RLE.dcm",
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+        "MR_small_jp2klossless.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+    ):
+        np.testing.assert_array_equal(decode(sample(name)).frames[0], reference, err_msg=name)
+
+
+def test_ybr_jpeg_matches_rgb_rendition_of_same_picture():
+    """pydicom 3 hands back RGB for YBR data although the dataset still says YBR."""
+    ds = sample("SC_rgb_dcmtk_+eb+cy+np.dcm")
+    assert ds.PhotometricInterpretation == "YBR_FULL_422"
+    ybr = decode(ds).frames[0]
+    rgb = decode(sample("SC_rgb_rle.dcm")).frames[0]
+    assert float(np.abs(ybr - rgb).mean()) < 0.02  # JPEG loss only; no channel swap or YCbCr values
+    uncompressed = decode(sample("SC_ybr_full_422_uncompressed.dcm")).frames[0]
+    assert float(np.abs(uncompressed - rgb).mean()) < 0.02
+
+
+def test_palette_colour_is_looked_up():
+    ds = sample("examples_palette.dcm")
+    frame = decode(ds).frames[0]
+    index = ds.pixel_array  # raw palette indices
+    red = np.frombuffer(ds.RedPaletteColorLookupTableData, dtype="<u2").astype(np.float64) / 65535.0
+    first = int(ds.RedPaletteColorLookupTableDescriptor[1])
+    y, x = np.unravel_index(np.argmax(index), index.shape)
+    expected = red[min(max(int(index[y, x]) - first, 0), red.size - 1)]
+    assert frame[y, x, 0] == pytest.approx(expected, abs=1e-3)
+
+
+def test_window_centre_width_is_applied_after_rescale():
+    pixels = np.array([[0, 1000, 1040, 1080, 2000]], dtype=np.uint16)
+    ds = gray_dataset(pixels, RescaleSlope=1, RescaleIntercept=-1024, WindowCenter=40, WindowWidth=81)
+    frame = decode(ds).frames[0]
+    # modality values -1024, -24, 16, 56, 976; LINEAR: (x - (c - 0.5)) / (w - 1) + 0.5, clipped
+    np.testing.assert_allclose(frame[0], [0.0, 0.0, 0.20625, 0.70625, 1.0], atol=1e-6)
+
+
+def test_signed_pixels_and_min_max_without_window():
+    pixels = np.array([[-1000, 0, 1000]], dtype=np.int16)
+    frame = decode(gray_dataset(pixels)).frames[0]
+    np.testing.assert_allclose(frame[0], [0.0, 0.5, 1.0], atol=1e-6)
+
+
+def test_voi_lut_sequence_is_used():
+    pixels = np.array([[0, 1, 2, 3]], dtype=np.uint16)
+    ds = gray_dataset(pixels, BitsStored=12, HighBit=11, WindowCenter=1000, WindowWidth=10)
+    lut = Dataset()
+    lut.LUTDescriptor = [4, 0, 16]
+    lut.LUTData = [0, 4000, 1000, 2000]  # deliberately non-monotonic: only a LUT gives this order
+    ds.VOILUTSequence = [lut]
+    frame = decode(ds).frames[0]
+    np.testing.assert_allclose(frame[0], [0.0, 1.0, 0.25, 0.5], atol=1e-6)
+    assert decode(ds).voi == ["voi-lut"]
+
+
+def test_monochrome1_is_inverted():
+    pixels = np.array([[0, 64, 255]], dtype=np.uint8)
+    m2 = decode(gray_dataset(pixels)).frames[0]
+    ds1 = gray_dataset(pixels)
+    ds1.PhotometricInterpretation = "MONOCHROME1"
+    m1 = decode(ds1).frames[0]
+    np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6)
+    assert m1[0, 0] == pytest.approx(1.0)
+
+
+def test_eight_bit_gray_keeps_full_range():
+    pixels = np.array([[0, 128, 255]], dtype=np.uint8)
+    frame = decode(gray_dataset(pixels, WindowCenter=128, WindowWidth=2)).frames[0]
+    np.testing.assert_allclose(frame[0], [0.0, 128 / 255, 1.0], atol=1e-6)
+
+
+def test_multiframe_is_decoded_frame_by_frame_with_per_frame_values():
+    pixels = np.stack([np.full((4, 5), v, dtype=np.uint16) for v in (100, 200, 300)])
+    pixels[:, 0, 0] = 0
+    ds = gray_dataset(pixels, BitsStored=12, HighBit=11)
+    frames = list(iter_frames(ds))
+    assert len(frames) == 3
+    for frame, voi in frames:
+        assert frame.shape == (4, 5) and voi == "minmax"
+        assert frame[0, 0] == 0.0 and frame[1, 1] == 1.0
+
+
+def test_jpeg_ybr_from_img2dcm(tmp_path: Path):
+    require_tools("img2dcm")
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:48, 0:64]
+    rgb = np.stack([xx * 4, yy * 5, 255 - xx * 3], axis=-1).astype(np.uint8)
+    rgb = np.clip(rgb.astype(int) + rng.integers(-5, 6, rgb.shape), 0, 255).astype(np.uint8)
+    jpg = tmp_path / "in.jpg"
+    Image.fromarray(rgb).save(jpg, quality=95)
+    out = tmp_path / "out.dcm"
+    subprocess.run(["img2dcm", str(jpg), str(out)], check=True, capture_output=True)
+    ds = pydicom.dcmread(out)
+    assert ds.PhotometricInterpretation.startswith("YBR")
+    frame = decode(ds).frames[0]
+    reference = np.asarray(Image.open(jpg).convert("RGB"), dtype=np.float32) / 255.0
+    assert frame.shape == (48, 64, 3)
+    assert float(np.abs(frame - reference).mean()) < 0.01
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("rtplan.dcm", "no PixelData"),
+        ("MR_truncated.dcm", "less than expected"),
+        ("liver_1frame.dcm", "1-bit"),
+    ],
+)
+def test_undecodable_instances_name_the_reason(name, reason):
+    with pytest.raises(PixelDecodeError, match=reason):
+        decode(sample(name))
+
+
+def test_unsupported_transfer_syntax():
+    ds = sample("MR_small.dcm")
+    ds.file_meta.TransferSyntaxUID = "1.2.3.4.5"
+    with pytest.raises(PixelDecodeError, match="unsupported transfer syntax 1.2.3.4.5"):
+        pixel_info(ds)
+
+
+def test_missing_frames_are_reported():
+    pixels = np.zeros((2, 4, 4), dtype=np.uint8)
+    ds = gray_dataset(pixels)
+    ds.NumberOfFrames = 3
+    with pytest.raises(PixelDecodeError):
+        decode(ds)
+
+
+def test_unsupported_photometric_interpretation():
+    ds = gray_dataset(np.zeros((4, 4), dtype=np.uint8))
+    ds.PhotometricInterpretation = "HSV"
+    with pytest.raises(PixelDecodeError, match="PhotometricInterpretation 'HSV'"):
+        decode(ds)
+
+
+def test_to_stored_bit_depths():
+    frame = np.array([[0.0, 0.5, 1.0, 1.5, -0.2]], dtype=np.float32)
+    np.testing.assert_array_equal(to_stored(frame, 8)[0], [0, 128, 255, 255, 0])
+    np.testing.assert_array_equal(to_stored(frame, 16)[0], [0, 32768, 65535, 65535, 0])
+    assert to_stored(frame, 16).dtype == np.uint16
+    with pytest.raises(ValueError, match="NaN"):
+        to_stored(np.array([[np.nan]], dtype=np.float32), 8)
+    with pytest.raises(ValueError):
+        to_stored(frame, 12)
