@@ -102,6 +102,18 @@ def test_clear_errors(folders, tmp_path, capsys):
     assert cli(["evaluate", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
 
 
+def test_weights_files_go_through_their_model_card(folders, tmp_path, capsys):
+    inp, _, _ = folders
+    out = str(tmp_path / "o")
+    assert cli(["evaluate", "--input", str(inp), "--methods", str(tmp_path / "missing.pt"), "--out", out, "--no-progress"]) == 2
+    assert "weights file not found" in capsys.readouterr().out
+    weights = tmp_path / "odd.pt"
+    weights.write_bytes(b"not a model")
+    (tmp_path / "odd.json").write_text('{"kind": "no-such-kind"}')
+    assert cli(["evaluate", "--input", str(inp), "--methods", str(weights), "--out", out, "--no-progress"]) == 2
+    assert "unknown model kind 'no-such-kind'" in capsys.readouterr().out
+
+
 class _Guided(Enhancer):
     """Adds the guidance vector's first entry: shows which vector evaluate passed."""
 
