@@ -164,3 +164,21 @@ def test_train_cli_rejects_a_non_vgg_checkpoint(tmp_path):
     torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(SystemExit, match="not a torchvision vgg16"):
         main(_train_args(tmp_path, tmp_path / "o", "--iterations", "1", "--vgg", str(tmp_path / "bad.pth")))
+
+
+@pytest.mark.slow
+def test_train_on_real_endoscopy_frames(shared_data, tmp_path):
+    from dicomnode.cli import main
+    from models.train.data import load_image
+
+    lq, hq = shared_data / "endoscopy" / "frames", shared_data / "endoscopy" / "kvasir_seg" / "images"
+    if not lq.is_dir() or not hq.is_dir():
+        pytest.skip("endoscopy frames not in the shared data")
+    out = tmp_path / "run"
+    args = ["train", "lamegan", "--lq", str(lq), "--hq", str(hq), "--out", str(out), "--size", "64",
+            "--ngf", "4", "--n-blocks", "1", "--ndf", "8", "--iterations", "2", "--log-every", "1"]
+    assert main(args) == 0
+    model = load_checkpoint(out / "lamegan.pt", device="cpu")
+    frame = load_image(next(iter(sorted(lq.iterdir()))), 3)
+    enhanced = model.enhance([frame])[0]
+    assert enhanced.shape == frame.shape and np.isfinite(enhanced).all()
