@@ -24,6 +24,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
     JPEGLosslessSV1,
     RLELossless,
+    UID,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
@@ -77,8 +78,10 @@ class FakePACS:
     """An in-process pynetdicom SCP recording what it stores and how many associations it saw."""
 
     def __init__(self, port: int, *, status: int | Callable[[Any], int] = 0x0000, transfer_syntaxes: Sequence[str] | None = None,
-                 sop_classes: Sequence[str] = (SecondaryCaptureImageStorage,), require_called_aet: bool = False) -> None:
+                 sop_classes: Sequence[str] = (SecondaryCaptureImageStorage,), require_called_aet: bool = False,
+                 ssl_context: Any = None) -> None:
         self.port = port
+        self.ssl_context = ssl_context
         self.status = status
         self.received: list[Dataset] = []
         self.transfer_syntaxes: list[str] = []
@@ -105,7 +108,8 @@ class FakePACS:
 
     def __enter__(self) -> FakePACS:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_ESTABLISHED, self._on_established)]
-        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers,
+                                           ssl_context=self.ssl_context)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -260,6 +264,51 @@ def test_no_response_within_timeout_fails_and_the_rest_of_the_batch_too(tmp_path
 
 def test_empty_batch_opens_nothing(free_port: int) -> None:
     assert destination(free_port).send([]) == []
+
+
+@pytest.mark.slow
+def test_tls_destination_stores_and_wrong_ca_fails(tmp_path: Path, free_port: int) -> None:
+    require_tools("openssl")
+    from reliability import make_certs
+
+    from dicomnode.security import server_ssl_context
+
+    certs = make_certs(tmp_path / "certs")
+    server_ctx = server_ssl_context({"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca,
+                                     "require_client_cert": True})
+
+    def dest(tls: dict[str, Any] | None) -> DicomDestination:
+        config = parse_config({
+            "destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": free_port,
+                                      "timeout_seconds": 5, **({"tls": tls} if tls else {})}},
+            "rules": [{"name": "fwd", "destinations": ["pacs"]}]}, tmp_path)
+        d = make_destinations(config)["pacs"]
+        assert isinstance(d, DicomDestination)
+        return d
+
+    files = [write_image(tmp_path / f"{i}.dcm", seed=i) for i in range(2)]
+    good = {"ca": str(certs.ca), "cert": str(certs.client_cert), "key": str(certs.client_key)}
+    with FakePACS(free_port, ssl_context=server_ctx) as pacs:
+        assert [o.ok for o in dest(good).send(files)] == [True, True]
+        assert len(pacs.received) == 2
+        # The PACS certificate does not chain to this CA: failed outcomes, nothing raised.
+        wrong_ca = dest({**good, "ca": str(certs.rogue_cert)}).send(files[:1])
+        no_client_cert = dest({"ca": str(certs.ca)}).send(files[:1])
+        plain = dest(None).send(files[:1])
+    for outcome in (*wrong_ca, *no_client_cert, *plain):
+        assert not outcome.ok and outcome.status is None and "PACS@127.0.0.1" in outcome.detail
+    assert len(pacs.received) == 2
+
+
+def test_large_mixed_batches_are_split_to_fit_the_context_limit() -> None:
+    from dicomnode.dispatch import MAX_CONTEXTS, _context_groups, _contexts, _FileInfo
+
+    infos = [(i, _FileInfo(Path(f"{i}.dcm"), UID(f"1.2.3.{i % 60}"), UID(f"1.2.4.{i}"),
+                           RLELossless if i % 2 else ExplicitVRLittleEndian)) for i in range(200)]
+    groups = _context_groups(infos)
+    assert [item for group in groups for item in group] == infos  # order kept, nothing lost
+    assert len(groups) > 1
+    assert all(len(_contexts([info for _, info in group])) <= MAX_CONTEXTS for group in groups)
 
 
 # --------------------------------------------------------------------------- folder
