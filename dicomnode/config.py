@@ -107,11 +107,16 @@ def _check_ae_title(value: str) -> str:
         raise ValueError(f"AE title {stripped!r} is {len(stripped)} characters long (at most 16)")
     bad = sorted({c for c in stripped if c not in _AE_CHARS})
     if bad:
-        raise ValueError(f"AE title {stripped!r} contains {', '.join(repr(c) for c in bad)} (no backslash or control characters)")
+        raise ValueError(f"AE title {stripped!r} contains {', '.join(repr(c) for c in bad)} (only printable ASCII, no backslash)")
     return stripped
 
 
-AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+def _number_to_str(value: Any) -> Any:
+    """YAML reads an unquoted AE title such as 12345 as a number; it is still a title."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+AETitle = Annotated[str, BeforeValidator(_number_to_str), AfterValidator(_check_ae_title)]
 
 
 def _check_port(value: int) -> int:

@@ -173,6 +173,7 @@ def _set(data: dict, dotted: str, value: Any) -> None:
         ("destinations.pacs.ae_title", "PA\\CS", "destinations.pacs.ae_title", ("backslash",)),
         ("destinations.pacs.ae_title", "   ", "destinations.pacs.ae_title", ("empty",)),
         ("node.allowed_calling_aets", ["OK", "BAD\tAE"], "node.allowed_calling_aets[1]", ("'\\t'",)),
+        ("node.ae_title", "NÖDE", "node.ae_title", ("printable ASCII",)),
         ("rules.0.model", "hqg-fundos", "rules[0].model", ("unknown model 'hqg-fundos'", "did you mean 'hqg-fundus'",
                                                              "known: hqg-fundus, clahe")),
         ("rules.0.destinations", ["pacs", "pcas"], "rules[0].destinations[1]",
@@ -262,6 +263,12 @@ def test_destination_type_is_inferred_or_explicit() -> None:
     data = example()
     data["destinations"]["archive"]["port"] = 104
     assert_error(errors_of(data), "destinations.archive.port", "unknown key 'port'", "allowed: type, folder")
+
+
+def test_numeric_ae_title_is_text() -> None:
+    data = example()
+    data["destinations"]["pacs"]["ae_title"] = 104
+    assert parse_config(data, Path("/x")).destinations["pacs"].ae_title == "104"
 
 
 def test_match_values_are_normalized_to_text() -> None:
