@@ -399,10 +399,9 @@ def _multi_frame(
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.PresentationLUTShape = "IDENTITY"
-        if bits == 16:
-            ds.RescaleIntercept = 0
-            ds.RescaleSlope = 1
-            ds.RescaleType = "US"
+        ds.RescaleIntercept = 0  # required (identity) for both grayscale multi-frame SC classes
+        ds.RescaleSlope = 1
+        ds.RescaleType = "US"
     ds.BurnedInAnnotation = str(source.get("BurnedInAnnotation", "") or "YES")
     spacing = _pixel_spacing(source)
     if spacing is not None:
