@@ -212,15 +212,26 @@ class Receiver:
             self._server.shutdown()
             self._server = None
 
-    def drain(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` s for open associations to finish; abort what is left."""
-        deadline = time.monotonic() + timeout
-        while self.ae.active_associations and time.monotonic() < deadline:
+    def drain(self, timeout: float, negotiation_grace: float = 1.0) -> bool:
+        """Wait up to ``timeout`` s for established associations to finish; abort what is left.
+
+        A connection that never sends an A-ASSOCIATE-RQ (a port probe, a health check) stays
+        "active" in pynetdicom until its ARTIM timer expires (30 s): after ``negotiation_grace``
+        s such half-open associations are not waited for. Returns False when an established
+        association had to be aborted.
+        """
+        start = time.monotonic()
+        deadline = start + timeout
+        while time.monotonic() < deadline:
+            grace = time.monotonic() - start < negotiation_grace
+            if not [a for a in self.ae.active_associations if a.is_established or grace]:
+                break
             time.sleep(0.05)
         left = self.ae.active_associations
+        established = [a for a in left if a.is_established]
         for assoc in left:
             assoc.abort()
-        return not left
+        return not established
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_accepting()

@@ -95,11 +95,13 @@ class Server:
         self.spool = Spool(cfg.storage.root)
         spool = self.spool
         redo = spool.ledger.recover()
+        retry = spool.ledger.retry_pending_now()
         stale = spool.clean_incoming()
         counts = spool.ledger.counts()
         log.info(
-            "spool %s: jobs %s, deliveries %s%s%s", spool.root, counts["jobs"] or "{}", counts["deliveries"] or "{}",
+            "spool %s: jobs %s, deliveries %s%s%s%s", spool.root, counts["jobs"] or "{}", counts["deliveries"] or "{}",
             f"; redoing interrupted jobs {redo}" if redo else "",
+            f"; {retry} pending deliveries due now" if retry else "",
             f"; removed {stale} unacknowledged partial files" if stale else "",
         )
         if self.models is None:
@@ -141,7 +143,9 @@ class Server:
         log.info("draining: no new associations; waiting up to %.0f s for open ones and running jobs", timeout)
         assert self.receiver is not None and self.spool is not None
         self.receiver.stop_accepting()
-        self.receiver.drain(max(0.0, deadline - time.monotonic()))
+        if not self.receiver.drain(max(0.0, deadline - time.monotonic())):
+            log.warning("associations still open at the end of the drain were aborted")
+        log.info("receiver closed; stopping stages")
         self._stop.set()
         self._notify_workers()
         self._wake_dispatch.set()
@@ -250,8 +254,6 @@ class Server:
             )
             return
 
-        from dicomnode import enhance  # imaging stack: imported by the first job that needs it
-
         assert decision.model is not None
         try:
             model = self.models.get(decision.model)
@@ -266,6 +268,8 @@ class Server:
             # The gated enhancer already carries this modality's guidance record (including a
             # per-image nearest exemplar); passing the mean vector here would override that.
             vector = None
+        from dicomnode import enhance  # imaging stack: imported by the first job that needs it
+
         out_dir = self.spool.outgoing_dir(job.id)
         result = enhance.enhance_series(
             [inst.path for inst in chosen], enhancer, self.derive_settings(), out_dir,

@@ -560,6 +560,14 @@ class Ledger:
             db.execute("UPDATE jobs SET state='complete', updated_at=? WHERE state='processing'", (time.time(),))
         return ids
 
+    def retry_pending_now(self) -> int:
+        """Make every pending delivery due now: a restart is usually what follows fixing a peer."""
+        now = time.time()
+        with self.transaction() as db:
+            return db.execute(
+                "UPDATE deliveries SET next_attempt_at=? WHERE state='pending' AND next_attempt_at > ?", (now, now)
+            ).rowcount
+
     def counts(self) -> dict[str, dict[str, int]]:
         jobs = {r[0]: r[1] for r in self.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
         deliveries = {r[0]: r[1] for r in self.query("SELECT state, COUNT(*) FROM deliveries GROUP BY state")}

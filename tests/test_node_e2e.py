@@ -1,0 +1,235 @@
+"""The whole node against real dcmtk peers: dcmsend as the modality, storescp as the PACS.
+
+Slow tests (``-m slow``) run ``dicomnode serve`` as a subprocess so SIGTERM and restarts are real.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from dicomnode.config import parse_config
+from dicomnode.server import Server, ServerOptions
+from reliability import NodeProcess, StoreSCP, dcmsend, free_port, node_config, wait_until, write_series
+from tests.conftest import require_tools
+
+SC_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
+    "1.2.840.10008.5.1.4.1.1.7.1",
+    "1.2.840.10008.5.1.4.1.1.7.2",
+    "1.2.840.10008.5.1.4.1.1.7.3",
+    "1.2.840.10008.5.1.4.1.1.7.4",
+}
+
+
+# ------------------------------------------------------------------------------------------ inputs
+def copies(name: str, folder: Path, count: int) -> list[Path]:
+    """``count`` instances of one pydicom test file in one new series (fresh SOP/Series UIDs)."""
+    ds = pydicom.dcmread(get_testdata_file(name, download=False))
+    ds.SeriesInstanceUID = generate_uid()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(count):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        path = folder / f"{Path(name).stem}_{i}.dcm"
+        ds.save_as(path)
+        out.append(path)
+    return out
+
+
+def jpeg_fundus_series(folder: Path, count: int) -> list[Path]:
+    """Ophthalmic photographs, JPEG baseline YBR_FULL_422, made by dcmtk's img2dcm from skimage's retina."""
+    from PIL import Image
+    from skimage.data import retina
+    from skimage.transform import resize
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = (resize(retina(), (160, 160), anti_aliasing=True) * 255).astype(np.uint8)
+    jpg = folder / "retina.jpg"
+    Image.fromarray(rgb).save(jpg, quality=90)
+    out: list[Path] = []
+    for i in range(count):
+        path = folder / f"oph_{i}.dcm"
+        keys = ["--no-checks", "-k", "Modality=OP", "-k", "ImageLaterality=R", "-k", f"InstanceNumber={i + 1}",
+                "-k", "PatientID=E2E-0001",
+                "-k", "SeriesDescription=fundus photo"]
+        if out:
+            keys += ["-sef", str(out[0])]  # same patient, study and series as the first
+        subprocess.run(["img2dcm", "-oph", *keys, str(jpg), str(path)], check=True, capture_output=True, timeout=60)
+        out.append(path)
+    return out
+
+
+def received(folder: Path) -> list[pydicom.Dataset]:
+    out = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.startswith("."):
+            try:
+                out.append(pydicom.dcmread(path))
+            except Exception:  # noqa: BLE001 - a peer's temp file mid-write
+                continue
+    return out
+
+
+def status_json(node: NodeProcess) -> dict:
+    proc = node.cli("status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# ------------------------------------------------------------------------------------------ fast, in-process
+def test_model_that_fails_to_load_fails_its_jobs_with_the_reason(tmp_path: Path, free_port: int) -> None:
+    require_tools("dcmsend")
+    weights = tmp_path / "missing.pt"
+    cfg = parse_config({
+        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port, "series_quiet_seconds": 0.2},
+        "storage": {"root": str(tmp_path / "var")},
+        "destinations": {"out": {"folder": str(tmp_path / "out")}},
+        "models": {"broken": {"kind": "hqgnet", "weights": str(weights)}},
+        "rules": [{"name": "ct", "match": {"Modality": "CT"}, "model": "broken", "destinations": ["out"]},
+                  {"name": "mr", "match": {"Modality": "MR"}, "destinations": ["out"]}],
+    }, tmp_path)
+    server = Server(cfg, options=ServerOptions(drain_seconds=5))
+    server.start()
+    try:
+        assert "broken" in server.models.failures
+        ct = copies("CT_small.dcm", tmp_path / "ct", 2)
+        mr = copies("MR_small.dcm", tmp_path / "mr", 1)
+        out = dcmsend(server.port, [*ct, *mr])
+        assert out.returncode == 0, out.stderr
+        ledger = server.spool.ledger
+        wait_until(lambda: {j.state for j in ledger.jobs()} == {"failed", "done"} and len(ledger.jobs()) == 2,
+                   30, what="both jobs settled")
+        (failed,) = ledger.jobs("failed")
+        assert failed.model == "broken" and "failed to load" in failed.error and "missing.pt" in failed.error
+        (done,) = ledger.jobs("done")  # the forward rule still works beside the broken model
+        assert done.action == "forward"
+        assert len(list((tmp_path / "out").glob("*.dcm"))) == 1
+    finally:
+        assert server.stop()
+
+
+# ------------------------------------------------------------------------------------------ slow, processes
+@pytest.mark.slow
+def test_enhance_end_to_end_to_pacs(tmp_path: Path) -> None:
+    """JPEG YBR fundus + 16-bit CT + MR series in, CLAHE SC series out at the PACS, valid and renderable."""
+    pytest.importorskip("dicomnode.enhance", reason="dicomnode.enhance (imaging/derive) not built yet")
+    require_tools("dcmsend", "storescp", "img2dcm", "dciodvfy", "dcmj2pnm")
+    inputs = [
+        *jpeg_fundus_series(tmp_path / "in" / "oph", 2),
+        *copies("CT_small.dcm", tmp_path / "in" / "ct", 3),
+        *copies("MR_small.dcm", tmp_path / "in" / "mr", 2),
+    ]
+    sources = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p, stop_before_pixels=True) for p in inputs}
+    assert pydicom.dcmread(inputs[0]).PhotometricInterpretation == "YBR_FULL_422"
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        cfg = node_config(
+            tmp_path / "var", free_port(), {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                                     "port": pacs.port}},
+            rules=[{"name": "fundus", "match": {"Modality": "OP"}, "model": "clahe", "destinations": ["pacs"]},
+                   {"name": "ct-mr", "match": {"Modality": ["CT", "MR"]}, "model": "clahe",
+                    "destinations": ["pacs"]}],
+        )
+        with NodeProcess(tmp_path / "node", cfg) as node:
+            sent = dcmsend(node.port, inputs)
+            assert sent.returncode == 0, sent.stderr
+            wait_until(lambda: len(received(pacs.folder)) >= len(inputs), 90, what="SC series at the PACS")
+            wait_until(lambda: status_json(node)["jobs"]["done"] == 3, 30, what="3 jobs done")
+            info = status_json(node)
+        assert node.stderr().count("Traceback") == 0, node.stderr()[-3000:]
+    outputs = received(pacs.folder)
+    assert len(outputs) == len(inputs)
+    series_out: dict[str, set[str]] = {}
+    for ds in outputs:
+        assert ds.SOPClassUID in SC_CLASSES
+        (ref,) = ds.SourceImageSequence
+        src = sources[str(ref.ReferencedSOPInstanceUID)]
+        assert ds.StudyInstanceUID == src.StudyInstanceUID
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+        assert ds.SOPInstanceUID not in sources
+        series_out.setdefault(str(src.SeriesInstanceUID), set()).add(str(ds.SeriesInstanceUID))
+    assert len(series_out) == 3 and all(len(v) == 1 for v in series_out.values())  # one new series per input
+    for path in sorted(p for p in pacs.folder.rglob("*") if p.is_file()):
+        check = subprocess.run(["dciodvfy", "-new", str(path)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+        assert not errors, f"{path.name}: {errors}"
+        png = tmp_path / "png" / f"{path.name}.png"
+        png.parent.mkdir(exist_ok=True)
+        render = subprocess.run(["dcmj2pnm", "+on", str(path), str(png)], capture_output=True, timeout=60)
+        assert render.returncode == 0 and png.stat().st_size > 0, render.stderr
+    assert info["deliveries"]["sent"] == len(inputs) and info["deliveries"]["dead_letter"] == 0
+
+
+@pytest.mark.slow
+def test_refused_store_is_never_sent_then_resend_delivers(tmp_path: Path) -> None:
+    """PACS down: retries back off, then dead letter with the reason; `resend` delivers once it is up."""
+    require_tools("dcmsend", "storescp")
+    pacs_port = free_port()
+    series = write_series(tmp_path / "in", "study-r", "series-r", 3)
+    cfg = node_config(
+        tmp_path / "var", free_port(),
+        {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port, "timeout_seconds": 5}},
+        rules=[{"name": "fwd", "match": {"Modality": "CT"}, "destinations": ["pacs"]}],
+        dispatch={"max_attempts": 2, "backoff_initial_seconds": 0.3, "backoff_max_seconds": 0.5},
+    )
+    with NodeProcess(tmp_path / "node", cfg) as node:
+        assert dcmsend(node.port, series).returncode == 0
+        wait_until(lambda: status_json(node)["deliveries"]["dead_letter"] == 3, 60, what="dead letters")
+        info = status_json(node)
+        assert info["deliveries"]["sent"] == 0 and info["jobs"]["failed"] == 1
+        assert all("PACS" in d["last_error"] and d["attempts"] == 2 for d in info["dead_letters"])
+        text = node.cli("status").stdout
+        assert "dead_letter 3" in text and "Testpatient" not in text and "PID-000001" not in text
+        with StoreSCP(tmp_path / "pacs", port=pacs_port) as pacs:
+            out = node.cli("resend", "--job", str(info["dead_letters"][0]["job"]))
+            assert out.returncode == 0 and out.stdout.startswith("3 "), out.stdout + out.stderr
+            wait_until(lambda: status_json(node)["jobs"]["done"] == 1, 30, what="job done after resend")
+            wait_until(lambda: len(received(pacs.folder)) == 3, 10, what="3 files at the PACS")
+        assert status_json(node)["deliveries"] == {
+            "pending": 0, "sent": 3, "dead_letter": 0, "pending_by_destination": {}, "dead_letter_by_destination": {}}
+    log = node.stderr()
+    assert "Testpatient" not in log and "PID-000001" not in log and "19700101" not in log  # UIDs only
+
+
+@pytest.mark.slow
+def test_sigterm_then_restart_resumes(tmp_path: Path) -> None:
+    """Work left by a SIGTERM (a collecting series, undelivered outputs) finishes after the restart."""
+    require_tools("dcmsend", "storescp")
+    pacs_port = free_port()
+    first = write_series(tmp_path / "in", "study-s", "series-1", 2)
+    second = write_series(tmp_path / "in", "study-s", "series-2", 2)
+    cfg = node_config(
+        tmp_path / "var", free_port(),
+        {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs_port, "timeout_seconds": 5}},
+        rules=[{"name": "fwd", "match": {"Modality": "CT"}, "destinations": ["pacs"]}],
+        node={"series_quiet_seconds": 3.0},
+        dispatch={"max_attempts": 5, "backoff_initial_seconds": 60, "backoff_max_seconds": 300},
+    )
+    node = NodeProcess(tmp_path / "node", cfg).start()
+    try:
+        assert dcmsend(node.port, first).returncode == 0
+        wait_until(lambda: any(d["attempts"] == 1 for d in status_json(node)["pending_deliveries"]), 30,
+                   what="first delivery attempt failed (PACS down)")
+        assert dcmsend(node.port, second).returncode == 0  # still collecting when SIGTERM comes
+        assert node.stop() == 0, node.stderr()[-4000:]
+        info = status_json(node)
+        assert info["jobs"]["collecting"] == 1 and info["jobs"]["derived"] == 1
+        assert info["deliveries"]["pending"] == 2 and info["deliveries"]["sent"] == 0
+        with StoreSCP(tmp_path / "pacs", port=pacs_port) as pacs:
+            node.start()  # pending deliveries are retried at start-up, not after the 60 s backoff
+            wait_until(lambda: len(received(pacs.folder)) == 4, 40, what="both series at the PACS")
+            wait_until(lambda: status_json(node)["jobs"]["done"] == 2, 20, what="both jobs done")
+        got = sorted(str(ds.SOPInstanceUID) for ds in received(pacs.folder))
+        want = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in [*first, *second])
+        assert got == want
+    finally:
+        node.stop()
