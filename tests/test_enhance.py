@@ -1,0 +1,162 @@
+"""Series enhancement: batching, bounded memory, failures isolated per instance, atomic output."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from dicomnode.derive import DeriveSettings, read_private
+from dicomnode.enhance import STAGES, enhance_series
+from models.registry import Enhancer, ModelInfo, build_model
+
+SETTINGS = DeriveSettings(config_hash="f" * 64)
+
+
+def sample_path(name: str) -> Path:
+    path = get_testdata_file(name, download=False)
+    if path is None:
+        pytest.skip(f"pydicom test file {name} not bundled with this pydicom")
+    return Path(path)
+
+
+class Recording(Enhancer):
+    """Wraps an enhancer; records batch sizes and can fail on frames of a given shape."""
+
+    def __init__(self, inner: Enhancer, fail_shape: tuple[int, ...] | None = None):
+        self.inner = inner
+        self.info = inner.info
+        self.fail_shape = fail_shape
+        self.batches: list[int] = []
+        self.guidance_seen: list[object] = []
+
+    def enhance(self, images: Sequence[np.ndarray], guidance: np.ndarray | None = None) -> list[np.ndarray]:
+        self.batches.append(len(images))
+        self.guidance_seen.append(guidance)
+        if self.fail_shape is not None and any(img.shape == self.fail_shape for img in images):
+            raise RuntimeError("model exploded")
+        return self.inner.enhance(images)
+
+
+@pytest.fixture(scope="module")
+def clahe() -> Enhancer:
+    return build_model("clahe")
+
+
+def make_series(folder: Path, count: int, name: str = "CT_small.dcm") -> list[Path]:
+    """``count`` instances of one series (copies of a bundled file with their own SOP UIDs)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    template = pydicom.dcmread(sample_path(name))
+    paths = []
+    for i in range(count):
+        template.SOPInstanceUID = generate_uid()
+        template.InstanceNumber = i + 1
+        path = folder / f"{name}-{i}.dcm"
+        template.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def test_series_is_enhanced_in_batches(tmp_path: Path, clahe):
+    sources = make_series(tmp_path / "in", 5)
+    model = Recording(clahe)
+    guidance = np.ones((1, 8), np.float32)
+    result = enhance_series(sources, model, SETTINGS, tmp_path / "out", batch_size=2, guidance=guidance, guidance_id="gid")
+    assert model.batches == [2, 2, 1]  # batched across instances, never more than batch_size
+    assert all(g is guidance for g in model.guidance_seen)
+    assert result.failed == [] and len(result.outputs) == 5 and result.frames == 5
+    assert set(result.timings) >= {"decode", "model", "encode", "write"} and set(result.timings) == set(STAGES)
+    assert all(v >= 0 for v in result.timings.values())
+    series_uids = set()
+    for path, src in zip(result.outputs, sources):
+        ds = pydicom.dcmread(path)
+        assert path.name == f"{ds.SOPInstanceUID}.dcm" and path.parent == tmp_path / "out"
+        assert ds.SourceImageSequence[0].ReferencedSOPInstanceUID == pydicom.dcmread(src).SOPInstanceUID
+        assert read_private(ds)["guidance_id"] == "gid"
+        series_uids.add(ds.SeriesInstanceUID)
+    assert len(series_uids) == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in result.outputs)  # no temp files
+
+
+def test_rerun_rewrites_the_same_files(tmp_path: Path, clahe):
+    sources = make_series(tmp_path / "in", 2)
+    first = enhance_series(sources, clahe, SETTINGS, tmp_path / "out")
+    second = enhance_series(sources, clahe, SETTINGS, tmp_path / "out")
+    assert first.outputs == second.outputs
+    assert len(list((tmp_path / "out").iterdir())) == 2
+
+
+def test_multiframe_instance_spans_batches(tmp_path: Path, clahe):
+    src = sample_path("rtdose.dcm")  # 15 frames
+    model = Recording(clahe)
+    result = enhance_series([src], model, SETTINGS, tmp_path / "out", batch_size=4)
+    assert model.batches == [4, 4, 4, 3]
+    (out,) = result.outputs
+    ds = pydicom.dcmread(out)
+    assert int(ds.NumberOfFrames) == 15 and ds.pixel_array.shape == (15, 10, 10)
+    assert result.frames == 15
+
+
+def test_bad_instances_fail_alone(tmp_path: Path, clahe):
+    good = make_series(tmp_path / "in", 3)
+    truncated = tmp_path / "in" / "truncated.dcm"
+    shutil.copy(sample_path("MR_truncated.dcm"), truncated)
+    not_dicom = tmp_path / "in" / "notes.txt"
+    not_dicom.write_text("not a DICOM file")
+    missing = tmp_path / "in" / "gone.dcm"
+    no_pixels = tmp_path / "in" / "plan.dcm"
+    shutil.copy(sample_path("rtplan.dcm"), no_pixels)
+    sources = [good[0], truncated, good[1], not_dicom, missing, no_pixels, good[2]]
+    result = enhance_series(sources, clahe, SETTINGS, tmp_path / "out", batch_size=2)
+    assert len(result.outputs) == 3
+    reasons = dict(result.failed)
+    assert set(reasons) == {truncated, not_dicom, missing, no_pixels}
+    assert "less than expected" in reasons[truncated]
+    assert "no PixelData" in reasons[no_pixels]
+    assert "cannot read" in reasons[not_dicom] and "cannot read" in reasons[missing]
+
+
+def test_model_failure_is_isolated_to_its_instance(tmp_path: Path, clahe):
+    ct = make_series(tmp_path / "ct", 3)  # 128 x 128
+    mr = make_series(tmp_path / "mr", 1, "MR_small.dcm")  # 64 x 64: the model fails on these
+    model = Recording(clahe, fail_shape=(64, 64))
+    result = enhance_series([ct[0], mr[0], ct[1], ct[2]], model, SETTINGS, tmp_path / "out", batch_size=4)
+    assert len(result.outputs) == 3
+    ((failed, reason),) = result.failed
+    assert failed == mr[0] and "model exploded" in reason
+
+
+class ShapeBreaker(Enhancer):
+    info = ModelInfo(kind="test", name="Breaker", version="0")
+
+    def enhance(self, images, guidance=None):
+        return [np.zeros((2, 2), np.float32) for _ in images]
+
+
+def test_model_returning_wrong_shapes_fails_cleanly(tmp_path: Path):
+    sources = make_series(tmp_path / "in", 2)
+    result = enhance_series(sources, ShapeBreaker(), SETTINGS, tmp_path / "out")
+    assert result.outputs == [] and len(result.failed) == 2
+    assert all("shape" in reason for _, reason in result.failed)
+
+
+def test_unwritable_output_fails_each_instance(tmp_path: Path, clahe):
+    sources = make_series(tmp_path / "in", 2)
+    blocker = tmp_path / "out"
+    blocker.write_text("a file where the folder should be")
+    result = enhance_series(sources, clahe, SETTINGS, blocker)
+    assert result.outputs == [] and len(result.failed) == 2
+    assert all(reason.startswith("write:") for _, reason in result.failed)
+
+
+def test_progress_called_once_per_source(tmp_path: Path, clahe):
+    sources = make_series(tmp_path / "in", 3) + [tmp_path / "missing.dcm"]
+    ticks: list[int] = []
+    enhance_series(sources, clahe, SETTINGS, tmp_path / "out", progress=ticks.append)
+    assert ticks == [1, 1, 1, 1]
