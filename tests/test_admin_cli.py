@@ -15,8 +15,9 @@ from dicomnode.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The example config of the "dicomnode end to end" issue: fundus to HQG-Net, endoscopy to CLAHE,
-# localizers dropped, everything else forwarded to an archive folder.
+# An example config for the set-up the "dicomnode end to end" issue describes (the issue's own YAML
+# is not in the repository): fundus to HQG-Net, endoscopy to CLAHE, localizers dropped, everything
+# else forwarded to an archive folder.
 ISSUE_EXAMPLE = """\
 node:
   ae_title: DICOMNODE

@@ -19,7 +19,8 @@ from dicomnode.config import (
     parse_config,
 )
 
-# The example config of docs/configuration.md (kept in sync by test_docs_example_matches below).
+# A full config using every section (the example in docs/configuration.md is checked separately by
+# test_example_in_docs_matches).
 EXAMPLE_YAML = """\
 node:
   ae_title: DICOMNODE
