@@ -273,11 +273,23 @@ class NodeProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.starts += 1
+        offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
         self.proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(self.config_path)],
                                      stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("ab"),
                                      cwd=self.workdir, env=tool_env())
-        wait_port(self.port, timeout, self.proc)
-        return self
+        # Wait for the node's own "listening" line rather than probing the port: a bare TCP connect
+        # would leave the SCP waiting for an A-ASSOCIATE-RQ (ACSE timeout) and slow its shutdown.
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"dicomnode serve exited with {self.proc.returncode}:\n{self.stderr()[offset:]}")
+            with self.stderr_path.open("rb") as fh:
+                fh.seek(offset)
+                if b"listening as" in fh.read():
+                    return self
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"dicomnode serve not listening after {timeout} s:\n{self.stderr()[offset:]}")
+            time.sleep(0.05)
 
     def kill(self) -> None:
         """SIGKILL: no clean-up handlers run, as in a power cut or an OOM kill."""
