@@ -15,8 +15,10 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from dicomnode.cli.node import collect_status
 from dicomnode.config import parse_config
 from dicomnode.server import Server, ServerOptions
+from dicomnode.spool import Spool
 from reliability import NodeProcess, StoreSCP, dcmsend, free_port, node_config, wait_until, write_series
 from tests.conftest import require_tools
 
@@ -81,9 +83,12 @@ def received(folder: Path) -> list[pydicom.Dataset]:
 
 
 def status_json(node: NodeProcess) -> dict:
-    proc = node.cli("status", "--json")
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    """What `dicomnode status --json` prints, read in-process (the CLI costs seconds per call here)."""
+    spool = Spool(node.config["storage"]["root"])
+    try:
+        return json.loads(json.dumps(collect_status(spool)))
+    finally:
+        spool.close()
 
 
 # ------------------------------------------------------------------------------------------ fast, in-process
@@ -187,6 +192,7 @@ def test_refused_store_is_never_sent_then_resend_delivers(tmp_path: Path) -> Non
         info = status_json(node)
         assert info["deliveries"]["sent"] == 0 and info["jobs"]["failed"] == 1
         assert all("PACS" in d["last_error"] and d["attempts"] == 2 for d in info["dead_letters"])
+        assert json.loads(node.cli("status", "--json").stdout)["deliveries"]["dead_letter"] == 3
         text = node.cli("status").stdout
         assert "dead_letter 3" in text and "Testpatient" not in text and "PID-000001" not in text
         with StoreSCP(tmp_path / "pacs", port=pacs_port) as pacs:
