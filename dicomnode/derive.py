@@ -172,8 +172,8 @@ def derivation_codes(model: ModelInfo) -> list[Dataset]:
 
 
 def _lo(text: str, limit: int = 64) -> str:
-    """Trim to a VR length limit (LO 64 characters) without breaking the value."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """Trim to a VR length limit (LO: 64 characters); plain ASCII so any character set can hold it."""
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def _series_description(source: Dataset, suffix: str) -> str:
@@ -182,7 +182,7 @@ def _series_description(source: Dataset, suffix: str) -> str:
     if room <= 0:
         return suffix[:64]
     if len(base) > room:
-        base = base[: room - 1].rstrip() + "…"
+        base = base[: max(room - 3, 0)].rstrip() + "..."
     return base + suffix
 
 
@@ -253,7 +253,7 @@ def _equipment_sequence(source: Dataset, model: ModelInfo, settings: DeriveSetti
     items: list[Dataset] = []
     # keep what earlier processing recorded, then the acquisition device, then us
     for item in source.get("ContributingEquipmentSequence", []) or []:
-        items.append(item)
+        items.append(copy.deepcopy(item))
     try:
         items.append(ContributingEquipment.for_image_acquisition(source))
     except Exception:  # the source names no acquisition manufacturer: nothing to record
@@ -471,6 +471,11 @@ def derive_sc(
     ds.SecondaryCaptureDeviceSoftwareVersions = _software_versions(model)
     if "BurnedInAnnotation" in source:
         ds.BurnedInAnnotation = source.BurnedInAnnotation
+    if color and "ICCProfile" in source:
+        # enhancement keeps the source's colour space, so its profile still describes the pixels
+        ds.ICCProfile = source.ICCProfile
+        if "ColorSpace" in source:
+            ds.ColorSpace = source.ColorSpace
     if not color and bits == 16:
         # stored values are already display values: the identity window shows them as computed
         ds.WindowCenter = 32768

@@ -135,6 +135,20 @@ def test_long_series_description_fits_lo(clahe):
     src.SeriesDescription = "x" * 64
     out = derive_sc(src, enhanced(src, clahe), clahe.info, SETTINGS, None)
     assert len(out.SeriesDescription) <= 64 and out.SeriesDescription.endswith("[enhanced, not for diagnosis]")
+    assert out.SeriesDescription.isascii()  # no "…": the source may use the default character set
+
+
+def test_icc_profile_of_colour_source_is_kept(clahe):
+    src = sample("SC_rgb_jpeg_dcmtk.dcm")
+    icc = Path(pydicom.data.__file__).parent / "test_files" / "crayons.icc"
+    if not icc.is_file():
+        pytest.skip("crayons.icc not bundled with this pydicom")
+    src.ICCProfile = icc.read_bytes()
+    out = derive_sc(src, enhanced(src, clahe), clahe.info, SETTINGS, None)
+    assert out.ICCProfile == src.ICCProfile
+    gray = sample("CT_small.dcm")
+    gray.ICCProfile = icc.read_bytes()
+    assert "ICCProfile" not in derive_sc(gray, enhanced(gray, clahe), clahe.info, SETTINGS, None)
 
 
 def test_lossy_source_stays_lossy_with_method_and_ratio(clahe):
