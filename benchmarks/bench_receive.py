@@ -1,0 +1,167 @@
+"""Receive speed: instances per second `dicomnode serve` accepts vs dcmtk's storescp, same files, same sender.
+
+Both receivers get the same folder of synthetic CT instances from the same `dcmsend` (one
+association, TCP_NODELAY=1 for sender and receivers: dcmtk leaves Nagle on otherwise). The node
+runs as it does in production (`dicomnode serve`, spool + ledger + fsync per instance) with a long
+series quiet time so only receiving is timed. Rounds alternate between the receivers to share any
+background load fairly; the best round of each is reported (the least disturbed by other work).
+
+    .venv/bin/python benchmarks/bench_receive.py --count 200 --size 512 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+DICOMNODE = REPO / ".venv" / "bin" / "dicomnode"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def make_series(folder: Path, count: int, size: int) -> int:
+    """``count`` 16-bit CT instances of ``size``² pixels in one series; returns the total bytes."""
+    ds = dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SeriesInstanceUID = generate_uid()
+    rng = np.random.default_rng(0)
+    ds.Rows = ds.Columns = size
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    folder.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for i in range(count):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        ds.PixelData = rng.integers(0, 4096, size=(size, size), dtype=np.uint16).tobytes()
+        path = folder / f"ct{i:05d}.dcm"
+        ds.save_as(path)
+        total += path.stat().st_size
+    return total
+
+
+def wait_echo(port: int, aec: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"receiver exited with {proc.returncode} before answering C-ECHO")
+        if subprocess.run(["echoscu", "-aec", aec, "127.0.0.1", str(port)], capture_output=True, env=env()).returncode == 0:
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"no C-ECHO answer on port {port} after {timeout} s")
+
+
+def send(port: int, aec: str, folder: Path, count: int) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(["dcmsend", "-v", "-aec", aec, "127.0.0.1", str(port), "+sd", str(folder)],
+                          capture_output=True, text=True, env=env(), timeout=3600)
+    seconds = time.perf_counter() - start
+    ok = f"with status SUCCESS  : {count}" in proc.stdout + proc.stderr
+    if proc.returncode != 0 or not ok:
+        raise RuntimeError(f"dcmsend did not store all {count} instances:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    return seconds
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_node(work: Path, port: int) -> subprocess.Popen:
+    shutil.rmtree(work / "var", ignore_errors=True)
+    config = {
+        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port, "series_quiet_seconds": 3600},
+        "storage": {"root": str(work / "var")},
+        "destinations": {"outbox": {"folder": str(work / "outbox")}},
+        "rules": [{"name": "bench", "match": {"Modality": "NONE"}, "destinations": ["outbox"]}],
+        "logging": {"level": "WARNING"},
+    }
+    path = work / "node.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(path)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=(work / "node.log").open("ab"))
+    wait_echo(port, "DICOMNODE", proc)
+    return proc
+
+
+def start_storescp(work: Path, port: int) -> subprocess.Popen:
+    out = work / "storescp"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), "+xa", str(port)], env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_echo(port, "PACS", proc)
+    return proc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200, help="instances per round (default 200)")
+    parser.add_argument("--size", type=int, default=512, help="rows = columns of each 16-bit CT (default 512)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per receiver (default 3)")
+    args = parser.parse_args(argv)
+    for tool in ("dcmsend", "storescp", "echoscu"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} not found: apt-get install dcmtk")
+    with tempfile.TemporaryDirectory(prefix="bench_receive_") as tmp:
+        work = Path(tmp)
+        total = make_series(work / "data", args.count, args.size)
+        print(f"{args.count} CT instances {args.size}x{args.size} 16-bit, {total / args.count / 1e6:.2f} MB each")
+        times: dict[str, list[float]] = {"dicomnode": [], "storescp": []}
+        with tqdm(total=2 * args.rounds, desc="rounds", unit="round") as bar:
+            for _ in range(args.rounds):
+                for name, starter, aec in (("dicomnode", start_node, "DICOMNODE"), ("storescp", start_storescp, "PACS")):
+                    port = free_port()
+                    proc = starter(work, port)
+                    try:
+                        times[name].append(send(port, aec, work / "data", args.count))
+                    finally:
+                        stop(proc)
+                    if name == "dicomnode":
+                        stored = len(list((work / "var" / "series").rglob("*.dcm")))
+                        if stored != args.count:
+                            raise RuntimeError(f"node spooled {stored} of {args.count} instances")
+                    bar.update(1)
+    print(f"\n{'receiver':<10} {'best s':>8} {'median s':>9} {'inst/s':>8} {'MB/s':>7}")
+    rate = {}
+    for name, values in times.items():
+        best = min(values)
+        rate[name] = args.count / best
+        print(f"{name:<10} {best:8.2f} {statistics.median(values):9.2f} {rate[name]:8.1f} {total / best / 1e6:7.1f}")
+    print(f"\ndicomnode / storescp = {rate['dicomnode'] / rate['storescp']:.2f} "
+          f"(same dcmsend, one association, TCP_NODELAY=1, {os.cpu_count()} CPUs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
