@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import ssl
 import tempfile
 from abc import ABC, abstractmethod
@@ -237,11 +238,37 @@ class DicomDestination(Destination):
                 why = "no reason given"
             return None, f"association rejected by {where} ({why})"
         if assoc.acceptor.primitive is None:  # no A-ASSOCIATE response at all
-            return None, (f"cannot connect to {where}: connection refused, no answer within "
-                          f"{self.timeout_seconds:g} s, or TLS handshake failed")
+            return None, self._diagnose_no_answer(where)
         if not assoc.accepted_contexts:
             return None, f"{where} accepted none of the proposed presentation contexts"
         return None, f"association with {where} aborted during negotiation"
+
+    def _diagnose_no_answer(self, where: str) -> str:
+        """Why no association came about, found by connecting again ourselves.
+
+        pynetdicom only logs the socket or TLS error (in its own thread); an admin reading a failed
+        delivery needs to know whether the PACS is down, unreachable or refusing our certificate.
+        """
+        timeout = min(self.timeout_seconds, 10.0)
+        try:
+            with socket.create_connection((self.host, self.port), timeout=timeout) as sock:
+                if self.tls_args is None:
+                    return (f"{where} accepted the TCP connection but sent no association response within "
+                            f"{self.timeout_seconds:g} s (a TLS-only port, or not a DICOM service?)")
+                context, server_hostname = self.tls_args
+                try:
+                    with context.wrap_socket(sock, server_hostname=server_hostname):
+                        pass
+                except (ssl.SSLError, OSError) as exc:
+                    return f"TLS handshake with {where} failed: {exc}"
+                return (f"{where} completed the TLS handshake but sent no association response (the PACS may "
+                        "require a client certificate, or refuse ours)")
+        except ConnectionRefusedError:
+            return f"cannot connect to {where}: connection refused (is the PACS running on that port?)"
+        except TimeoutError:
+            return f"cannot connect to {where}: no answer within {timeout:g} s"
+        except OSError as exc:
+            return f"cannot connect to {where}: {exc.strerror or exc}"
 
     def _send_group(self, infos: Sequence[_FileInfo]) -> list[SendOutcome]:
         if not infos:

@@ -207,7 +207,8 @@ def test_pacs_down_gives_failed_outcomes_not_exceptions(tmp_path: Path, free_por
     outcomes = destination(free_port).send(files)
     assert time.monotonic() - start < 5
     assert [o.ok for o in outcomes] == [False, False]
-    assert all(o.status is None and "cannot connect to PACS@127.0.0.1" in o.detail for o in outcomes)
+    assert all(o.status is None and "cannot connect to PACS@127.0.0.1" in o.detail and "connection refused" in o.detail
+               for o in outcomes)
 
 
 def test_wrong_called_ae_is_rejected(tmp_path: Path, free_port: int) -> None:
@@ -297,6 +298,9 @@ def test_tls_destination_stores_and_wrong_ca_fails(tmp_path: Path, free_port: in
         plain = dest(None).send(files[:1])
     for outcome in (*wrong_ca, *no_client_cert, *plain):
         assert not outcome.ok and outcome.status is None and "PACS@127.0.0.1" in outcome.detail
+    assert "TLS handshake" in wrong_ca[0].detail and "CERTIFICATE_VERIFY_FAILED" in wrong_ca[0].detail
+    assert "client certificate" in no_client_cert[0].detail
+    assert "TLS-only port" in plain[0].detail
     assert len(pacs.received) == 2
 
 
