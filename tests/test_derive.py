@@ -269,6 +269,7 @@ def _validate(path: Path) -> list[str]:
         "SC_rgb_jpeg_dcmtk.dcm",  # RGB from JPEG YBR
         "examples_palette.dcm",  # palette -> RGB
         "SC_rgb_rle_2frame.dcm",  # multi-frame true colour
+        "examples_ybr_color.dcm",  # multi-frame true colour cine (FrameTime)
         "rtdose.dcm",  # multi-frame word
         "gray8-multiframe",  # multi-frame byte
     ],

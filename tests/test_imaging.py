@@ -168,6 +168,30 @@ def test_multiframe_is_decoded_frame_by_frame_with_per_frame_values():
         assert frame[0, 0] == 0.0 and frame[1, 1] == 1.0
 
 
+def test_enhanced_multiframe_uses_per_frame_functional_groups():
+    pixels = np.stack([np.array([[0, 100, 200]], dtype=np.uint16)] * 2)
+    ds = gray_dataset(pixels, BitsStored=12, HighBit=11)
+    shared = Dataset()
+    rescale = Dataset()
+    rescale.RescaleSlope = 2
+    rescale.RescaleIntercept = 0
+    rescale.RescaleType = "US"
+    shared.PixelValueTransformationSequence = [rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for center, width in ((200, 401), (100, 201)):
+        group, voi = Dataset(), Dataset()
+        voi.WindowCenter = center
+        voi.WindowWidth = width
+        group.FrameVOILUTSequence = [voi]
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    first, second = (frame for frame, _ in iter_frames(ds))
+    # modality values 0, 200, 400 (slope 2 from the shared group), each frame its own window
+    np.testing.assert_allclose(first[0], [0.00125, 0.50125, 1.0], atol=1e-6)
+    np.testing.assert_allclose(second[0], [0.0025, 1.0, 1.0], atol=1e-6)
+
+
 def test_jpeg_ybr_from_img2dcm(tmp_path: Path):
     require_tools("img2dcm")
     from PIL import Image
