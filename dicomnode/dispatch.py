@@ -182,6 +182,8 @@ class DicomDestination(Destination):
         return f"DicomDestination({self.name!r}: {self.ae_title}@{self.host}:{self.port}{tls})"
 
     def send(self, paths: Sequence[Path]) -> list[SendOutcome]:
+        if not paths:
+            return []
         outcomes: dict[int, SendOutcome] = {}
         infos: list[tuple[int, _FileInfo]] = []
         for i, raw in enumerate(paths):
@@ -375,6 +377,8 @@ class FolderDestination(Destination):
         return f"FolderDestination({self.name!r}: {self.folder})"
 
     def send(self, paths: Sequence[Path]) -> list[SendOutcome]:
+        if not paths:
+            return []
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
