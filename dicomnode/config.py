@@ -164,7 +164,7 @@ class NodeTLSConfig(_Strict):
 
 class NodeSettings(_Strict):
     ae_title: AETitle = "DICOMNODE"
-    host: str = "0.0.0.0"
+    host: str = Field("0.0.0.0", min_length=1)
     port: Port = 11112
     series_quiet_seconds: float = Field(10.0, gt=0)
     max_associations: int = Field(10, ge=1)
@@ -641,7 +641,9 @@ def _cross_check(data: Mapping[str, Any]) -> list[tuple[str, str]]:
         if not isinstance(value, list):
             return
         for i, name in enumerate(value):
-            if isinstance(name, str) and name not in dest_names:
+            if isinstance(name, str) and name in value[:i]:
+                errors.append((f"{key}[{i}]", f"destination {name!r} is listed twice (it would receive everything twice)"))
+            elif isinstance(name, str) and name not in dest_names:
                 known = ", ".join(dest_names) if dest_names else "none defined"
                 errors.append((f"{key}[{i}]", f"unknown destination {name!r}{_did_you_mean(name, dest_names)} (known: {known})"))
 
@@ -650,9 +652,15 @@ def _cross_check(data: Mapping[str, Any]) -> list[tuple[str, str]]:
         errors.append(("rules", "at least one rule is needed (a rule with an empty match is a catch-all)"))
     if isinstance(rules, list):
         seen: dict[str, int] = {}
+        catch_all: int | None = None
         for i, rule in enumerate(rules):
             if not isinstance(rule, Mapping):
                 continue
+            if catch_all is not None:
+                errors.append((f"rules[{i}]", f"can never match: rules[{catch_all}] before it has an empty match "
+                               "and takes every series (move the catch-all last)"))
+            elif rule.get("match", {}) == {}:
+                catch_all = i
             name = rule.get("name")
             if isinstance(name, str):
                 if name in seen:

@@ -203,6 +203,9 @@ def _set(data: dict, dotted: str, value: Any) -> None:
         ("rules.0.name", "has space", "rules[0].name", ("letters, digits",)),
         ("rules.1.name", "fundus", "rules[1].name", ("duplicate rule name 'fundus'",)),
         ("rules.1.destinations", [], "rules[1].destinations", ("at least one destination",)),
+        ("rules.0.destinations", ["pacs", "archive", "pacs"], "rules[0].destinations[2]", ("listed twice",)),
+        ("rules.0.match", {}, "rules[1]", ("can never match", "rules[0]", "catch-all last")),
+        ("destinations.pacs.host", "", "destinations.pacs.host", ("at least 1 character",)),
     ],
 )
 def test_each_wrong_key_gets_a_message_naming_it(where: str, value: Any, key: str, fragments: tuple[str, ...]) -> None:
