@@ -443,7 +443,7 @@ def derive_sc(
         instance_number = int(source.get("InstanceNumber", 1) or 1)
     except (TypeError, ValueError):
         instance_number = 1
-    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    now = datetime.datetime.now().astimezone()  # local time with its UTC offset (DT carries it)
 
     if len(stored) == 1:
         ds = _single_frame(source, stored[0], color, bits, series_uid, sop_uid, series_number, instance_number, settings)
