@@ -181,3 +181,46 @@ def test_routing_tags_on_a_non_dicom_file_raises(tmp_path: Path) -> None:
     bad.write_text("not dicom")
     with pytest.raises(InvalidDicomError):
         routing_tags(bad, ["Modality"])
+
+
+MODALITIES = ["OP", "ES", "XC", "CT"]
+IMAGE_TYPES = [["ORIGINAL", "PRIMARY"], ["DERIVED", "SECONDARY"], ["ORIGINAL", "PRIMARY", "LOCALIZER"]]
+
+
+def test_decision_is_first_rule_with_any_match_and_exactly_its_matches() -> None:
+    """Property: over random series, the decision equals the rules written out by hand."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from dicomnode.route import rule_matches
+
+    config = make_config([rule("op-primary", {"Modality": "OP", "ImageType": "PRIMARY"}),
+                          rule("endo", {"Modality": ["ES", "XC"]}, model="other"),
+                          rule("loc", {"ImageType": {"regex": "LOCALI[SZ]ER"}}, model=None),
+                          rule("cam", {CALLING_AET: "CAM"}, model=None, destinations=["archive"])],
+                         {"action": "forward", "destinations": ["archive"]})
+    instance = st.fixed_dictionaries({"Modality": st.sampled_from(MODALITIES),
+                                      "ImageType": st.sampled_from(IMAGE_TYPES)})
+
+    # The same rules written directly in Python, independent of the matcher.
+    expected_rules = [
+        ("op-primary", "enhance", lambda inst, aet: inst["Modality"] == "OP" and "PRIMARY" in inst["ImageType"]),
+        ("endo", "enhance", lambda inst, aet: inst["Modality"] in ("ES", "XC")),
+        ("loc", "ignore", lambda inst, aet: "LOCALIZER" in inst["ImageType"]),
+        ("cam", "forward", lambda inst, aet: aet == "CAM"),
+    ]
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(instance, max_size=6), st.sampled_from(["CAM", "OTHER"]))
+    def check(series: list[dict[str, Any]], aet: str) -> None:
+        decision = decide(config, series, aet)
+        for name, action, predicate in expected_rules:
+            hits = tuple(i for i, inst in enumerate(series) if predicate(inst, aet))
+            if hits:
+                assert (decision.rule, decision.action, decision.matched) == (name, action, hits)
+                assert all(rule_matches(config.rules[[r.name for r in config.rules].index(name)], series[i], aet)
+                           for i in hits)
+                return
+        assert decision == RouteDecision("forward", None, None, ("archive",), tuple(range(len(series))))
+
+    check()
