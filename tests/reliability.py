@@ -405,8 +405,8 @@ def send_raw(port: int, objects: Sequence[RawObject], folder: Path, *, aet: str 
     ae = AE(ae_title=aet)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     contexts = {(o.sop_class_uid, o.transfer_syntax) for o in objects}
-    for sop_class in {c for c, _ in contexts}:
-        ae.requested_contexts.append(build_context(sop_class, sorted({t for c, t in contexts if c == sop_class})))
+    for sop_class, syntax in sorted(contexts):  # one context per pair: an SCP accepts one syntax per context
+        ae.requested_contexts.append(build_context(sop_class, [syntax]))
     previous = _config.STORE_SEND_CHUNKED_DATASET
     _config.STORE_SEND_CHUNKED_DATASET = True
     statuses: list[int | None] = []
@@ -429,3 +429,16 @@ def send_raw(port: int, objects: Sequence[RawObject], folder: Path, *, aet: str 
     finally:
         _config.STORE_SEND_CHUNKED_DATASET = previous
     return statuses
+
+
+def pacs_sources(folder: Path) -> set[str]:
+    """Source SOP Instance UIDs referenced (SourceImageSequence) by the objects a PACS received."""
+    out: set[str] = set()
+    for path in folder.iterdir():
+        if path.is_file() and not path.name.startswith("."):
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+            except Exception:  # noqa: BLE001 - a peer's temp file
+                continue
+            out |= {str(item.ReferencedSOPInstanceUID) for item in ds.get("SourceImageSequence", [])}
+    return out

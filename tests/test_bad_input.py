@@ -15,6 +15,7 @@ from pydicom.uid import JPEGBaseline8Bit, MRImageStorage
 
 from dicomnode.receive import ReceiveSettings, Receiver
 from dicomnode.spool import Spool
+from conftest import require_tools
 from reliability import ct_dataset, encoded_body, free_port, raw_object, send_raw
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -122,3 +123,56 @@ def jpeg_with_garbage(study: str, series: str, index: int):
     ds["PixelData"].VR = "OB"
     ds.LossyImageCompression = "01"
     return ds
+
+
+@pytest.mark.slow
+def test_node_fails_bad_objects_as_jobs(tmp_path: Path) -> None:
+    """Objects that pass the door but cannot be enhanced: failed alone or as a job, with the reason,
+    never sent; the good instances beside them are delivered and the node keeps serving."""
+    require_tools("storescp")
+    from reliability import NodeProcess, StoreSCP, node_config, pacs_sources, wait_until
+    from test_faults import LedgerView
+
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    cfg = node_config(tmp_path / "var", free_port(), {"pacs": {"ae_title": "PACS", "host": "127.0.0.1",
+                                                               "port": pacs.port}},
+                      node={"series_quiet_seconds": 1.0})
+    ledger = LedgerView(tmp_path / "var")
+    try:
+        with NodeProcess(tmp_path, cfg) as node:
+            # series "mixed": 3 good instances and 3 bad ones the header check cannot see
+            good = [ct_dataset("badjob", "mixed", i) for i in range(3)]
+            truncated = ct_dataset("badjob", "mixed", 3)
+            no_pixels = ct_dataset("badjob", "mixed", 4)
+            del no_pixels.PixelData  # a CT image without its image: does not match its SOP class
+            jpeg = jpeg_with_garbage("badjob", "mixed", 5)
+            jpeg.SeriesInstanceUID = good[0].SeriesInstanceUID
+            mixed = [raw_object(ds) for ds in good] + [
+                raw_object(truncated, encoded_body(truncated)[:-100]),  # pixel data cut short
+                raw_object(no_pixels), raw_object(jpeg)]
+            # series "allbad": nothing in it can be decoded
+            allbad = [jpeg_with_garbage("badjob", "allbad", i) for i in range(2)]
+            assert send_raw(node.port, mixed, tmp_path / "mixed") == [0] * 6
+            assert send_raw(node.port, [raw_object(ds) for ds in allbad], tmp_path / "allbad") == [0, 0]
+            wait_until(lambda: ledger.settled() and ledger.jobs().get("done") == 1 and ledger.jobs().get("failed") == 1,
+                       60, 0.2, "both jobs finished")
+            rows = {r[0]: (r[1], r[2]) for r in ledger._rows("SELECT series_uid, state, error FROM jobs")}
+            state, error = rows[good[0].SeriesInstanceUID]
+            assert state == "done" and "3 instances not enhanced" in error  # each bad one failed alone...
+            for bad in (truncated, no_pixels, jpeg):
+                assert f"{bad.SOPInstanceUID}.dcm: " in error  # ...named, with its reason
+            state, error = rows[allbad[0].SeriesInstanceUID]
+            assert state == "failed" and error.startswith("no instance could be enhanced")
+            # the bytes stay in the job's folder for a human (until storage.retention_days_failed)
+            kept = {p.stem for p in (tmp_path / "var" / "series").rglob("*.dcm")}
+            assert {ds.SOPInstanceUID for ds in allbad} | {truncated.SOPInstanceUID, jpeg.SOPInstanceUID} <= kept
+            # the node still serves a good series after all that
+            after = [ct_dataset("badjob", "after", i) for i in range(2)]
+            assert send_raw(node.port, [raw_object(ds) for ds in after], tmp_path / "after") == [0, 0]
+            wait_until(lambda: ledger.settled() and ledger.jobs().get("done") == 2, 60, 0.2, "good series after")
+            status = node.cli("status")
+            assert "failed jobs:" in status.stdout and "no instance could be enhanced" in status.stdout
+    finally:
+        pacs.stop()
+    # nothing derived from a bad object reached the PACS; every good one did
+    assert pacs_sources(tmp_path / "pacs") == {ds.SOPInstanceUID for ds in good + after}
