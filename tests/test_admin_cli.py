@@ -166,6 +166,7 @@ def test_route_dry_run_groups_by_series_and_names_matched_instances(
 def test_route_ignore_rule_and_bad_config(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     scout = write(tmp_path / "scout.dcm", "1.2.3.400", 1, Modality="CT", ImageType=["ORIGINAL", "PRIMARY", "LOCALIZER"])
     code, out, _ = run(capsys, "route", "--config", str(config_file), str(scout))
+    assert out.startswith("note: some rules match CallingAETitle; without --calling-aet")
     assert code == 0 and "rule 'drop-localizers' -> ignore" in out and "0 enhance, 0 forward, 1 ignore" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules: []\n")

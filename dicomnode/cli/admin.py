@@ -98,7 +98,7 @@ def route_main(args: argparse.Namespace) -> int:
     from pydicom.errors import InvalidDicomError
     from tqdm import tqdm
 
-    from dicomnode.route import decide, routing_keywords, routing_tags
+    from dicomnode.route import CALLING_AET, decide, routing_keywords, routing_tags
 
     try:
         config = load_config(args.config)
@@ -106,6 +106,8 @@ def route_main(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 1
     keywords = routing_keywords(config)
+    if CALLING_AET in keywords and not args.calling_aet:
+        print(f"note: some rules match {CALLING_AET}; without --calling-aet the sender is taken as empty")
     files = list(_expand(args.paths))
     series: dict[str, _Series] = {}
     skipped: list[tuple[Path, str]] = []
