@@ -13,6 +13,7 @@ import ssl
 import threading
 from pathlib import Path
 
+import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
@@ -208,3 +209,46 @@ def test_node_receiver_over_tls(certs: Certs, tmp_path: Path) -> None:
     finally:
         receiver.stop()
         spool.close()
+
+
+# ------------------------------------------------------------------- dicomnode serve end to end (slow)
+@pytest.mark.slow
+def test_serve_tls_in_and_out(certs: Certs, tmp_path: Path) -> None:
+    """TLS modality -> node (client certificates required) -> TLS PACS, with AE checks on top."""
+    require_tools("echoscu", "storescu", "storescp")
+    from reliability import NodeProcess, node_config, pacs_sources, wait_until
+    from test_faults import LedgerView
+
+    with StoreSCP(tmp_path / "pacs", certs=certs) as pacs:
+        cfg = node_config(
+            tmp_path / "var", free_port(),
+            {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port,
+                      "tls": {"ca": str(certs.ca), "cert": str(certs.client_cert), "key": str(certs.client_key)}}},
+            node={"series_quiet_seconds": 1.0, "allowed_calling_aets": ["MODALITY"],
+                  "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key), "ca": str(certs.ca),
+                          "require_client_cert": True}})
+        ledger = LedgerView(tmp_path / "var")
+        with NodeProcess(tmp_path, cfg) as node:
+            client = _tls(certs.client_key, certs.client_cert, certs.ca)
+            assert echoscu(node.port, tls=client).returncode == 0
+            assert echoscu(node.port).returncode != 0  # plain TCP
+            assert echoscu(node.port, tls=["+tla", "+cf", str(certs.ca)]).returncode != 0  # no client cert
+            assert echoscu(node.port, aet="INTRUDER", tls=client).returncode != 0  # TLS, but a stranger's AE
+            paths = write_series(tmp_path / "in", "tls-e2e", "s1", 3)
+            sent = storescu(node.port, paths, tls=client)
+            assert sent.returncode == 0, sent.stderr
+            wait_until(lambda: ledger.settled() and ledger.deliveries().get("sent") == 3, 60, 0.2, "TLS delivery")
+    sources = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+    assert pacs_sources(tmp_path / "pacs") == sources
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_bad_tls_setup(certs: Certs, tmp_path: Path) -> None:
+    from reliability import NodeProcess, node_config
+
+    cfg = node_config(tmp_path / "var", free_port(), {"out": {"folder": str(tmp_path / "out")}},
+                      node={"tls": {"cert": str(certs.server_cert), "key": str(certs.client_key)}})  # wrong key
+    node = NodeProcess(tmp_path, cfg)
+    with pytest.raises(RuntimeError, match="exited"):
+        node.start(timeout=60)
+    assert "cannot load certificate" in node.stderr()
