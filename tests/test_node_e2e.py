@@ -7,18 +7,23 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+import yaml
 from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
+from dicomnode import cli as node_cli
 from dicomnode.cli.node import collect_status
 from dicomnode.config import parse_config
 from dicomnode.server import Server, ServerOptions
+from dicomnode.resident import ResidentModel, ResidentModels
 from dicomnode.spool import Spool
+from models.registry import Enhancer, ModelInfo
 from reliability import NodeProcess, StoreSCP, dcmsend, free_port, node_config, wait_until, write_series
 from tests.conftest import require_tools
 
@@ -121,6 +126,73 @@ def test_model_that_fails_to_load_fails_its_jobs_with_the_reason(tmp_path: Path,
         assert len(list((tmp_path / "out").glob("*.dcm"))) == 1
     finally:
         assert server.stop()
+
+
+class SlowIdentity(Enhancer):
+    """A model that takes its time: the SCP must keep answering meanwhile."""
+
+    info = ModelInfo(kind="test-slow", name="SlowIdentity", version="1")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.calls = 0
+        self.busy_until = 0.0
+
+    def enhance(self, images, guidance=None):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        self.busy_until = time.perf_counter() + self.seconds
+        time.sleep(self.seconds)
+        return [np.asarray(img, dtype=np.float32) for img in images]
+
+
+def test_partial_match_unmatched_series_and_scp_answers_while_a_model_works(
+    tmp_path: Path, free_port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    require_tools("dcmsend", "echoscu")
+    cfg = parse_config({
+        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": free_port, "series_quiet_seconds": 0.2},
+        "storage": {"root": str(tmp_path / "var")},
+        "destinations": {"out": {"folder": str(tmp_path / "out")}},
+        "models": {"slow": {"kind": "clahe", "batch_size": 1}},
+        "rules": [{"name": "first-ct-only", "match": {"Modality": "CT", "InstanceNumber": "1"}, "model": "slow",
+                   "destinations": ["out"]}],
+        "unmatched": {"action": "ignore"},
+    }, tmp_path)
+    slow = SlowIdentity(2.0)
+    models = ResidentModels({"slow": ResidentModel("slow", slow, "cpu", 1)}, {})
+    server = Server(cfg, models=models, options=ServerOptions(drain_seconds=10))
+    server.start()
+    try:
+        ct = copies("CT_small.dcm", tmp_path / "ct", 3)  # InstanceNumber 1, 2, 3: the rule matches one
+        mr = copies("MR_small.dcm", tmp_path / "mr", 1)  # no rule: unmatched, ignored
+        assert dcmsend(server.port, [*ct, *mr]).returncode == 0
+        ledger = server.spool.ledger
+        wait_until(lambda: slow.calls > 0, 20, interval=0.05, what="the model to start")
+        echo = subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(server.port)], capture_output=True,
+                              timeout=30)
+        assert echo.returncode == 0 and time.perf_counter() < slow.busy_until  # answered while the model works
+        wait_until(lambda: len(ledger.jobs("done")) == 2, 30, what="both jobs done")
+        ct_job = next(j for j in ledger.jobs() if j.model == "slow")
+        routed = sorted((i.routed, i.sop_uid) for i in ledger.instances(ct_job.id))
+        assert [r for r, _ in routed].count("matched") == 1 and [r for r, _ in routed].count("not_matched") == 2
+        (output,) = list((tmp_path / "out").glob("*.dcm"))
+        first = str(pydicom.dcmread(ct[0]).SOPInstanceUID)
+        assert pydicom.dcmread(output).SourceImageSequence[0].ReferencedSOPInstanceUID == first
+        (unmatched,) = ledger.unmatched_series()
+        assert unmatched["series_uid"] == str(pydicom.dcmread(mr[0]).SeriesInstanceUID)
+        assert unmatched["action"] == "ignore"
+    finally:
+        assert server.stop()
+    config_path = tmp_path / "node.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "storage": {"root": str(tmp_path / "var")}, "destinations": {"out": {"folder": str(tmp_path / "out")}},
+        "rules": [{"name": "r", "match": {"Modality": "CT"}, "destinations": ["out"]}],
+    }))
+    assert node_cli.main(["status", "--config", str(config_path)]) == 0
+    text = capsys.readouterr().out
+    assert "done 2" in text and "unmatched series: 1" in text and unmatched["series_uid"] in text
+    assert node_cli.main(["resend", "--config", str(config_path), "--all-dead"]) == 0
+    assert capsys.readouterr().out.startswith("0 dead-lettered deliveries")
 
 
 # ------------------------------------------------------------------------------------------ slow, processes

@@ -114,3 +114,29 @@ def test_ledger_survives_reopen(tmp_path: Path) -> None:
     sp2 = Spool(tmp_path / "var")
     assert sp2.ledger.job(job).state == "collecting"
     sp2.close()
+
+
+def test_restart_makes_backed_off_deliveries_due_and_routing_is_recorded(spool: Spool) -> None:
+    job, _ = land(spool, "1.2.3.4.1")
+    land(spool, "1.2.3.4.2")
+    spool.ledger.complete_quiet_jobs(0.0, now=200.0)
+    claimed = spool.ledger.claim_job()
+    first, second = spool.ledger.instances(job)
+    spool.ledger.mark_routed(job, [first.id], [second.id])
+    assert [i.routed for i in spool.ledger.instances(job)] == ["matched", "not_matched"]
+    spool.ledger.record_unmatched(claimed, "forward")
+    (row,) = spool.ledger.unmatched_series()
+    assert (row["series_uid"], row["calling_aet"], row["action"]) == ("1.2.3.4", "SCANNER", "forward")
+
+    spool.ledger.record_outputs(job, [first.path], "forward", ["pacs"], action="forward", rule=None, model=None)
+    (d,) = spool.ledger.due_deliveries()
+    spool.ledger.mark_failed(d.id, "down", max_attempts=5, retry_in=3600)
+    assert spool.ledger.due_deliveries() == []
+    assert spool.ledger.retry_pending_now() == 1
+    assert [x.id for x in spool.ledger.due_deliveries()] == [d.id]
+
+
+def test_unknown_job_state_is_refused(spool: Spool) -> None:
+    job, _ = land(spool, "1.2.3.4.1")
+    with pytest.raises(ValueError, match="unknown job state"):
+        spool.ledger.set_job(job, "finished")

@@ -91,9 +91,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for key, reason in missing:
             log.error("%s: %s", key, reason)
         return 2
+    from dicomnode.security import TLSConfigError
     from dicomnode.server import Server  # heavy imports (torch via models) only for serve
+    from dicomnode.spool import SpoolError
 
-    return Server(config).serve_forever()
+    try:
+        return Server(config).serve_forever()
+    except (TLSConfigError, SpoolError) as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    except OSError as exc:  # e.g. the port is taken or needs privileges
+        log.error("cannot start: listening on %s:%d failed: %s", config.node.host, config.node.port, exc)
+        return 2
 
 
 def collect_status(spool: Spool, limit: int = 20) -> dict[str, Any]:
