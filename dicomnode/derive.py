@@ -406,7 +406,7 @@ def _multi_frame(
     spacing = _pixel_spacing(source)
     if spacing is not None:
         ds.PixelSpacing = [f"{v:.6g}" for v in spacing]
-    data = np.stack(stored).tobytes()
+    data = b"".join(np.ascontiguousarray(f).tobytes() for f in stored)  # no stacked copy of all frames
     if len(data) % 2:
         data += b"\x00"
     ds.PixelData = data
