@@ -20,6 +20,7 @@ import logging
 import re
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -178,6 +179,27 @@ class Receiver:
             ae.add_supported_context(cx.abstract_syntax, syntaxes)
         return ae
 
+    def _ensure_renamable_chunks(self) -> None:
+        """pynetdicom streams each dataset into the temp dir; make sure it can be *renamed* into the spool.
+
+        A temp dir on another file system or mount (a container volume, systemd PrivateTmp) would
+        make every instance a full copy. Then the process temp dir is pointed into the spool (a
+        process-wide setting, acceptable for the dedicated node process) and logged.
+        """
+        probe = Path(tempfile.mkstemp(prefix="dicomnode-probe-")[1])
+        target = self.spool.incoming / probe.name
+        try:
+            os.replace(probe, target)
+        except OSError as exc:
+            chunk_dir = self.spool.incoming / "chunks"
+            chunk_dir.mkdir(mode=0o700, exist_ok=True)
+            tempfile.tempdir = str(chunk_dir)
+            log.info("temp dir %s cannot be renamed into the spool (%s): receiving into %s",
+                     probe.parent, exc.strerror or exc, chunk_dir)
+        finally:
+            probe.unlink(missing_ok=True)
+            target.unlink(missing_ok=True)
+
     @property
     def port(self) -> int:
         """The bound port (differs from settings.port when that was 0)."""
@@ -190,6 +212,7 @@ class Receiver:
             # Stream each dataset to a file as PDUs arrive instead of growing it in memory:
             # fastest measured path (REFERENCE §5). Process-wide pynetdicom switch.
             _config.STORE_RECV_CHUNKED_DATASET = True
+            self._ensure_renamable_chunks()
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),

@@ -269,7 +269,7 @@ class Spool:
     def clean_incoming(self) -> int:
         """Remove temp files a crash left in incoming/ (never acknowledged, so the sender resends)."""
         removed = 0
-        for path in self.incoming.iterdir():
+        for path in self.incoming.rglob("*"):  # including chunks/ (see Receiver)
             if path.is_file():
                 path.unlink(missing_ok=True)
                 removed += 1

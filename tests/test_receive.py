@@ -179,3 +179,34 @@ def test_read_uids_names_the_problem(tmp_path: Path) -> None:
         read_uids(junk)
     (ct,) = ct_series(tmp_path, 1)
     assert read_uids(ct)["SOPClassUID"] == CTImageStorage
+
+
+def test_chunks_move_into_the_spool_when_the_temp_dir_is_another_mount(
+    tmp_path: Path, free_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A temp dir that cannot be renamed into the spool (EXDEV) is replaced by spool/incoming/chunks."""
+    import errno
+    import tempfile
+
+    import dicomnode.receive as receive
+
+    real_replace = receive.os.replace
+
+    def cross_device(src: object, dst: object) -> None:
+        if "dicomnode-probe-" in str(src):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(receive.os, "replace", cross_device)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.gettempdir())  # restored after the test
+    spool = Spool(tmp_path / "var")
+    receiver = Receiver(spool, ReceiveSettings(ae_title=NODE_AET, host="127.0.0.1", port=free_port))
+    receiver.start()
+    try:
+        assert tempfile.gettempdir() == str(spool.incoming / "chunks")
+        (ct,) = ct_series(tmp_path / "in", 1)
+        assert "with status SUCCESS  : 1" in dcmsend(receiver.port, ct)
+        assert list((spool.incoming / "chunks").iterdir()) == []
+    finally:
+        receiver.stop(timeout=5)
+        spool.close()
