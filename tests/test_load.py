@@ -111,3 +111,85 @@ def test_parallel_senders_into_the_receiver(tmp_path: Path) -> None:
         spool.close()
 
 
+
+
+_RSS_PROBE = r"""
+import resource, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from reliability import write_series
+from dicomnode.derive import DeriveSettings
+from dicomnode.enhance import enhance_series
+from models.registry import build_model
+n, size, work = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
+paths = write_series(work / "in", "rss", f"n{{n}}", n, rows=size, cols=size)
+model = build_model("clahe", weights=None, device="cpu", options={{}})
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+result = enhance_series(paths, model, DeriveSettings(), work / "out", batch_size=4)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert len(result.outputs) == n, result.failed
+print(base, peak)
+"""
+
+
+def _enhance_peak_kb(tmp_path: Path, n: int, size: int) -> tuple[int, int]:
+    import subprocess
+    import sys
+
+    code = _RSS_PROBE.format(tests=str(Path(__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code, str(n), str(size), str(tmp_path / f"n{n}")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    base, peak = map(int, out.stdout.split())
+    return base, peak
+
+
+@pytest.mark.slow
+def test_memory_bounded_for_a_long_series(tmp_path: Path) -> None:
+    """Peak RSS of enhancing 96 instances stays near that of 16 (streamed in batches of 4).
+
+    Holding the series would cost 80 x 512 x 512 x (2 bytes stored + 4 bytes float) = 120 MB more.
+    """
+    _, small = _enhance_peak_kb(tmp_path, 16, 512)
+    _, large = _enhance_peak_kb(tmp_path, 96, 512)
+    grown_mb = (large - small) / 1024
+    print(f"\npeak RSS enhancing 16 vs 96 CT 512x512 (CLAHE, batch 4): {small / 1024:.0f} MB vs "
+          f"{large / 1024:.0f} MB (+{grown_mb:.0f} MB)")
+    assert grown_mb < 60, f"peak RSS grew {grown_mb:.0f} MB for 6x the instances"
+
+
+@pytest.mark.slow
+def test_parallel_senders_through_the_node(tmp_path: Path) -> None:
+    """4 dcmsend senders x 50 instances at once into ``dicomnode serve``: all in the ledger, all at the PACS."""
+    require_tools("dcmsend", "storescp")
+    import subprocess
+
+    from reliability import NodeProcess, StoreSCP, node_config, pacs_sources, tool_env, wait_until, write_series
+    from test_faults import LedgerView
+
+    senders, per = 4, 50
+    series = [write_series(tmp_path / "in" / str(k), "load", f"sender{k}", per) for k in range(senders)]
+    expected = {ct_dataset("load", f"sender{k}", i).SOPInstanceUID for k in range(senders) for i in range(per)}
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        cfg = node_config(tmp_path / "var", free_port(), {"pacs": {"ae_title": "PACS", "host": "127.0.0.1",
+                                                                  "port": pacs.port}},
+                          node={"series_quiet_seconds": 1.0})
+        ledger = LedgerView(tmp_path / "var")
+        with NodeProcess(tmp_path, cfg) as node:
+            t0 = time.perf_counter()
+            procs = [subprocess.Popen(["dcmsend", "-aet", f"MOD{k}", "-aec", "DICOMNODE", "127.0.0.1", str(node.port),
+                                       *map(str, paths)], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, env=tool_env()) for k, paths in enumerate(series)]
+            codes = [p.wait(120) for p in procs]
+            received = time.perf_counter() - t0
+            assert codes == [0] * senders, [p.stderr.read()[-500:] for p in procs if p.returncode]
+            assert ledger.instances() == expected  # every acknowledged instance is on the node's books
+            wait_until(lambda: ledger.settled() and ledger.deliveries().get("sent") == len(expected), 120, 0.3,
+                       "all delivered")
+            total = time.perf_counter() - t0
+            peak_mb = int(next(line.split()[1] for line in Path(f"/proc/{node.proc.pid}/status").read_text()
+                               .splitlines() if line.startswith("VmHWM"))) / 1024
+    assert pacs_sources(tmp_path / "pacs") == expected
+    assert ledger.jobs() == {"done": senders}
+    print(f"\nload: {senders} x {per} instances received in {received:.1f} s ({len(expected) / received:.0f}/s), "
+          f"enhanced and delivered in {total:.1f} s; node peak RSS {peak_mb:.0f} MB; lost 0")
