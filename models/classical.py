@@ -49,8 +49,8 @@ def _on_intensity(image: np.ndarray, op) -> np.ndarray:
 def clahe(image: np.ndarray, clip_limit: float = 0.01, kernel_fraction: float = 1 / 8) -> np.ndarray:
     """Contrast-limited adaptive histogram equalisation (scikit-image), tiles of 1/8 the image."""
 
-    if not 0 < clip_limit <= 1 or not 0 < kernel_fraction <= 1:
-        raise ValueError(f"clahe needs 0 < clip_limit <= 1 and 0 < kernel_fraction <= 1, got {clip_limit}, {kernel_fraction}")
+    if not clip_limit > 0 or not 0 < kernel_fraction <= 1:
+        raise ValueError(f"clahe needs clip_limit > 0 and 0 < kernel_fraction <= 1, got {clip_limit}, {kernel_fraction}")
 
     def op(gray: np.ndarray) -> np.ndarray:
         kernel = max(8, int(min(gray.shape) * kernel_fraction))
