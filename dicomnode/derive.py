@@ -427,6 +427,9 @@ def derive_sc(
     source's Rows x Columns; gray frames are stored 8-bit for 8-bit sources and 16-bit otherwise,
     colour frames as 8-bit RGB.
     """
+    missing = [k for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID") if not source.get(k)]
+    if missing:
+        raise DeriveError(f"source lacks {', '.join(missing)}, needed for the derived object's identity and references")
     color, _rows, _columns = _validate_frames(source, frames)
     bits = _out_bits(source, color)
     try:

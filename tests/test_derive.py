@@ -234,6 +234,10 @@ def test_wrong_frames_are_refused(clahe):
         derive_sc(src, [np.zeros((128, 128), np.float32)] * 2, clahe.info, SETTINGS, None)
     with pytest.raises(DeriveError, match="no frames"):
         derive_sc(src, [], clahe.info, SETTINGS, None)
+    no_study = sample("CT_small.dcm")
+    del no_study.StudyInstanceUID
+    with pytest.raises(DeriveError, match="lacks StudyInstanceUID"):
+        derive_sc(no_study, [np.zeros((128, 128), np.float32)], clahe.info, SETTINGS, None)
     with pytest.raises(DeriveError, match="NaN"):
         derive_sc(src, [np.full((128, 128), np.nan, np.float32)], clahe.info, SETTINGS, None)
 
