@@ -116,16 +116,21 @@ def test_quarantine_and_stale_incoming(spool: Spool) -> None:
     assert "2 quarantined and 1 stale incoming files removed" in str(summary)
 
 
-def test_undeletable_files_are_reported_and_retried(spool: Spool) -> None:
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions")
+def test_undeletable_files_are_reported_and_retried(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
     done = _job(spool, "a", "done")
     folder = spool.series_dir / f"job-{done}"
-    folder.chmod(0o500)  # files inside cannot be unlinked
-    try:
-        summary = sweep(_config(delivered=0), spool, time.time() + 1)
-        assert summary.jobs_purged["done"] == 0 and summary.errors
-        assert spool.ledger.job(done).purged == 0  # not marked: the next sweep tries again
-    finally:
-        folder.chmod(0o700)
+    real_unlink = Path.unlink
+
+    def refuse(self: Path, missing_ok: bool = False) -> None:  # a file held by another process (or EPERM)
+        if self.parent == folder:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refuse)
+    summary = sweep(_config(delivered=0), spool, time.time() + 1)
+    assert summary.jobs_purged["done"] == 0 and summary.errors
+    assert any("Operation not permitted" in e for e in summary.errors)
+    assert spool.ledger.job(done).purged == 0  # not marked: the next sweep tries again
+    monkeypatch.setattr(Path, "unlink", real_unlink)
     assert sweep(_config(delivered=0), spool, time.time() + 1).jobs_purged["done"] == 1
+    assert not folder.exists()
