@@ -160,3 +160,39 @@ def test_progress_called_once_per_source(tmp_path: Path, clahe):
     ticks: list[int] = []
     enhance_series(sources, clahe, SETTINGS, tmp_path / "out", progress=ticks.append)
     assert ticks == [1, 1, 1, 1]
+
+
+def test_real_images_through_img2dcm(tmp_path: Path, clahe, shared_data: Path):
+    """Real gray (confocal microscopy) and colour (endoscopy, YBR JPEG) photos as a camera sends them."""
+    import subprocess
+
+    from dicomnode.imaging import decode
+    from tests.conftest import require_tools
+
+    require_tools("img2dcm", "dciodvfy", "dcmj2pnm")
+    picks = [
+        sorted((shared_data / "ccm" / "raw").glob("*.jpg"))[:1],
+        sorted((shared_data / "endoscopy" / "frames").glob("*.jpg"))[:1],
+    ]
+    if not all(picks):
+        pytest.skip("expected ccm/raw and endoscopy/frames JPEGs in the shared data")
+    sources = []
+    for i, (jpg,) in enumerate(picks):
+        dcm = tmp_path / "in" / f"{i}.dcm"
+        dcm.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["img2dcm", "-k", "Modality=XC", "-k", "SeriesNumber=7", str(jpg), str(dcm)], check=True,
+                       capture_output=True)
+        sources.append(dcm)
+    result = enhance_series(sources, clahe, SETTINGS, tmp_path / "out")
+    assert result.failed == [] and len(result.outputs) == 2
+    for src_path, out_path in zip(sources, result.outputs):
+        src, out = pydicom.dcmread(src_path), pydicom.dcmread(out_path)
+        assert (out.Rows, out.Columns) == (src.Rows, src.Columns) and out.SeriesNumber == 1007
+        assert out.LossyImageCompression == "01"  # the camera's JPEG stays on record
+        before, after = decode(src).frames[0], decode(out).frames[0]
+        expected = clahe.enhance([before])[0]
+        assert float(np.abs(after - expected).max()) <= 1 / 255 + 1e-6  # stored 8-bit, nothing else lost
+        assert float(np.abs(after - before).mean()) > 0.01  # CLAHE changed the picture
+        check = subprocess.run(["dciodvfy", "-new", str(out_path)], capture_output=True, text=True)
+        assert [l for l in (check.stdout + check.stderr).splitlines() if l.startswith("Error")] == []
+        subprocess.run(["dcmj2pnm", "+on", str(out_path), str(tmp_path / "r.png")], check=True, capture_output=True)
