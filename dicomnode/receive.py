@@ -20,6 +20,7 @@ import logging
 import re
 import os
 import shutil
+import struct
 import tempfile
 import threading
 import time
@@ -364,8 +365,79 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+_SCAN_TAGS = {
+    0x00080016: "SOPClassUID",
+    0x00080018: "SOPInstanceUID",
+    0x0020000D: "StudyInstanceUID",
+    0x0020000E: "SeriesInstanceUID",
+}
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_SCAN_BYTES = 64 * 1024
+_IMPLICIT_LE = "1.2.840.10008.1.2"
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def scan_uids(head: bytes) -> dict[str, str] | None:
+    """Fast path: the four UIDs straight from the first bytes of a Part 10 file, or None.
+
+    Walks the elements by their lengths (no decoding) up to (0020,000E). Returns None, leaving the
+    decision to pydicom, whenever anything is unusual: no preamble, big endian or deflated data,
+    an undefined length before the UIDs, an element running past ``head``, a UID missing or not
+    well-formed. It never judges a file bad by itself, so it cannot refuse what pydicom accepts.
+    """
+    if len(head) < 132 or head[128:132] != b"DICM":
+        return None
+    pos, end, syntax = 132, len(head), None
+    found: dict[str, str] = {}
+    while pos + 8 <= end:
+        group, element = struct.unpack_from("<HH", head, pos)
+        if group != 0x0002 and syntax is None:
+            return None  # file meta without a transfer syntax
+        tag = (group << 16) | element
+        if group != 0x0002 and syntax == _IMPLICIT_LE:  # file meta is always explicit VR
+            (length,) = struct.unpack_from("<I", head, pos + 4)
+            header = 8
+        else:
+            vr = head[pos + 4 : pos + 6]
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    return None
+                (length,) = struct.unpack_from("<I", head, pos + 8)
+                header = 12
+            else:
+                (length,) = struct.unpack_from("<H", head, pos + 6)
+                header = 8
+        if length == 0xFFFFFFFF or pos + header + length > end:
+            return None
+        value = head[pos + header : pos + header + length]
+        if tag == 0x00020010:
+            syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
+            if syntax in (_BIG_ENDIAN, _DEFLATED):
+                return None
+        elif tag in _SCAN_TAGS:
+            found[_SCAN_TAGS[tag]] = value.rstrip(b"\x00 ").decode("ascii", "replace")
+        elif tag > 0x0020000E:
+            break
+        pos += header + length
+    if len(found) != len(_SCAN_TAGS):
+        return None
+    if any(len(v) > 64 or not _UID_CHARS.fullmatch(v) for v in found.values()):
+        return None
+    return found
+
+
 def read_uids(path: Path | io.BufferedIOBase) -> dict[str, str]:
-    """The four UIDs that file a received object; ValueError naming what is missing or unreadable."""
+    """The four UIDs that file a received object; ValueError naming what is missing or unreadable.
+
+    :func:`scan_uids` answers for well-formed files from one 64 KiB read; everything else goes
+    through pydicom, whose verdict (and error message) is the one that counts.
+    """
+    if isinstance(path, (str, Path)):
+        with open(path, "rb") as fh:
+            fast = scan_uids(fh.read(_SCAN_BYTES))
+        if fast is not None:
+            return fast
     try:
         ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_UID_TAGS))
         uids = {tag: str(ds.get(tag, "") or "").strip() for tag in _UID_TAGS}

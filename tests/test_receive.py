@@ -210,3 +210,30 @@ def test_chunks_move_into_the_spool_when_the_temp_dir_is_another_mount(
     finally:
         receiver.stop(timeout=5)
         spool.close()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's notes on its odd test files
+def test_fast_uid_scan_agrees_with_pydicom_or_defers() -> None:
+    """scan_uids answers only when pydicom would give the same four UIDs; otherwise it returns None."""
+    from pydicom.data import get_testdata_files
+
+    from dicomnode.receive import _UID_TAGS, scan_uids
+
+    answered = 0
+    for name in get_testdata_files("*"):
+        path = Path(name)
+        if not path.is_file():
+            continue
+        head = path.read_bytes()[:65536]
+        fast = scan_uids(head)
+        if fast is None:
+            continue
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_UID_TAGS))
+        assert fast == {t: str(ds.get(t)).strip() for t in _UID_TAGS}, path.name
+        answered += 1
+        for cut in (140, 400, len(head) // 3):  # a head cut short never yields a partial answer
+            partial = scan_uids(head[:cut])
+            assert partial is None or partial == fast
+    assert answered >= 20
+    assert scan_uids(b"\0" * 128 + b"DICM" + b"\xff" * 64) is None
+    assert scan_uids(b"not dicom") is None
