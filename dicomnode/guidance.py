@@ -340,13 +340,10 @@ def measure_methods(
 
 
 def synthetic_heldout(images: Sequence[np.ndarray], seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Paired held-out set from clean images: D's synthetic degradations as LQ, the image as target."""
-    try:
-        from models.degrade import degrade  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise GuidanceError(f"no held-out set given and synthetic degradation is unavailable ({exc})") from exc
-    rng = np.random.default_rng(seed)
-    lq = [np.clip(np.asarray(degrade(img, rng=rng), dtype=np.float32), 0, 1) for img in images]
+    """Paired held-out set from clean images: seeded synthetic degradations (models.degrade) as LQ."""
+    from models.degrade import degrade_many
+
+    lq = list(degrade_many(images, "mixed", seed=seed))
     return lq, [np.asarray(img, dtype=np.float32) for img in images]
 
 
