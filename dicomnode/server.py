@@ -121,7 +121,16 @@ class Server:
             self._spawn(f"worker-{i + 1}", self._worker_loop)
         self._spawn("dispatch", self._dispatch_loop)
         self._spawn("housekeeping", self._housekeeping_loop)
-        self.receiver.start()
+        try:
+            self.receiver.start()
+        except BaseException:  # port taken, TLS material unusable: stop the stages again, then report
+            self._stop.set()
+            self._notify_workers()
+            self._wake_dispatch.set()
+            for thread in self._threads:
+                thread.join(5.0)
+            spool.close()
+            raise
         self._started = True
         self._notify_workers()
         log.info(
