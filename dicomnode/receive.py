@@ -372,6 +372,8 @@ _SCAN_TAGS = {
     0x0020000E: "SeriesInstanceUID",
 }
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
+_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
+                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
 _SCAN_BYTES = 64 * 1024
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -405,9 +407,11 @@ def scan_uids(head: bytes) -> dict[str, str] | None:
                     return None
                 (length,) = struct.unpack_from("<I", head, pos + 8)
                 header = 12
-            else:
+            elif vr in _SHORT_VRS:
                 (length,) = struct.unpack_from("<H", head, pos + 6)
                 header = 8
+            else:  # not a VR: pydicom guesses how to go on, so its verdict must decide (found by fuzzing)
+                return None
         if length == 0xFFFFFFFF or pos + header + length > end:
             return None
         value = head[pos + header : pos + header + length]
