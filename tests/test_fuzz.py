@@ -142,3 +142,42 @@ def test_scp_quarantines_what_it_cannot_parse(running_scp, tmp_path: Path) -> No
     assert "cannot parse" in reason or "lacks" in reason
     kept = reason_file.with_name(reason_file.name.replace(".reason.txt", ".dcm"))
     assert kept.read_bytes().endswith(body)  # the bytes as received, for a human to look at
+
+
+def _pydicom_uids(path: Path) -> dict[str, str] | None:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"])
+        return {k: str(ds.get(k, "") or "").strip() for k in
+                ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
+    except Exception:  # noqa: BLE001
+        return None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(MUTATION, min_size=1, max_size=4))
+def test_fast_uid_scan_agrees_with_pydicom(tmp_path: Path, mutations: list) -> None:
+    """The SCP's byte-level UID scanner never raises and never files an object under UIDs pydicom
+    would not read from the same bytes (it may only decline and leave the verdict to pydicom)."""
+    from dicomnode.receive import scan_uids
+
+    path = _file(tmp_path, mutate(SEED_BODY, mutations))
+    fast = scan_uids(path.read_bytes()[:64 * 1024])
+    if fast is None:
+        return
+    assert set(fast) == {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
+    slow = _pydicom_uids(path)
+    if slow is not None:
+        assert fast == slow
+
+
+@settings(max_examples=200, deadline=None)
+@given(head=st.binary(max_size=400))
+def test_fast_uid_scan_on_arbitrary_bytes(head: bytes) -> None:
+    from dicomnode.receive import scan_uids
+
+    prefix = b"\0" * 128 + b"DICM"
+    assert scan_uids(prefix + head) is None or isinstance(scan_uids(prefix + head), dict)
+    assert scan_uids(head) is None or head[128:132] == b"DICM"
