@@ -287,14 +287,12 @@ Metric = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
 
 def paired_metrics(output: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Full-reference scores of one output against its clean target (PSNR dB, SSIM)."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    """Full-reference scores of one output against its clean target (D's PSNR dB, SSIM)."""
+    from models.metrics import psnr, ssim
 
-    out = np.clip(np.asarray(output, dtype=np.float64), 0, 1)
-    ref = np.clip(np.asarray(target, dtype=np.float64), 0, 1)
-    psnr = peak_signal_noise_ratio(ref, out, data_range=1.0)
-    ssim = structural_similarity(ref, out, data_range=1.0, channel_axis=2 if ref.ndim == 3 else None)
-    return {"psnr": float(min(psnr, 100.0)), "ssim": float(ssim)}
+    out = np.clip(np.asarray(output, dtype=np.float32), 0, 1)
+    ref = np.clip(np.asarray(target, dtype=np.float32), 0, 1)
+    return {"psnr": float(min(psnr(out, ref), 100.0)), "ssim": float(ssim(out, ref))}
 
 
 def measure_methods(
