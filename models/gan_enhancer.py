@@ -124,10 +124,13 @@ def _load(
         raise ModelLoadError(f"{weights}: weights do not match the {name} architecture of its card: {exc}") from exc
     info = ModelInfo(kind=kind, name=name, version=str(card.get("version", "")), weights_sha256=card["weights_sha256"], card=card)
     log.info("loaded %s weights sha256 %s on %s", name, card["weights_sha256"][:12], device)
-    return GANEnhancer(
-        net, int(config["channels"]), info, device,
-        batch_size=int(options.get("batch_size", 4)), amp=bool(options.get("amp", True)),
-    )
+    try:
+        batch_size = int(options.get("batch_size", 4))
+        if batch_size < 1:
+            raise ValueError("must be >= 1")
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{kind}: option batch_size={options.get('batch_size')!r} {exc}") from exc
+    return GANEnhancer(net, int(config["channels"]), info, device, batch_size=batch_size, amp=bool(options.get("amp", True)))
 
 
 def build_stillgan(*, weights: Path | None, device: str, options: dict[str, Any]) -> GANEnhancer:

@@ -10,6 +10,10 @@ network accepts only multiples of 256; here any size works: the input is reflect
 multiple of 2**depth and the output cropped back. The bottleneck is at 1/2**depth resolution, which
 can be a single pixel, where instance norm is undefined, so it has no normalisation.
 
+The GAN loss is least squares (``lsgan_loss``), as in the authors' code, rather than the paper's
+log loss: the published results were trained with it, and it keeps giving the generators gradient
+when the discriminators win early, which the log loss (through a sigmoid) does not.
+
 Images enter and leave the networks in [0, 1] (mapped to [-1, 1] inside), the convention of the
 node's Enhancer interface and of the losses.
 

@@ -142,6 +142,8 @@ def test_enhancer_rejects_wrong_kind_bad_options_and_missing_weights(tmp_path):
     _export(tmp_path, net, TINY)
     with pytest.raises(ModelLoadError, match="unknown option"):
         build_model("stillgan", weights=tmp_path / "g.pt", device="cpu", options={"tile": 3})
+    with pytest.raises(ModelLoadError, match="batch_size=0"):
+        build_model("stillgan", weights=tmp_path / "g.pt", device="cpu", options={"batch_size": 0})
     with pytest.raises(ModelLoadError, match="needs trained weights"):
         build_model("stillgan", device="cpu")
     card = json.loads((tmp_path / "g.json").read_text())
