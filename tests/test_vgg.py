@@ -86,6 +86,13 @@ def test_resolve_prefers_user_path_and_falls_back_to_logged_random(tmp_path, mon
     torch.save(VGG("vgg16").state_dict(), tmp_path / "mine.pth")
     user = pretrained.resolve_vgg16(tmp_path / "mine.pth")
     assert user.state_dict is not None and user.source.startswith("torchvision VGG16 mine.pth sha256 ")
+    torch.save(VGG("vgg19").state_dict(), tmp_path / "v19.pth")
+    v19 = pretrained.resolve_vgg16(tmp_path / "v19.pth", arch="vgg19")
+    assert v19.source.startswith("torchvision VGG19") and "features.34.weight" in v19.state_dict
+    from models.losses.laplacian import LaplacianPerceptualLoss
+
+    x = torch.rand(1, 1, 40, 40)
+    assert LaplacianPerceptualLoss(v19.state_dict, arch="vgg19")(x, x) == 0
     monkeypatch.setattr(pretrained, "hed_weights_path", lambda: None)
     with caplog.at_level(logging.WARNING, logger="models.pretrained"):
         fallback = pretrained.resolve_vgg16(None)

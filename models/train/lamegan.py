@@ -17,7 +17,9 @@ from models.train.stillgan import CycleGANSpec, add_cycle_arguments, run_cycle_g
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_cycle_arguments(parser, lambda_identity=0.0)
-    parser.add_argument("--vgg", type=Path, default=None, help="torchvision-format VGG16 weights (.pth) for the perceptual loss")
+    parser.add_argument("--vgg", type=Path, default=None, help="torchvision-format VGG weights (.pth) for the perceptual loss")
+    parser.add_argument("--vgg-arch", choices=("vgg16", "vgg19"), default="vgg16",
+                        help="architecture of the --vgg file (the authors' code uses vgg19; default vgg16, the paper's)")
     parser.add_argument("--lambda-stp", type=float, default=0.25, help="Laplacian perceptual loss weight (default 0.25)")
     parser.add_argument("--level", type=int, default=3, help="Laplacian pyramid level (default 3)")
     parser.add_argument("--ngf", type=int, default=64, help="generator base width (default 64)")
@@ -32,11 +34,11 @@ def main(args: argparse.Namespace) -> int:
     from models.train.common import pick_device
 
     try:
-        vgg = resolve_vgg16(args.vgg)
+        vgg = resolve_vgg16(args.vgg, arch=args.vgg_arch)
     except (FileNotFoundError, ValueError) as exc:
         raise SystemExit(f"--vgg: {exc}") from exc
     print(f"perceptual loss VGG16: {vgg.source}")
-    stp = LaplacianPerceptualLoss(vgg.state_dict, level=args.level).to(pick_device(args.device))
+    stp = LaplacianPerceptualLoss(vgg.state_dict, level=args.level, arch=args.vgg_arch).to(pick_device(args.device))
 
     def build_spec(channels: int) -> CycleGANSpec:
         try:
