@@ -241,7 +241,7 @@ class Server:
             ledger.set_job(job.id, "done", action="ignore", error="no instances")
             return
         keywords = route.routing_keywords(cfg) | {"Modality"}
-        tags = [route.routing_tags(inst.path, keywords) for inst in instances]
+        tags = [self._routing_tags(job.id, inst.path, keywords) for inst in instances]
         decision = route.decide(cfg, tags, job.calling_aet)
         chosen = [instances[i] for i in decision.matched]
         rest = [inst.id for i, inst in enumerate(instances) if i not in set(decision.matched)]
@@ -301,6 +301,15 @@ class Server:
             error=f"{len(result.failed)} instances not enhanced: {failures}"[:2000] if result.failed else None,
         )
         log.info("job %d: %d outputs (%s)", job.id, len(result.outputs), timing)
+
+    @staticmethod
+    def _routing_tags(job_id: int, path: Path, keywords: set[str]) -> dict[str, Any]:
+        """Header tags for routing; an unreadable header routes as "no tags" and fails alone later."""
+        try:
+            return route.routing_tags(path, keywords)
+        except Exception as exc:  # the UIDs parsed on receive, yet the header is broken further on
+            log.warning("job %d: cannot read routing tags of %s: %s", job_id, path.name, exc)
+            return {}
 
     def derive_settings(self) -> Any:
         from dicomnode.derive import DeriveSettings

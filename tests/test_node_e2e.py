@@ -24,7 +24,17 @@ from dicomnode.server import Server, ServerOptions
 from dicomnode.resident import ResidentModel, ResidentModels
 from dicomnode.spool import Spool
 from models.registry import Enhancer, ModelInfo
-from reliability import NodeProcess, StoreSCP, dcmsend, free_port, node_config, wait_until, write_series
+from reliability import (
+    NodeProcess,
+    StoreSCP,
+    dcmsend,
+    free_port,
+    node_config,
+    tool_env,
+    wait_port,
+    wait_until,
+    write_series,
+)
 from tests.conftest import require_tools
 
 SC_CLASSES = {
@@ -248,7 +258,8 @@ def test_enhance_end_to_end_to_pacs(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_refused_store_is_never_sent_then_resend_delivers(tmp_path: Path) -> None:
-    """PACS down: retries back off, then dead letter with the reason; `resend` delivers once it is up."""
+    """A PACS refusing the association: retries back off, then dead letter with the reason; `resend`
+    delivers once a PACS accepts. (A PACS that is down is covered by the restart test.)"""
     require_tools("dcmsend", "storescp")
     pacs_port = free_port()
     series = write_series(tmp_path / "in", "study-r", "series-r", 3)
@@ -258,12 +269,20 @@ def test_refused_store_is_never_sent_then_resend_delivers(tmp_path: Path) -> Non
         rules=[{"name": "fwd", "match": {"Modality": "CT"}, "destinations": ["pacs"]}],
         dispatch={"max_attempts": 2, "backoff_initial_seconds": 0.3, "backoff_max_seconds": 0.5},
     )
-    with NodeProcess(tmp_path / "node", cfg) as node:
-        assert dcmsend(node.port, series).returncode == 0
-        wait_until(lambda: status_json(node)["deliveries"]["dead_letter"] == 3, 60, what="dead letters")
+    refusing = subprocess.Popen(["storescp", "--refuse", "-aet", "PACS", str(pacs_port)], env=tool_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(pacs_port, 15, refusing)
+        with NodeProcess(tmp_path / "node", cfg) as node:
+            assert dcmsend(node.port, series).returncode == 0
+            wait_until(lambda: status_json(node)["deliveries"]["dead_letter"] == 3, 60, what="dead letters")
+    finally:
+        refusing.terminate()
+        refusing.wait(10)
+    with node:  # the same node, restarted: dead letters stay dead until resent
         info = status_json(node)
         assert info["deliveries"]["sent"] == 0 and info["jobs"]["failed"] == 1
-        assert all("PACS" in d["last_error"] and d["attempts"] == 2 for d in info["dead_letters"])
+        assert all("rejected" in d["last_error"] and d["attempts"] == 2 for d in info["dead_letters"]), info
         assert json.loads(node.cli("status", "--json").stdout)["deliveries"]["dead_letter"] == 3
         text = node.cli("status").stdout
         assert "dead_letter 3" in text and "Testpatient" not in text and "PID-000001" not in text
