@@ -6,7 +6,7 @@ CONFIG ?= deploy/config/default.yaml
 APT_PACKAGES := dcmtk dicom3tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps run test test-fast test-slow bench clean
+.PHONY: setup system-deps run test test-fast test-slow bench weights clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -40,6 +40,12 @@ test-fast: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+# Re-train the shipped HQG-Net-lite weights (models/weights/) from ../shared/data: data prep, G, HQG-Net,
+# baselines, guidance, evaluation, model cards. MINUTES = HQG-Net budget per model on this machine.
+MINUTES ?= 15
+weights: setup
+	$(BIN)/python -m models.train.shipped all --minutes $(MINUTES)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
