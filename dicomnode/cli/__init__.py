@@ -16,25 +16,39 @@ from collections.abc import Sequence
 
 from dicomnode import __version__
 
-# Order = order in `dicomnode --help`.
-COMMAND_MODULES: tuple[str, ...] = (
-    "dicomnode.cli.node",  # serve, status, resend
-    "dicomnode.cli.admin",  # check-config, route
-    "dicomnode.cli.offline",  # enhance (files/folders, no network)
-    "dicomnode.cli.train",  # train pretrain-g | hqgnet | stillgan | lamegan
-    "dicomnode.cli.modelinfo",  # models info
-    "dicomnode.cli.evaluate",  # evaluate
-    "dicomnode.cli.guidance",  # guidance build | show
-    "dicomnode.cli.demo",  # demo
-)
+# Command -> the module that registers it. Order = order in `dicomnode --help`.
+COMMANDS: dict[str, str] = {
+    "serve": "dicomnode.cli.node",
+    "status": "dicomnode.cli.node",
+    "resend": "dicomnode.cli.node",
+    "check-config": "dicomnode.cli.admin",
+    "route": "dicomnode.cli.admin",
+    "enhance": "dicomnode.cli.offline",
+    "train": "dicomnode.cli.train",
+    "models": "dicomnode.cli.modelinfo",
+    "evaluate": "dicomnode.cli.evaluate",
+    "guidance": "dicomnode.cli.guidance",
+    "demo": "dicomnode.cli.demo",
+}
+COMMAND_MODULES: tuple[str, ...] = tuple(dict.fromkeys(COMMANDS.values()))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _first_command(argv: Sequence[str]) -> str | None:
+    for token in argv:
+        if not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Build the parser; when ``argv`` names a command, import only its module (keeps
+    `check-config` and `status` free of torch start-up time)."""
     parser = argparse.ArgumentParser(prog="dicomnode", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"dicomnode {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    wanted = COMMANDS.get(_first_command(argv or []) or "")
+    for name in (wanted,) if wanted else COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -46,12 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose + 1, 2),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache chatter is not ours
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
