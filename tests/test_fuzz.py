@@ -181,3 +181,23 @@ def test_fast_uid_scan_on_arbitrary_bytes(head: bytes) -> None:
     prefix = b"\0" * 128 + b"DICM"
     assert scan_uids(prefix + head) is None or isinstance(scan_uids(prefix + head), dict)
     assert scan_uids(head) is None or head[128:132] == b"DICM"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mutations=st.lists(MUTATION, min_size=1, max_size=3))
+def test_enhancement_path_fails_mutated_instances_alone(tmp_path_factory, mutations: list) -> None:
+    """Whatever a mutated instance does to the decoder, enhance_series accounts for every source
+    (written or failed with a reason) and the good instance beside it is still enhanced."""
+    from dicomnode.derive import DeriveSettings
+    from dicomnode.enhance import enhance_series
+    from models.registry import build_model
+
+    work = tmp_path_factory.mktemp("enh")
+    bad = _file(work, mutate(SEED_BODY, mutations))
+    good = work / "good.dcm"
+    ct_dataset("fuzz", "s1", 1, rows=4, cols=4).save_as(good, enforce_file_format=True)
+    result = enhance_series([bad, good], build_model("clahe", weights=None, device="cpu", options={}),
+                            DeriveSettings(), work / "out", batch_size=2)
+    failed = {Path(src) for src, _reason in result.failed}
+    assert len(result.outputs) + len(failed) == 2
+    assert good not in failed and all(reason for _src, reason in result.failed)
