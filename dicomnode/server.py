@@ -19,7 +19,9 @@ let open ones finish, let each worker finish its current job, then close.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import signal
 import threading
 import time
@@ -36,7 +38,7 @@ from dicomnode.assemble import Assembler
 from dicomnode.config import NodeConfig
 from dicomnode.receive import Receiver, ReceiveSettings
 from dicomnode.resident import ModelUnavailable, ResidentModels
-from dicomnode.spool import DeliveryRecord, JobRecord, Spool
+from dicomnode.spool import DeliveryRecord, JobRecord, Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,7 @@ class Server:
         self._wake_dispatch = threading.Event()
         self._threads: list[threading.Thread] = []
         self._started = False
+        self._lock_file: Any = None
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -94,6 +97,7 @@ class Server:
         cfg = self.config
         self.spool = Spool(cfg.storage.root)
         spool = self.spool
+        self._lock_spool(spool)
         redo = spool.ledger.recover()
         retry = spool.ledger.retry_pending_now()
         stale = spool.clean_incoming()
@@ -130,6 +134,7 @@ class Server:
             for thread in self._threads:
                 thread.join(5.0)
             spool.close()
+            self._unlock_spool()
             raise
         self._started = True
         self._notify_workers()
@@ -138,6 +143,24 @@ class Server:
             cfg.node.ae_title, len(cfg.rules), sorted(self.models.models), sorted(self.models.failures),
             sorted(self._destinations),
         )
+
+    def _lock_spool(self, spool: Spool) -> None:
+        """One serving node per spool: a second one would delete the first's in-flight files."""
+        fd = os.open(spool.root / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        self._lock_file = os.fdopen(fd, "r+")  # held for the life of the node
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            spool.close()
+            raise SpoolError(f"another `dicomnode serve` is using the spool {spool.root}") from None
+
+    def _unlock_spool(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
 
     @property
     def port(self) -> int:
@@ -167,6 +190,7 @@ class Server:
         self.receiver.ae.shutdown()
         if clean:
             self.spool.close()
+        self._unlock_spool()
         self._started = False
         log.info("stopped %s", "cleanly" if clean else "with work left for the next start")
         return clean

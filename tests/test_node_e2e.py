@@ -330,3 +330,26 @@ def test_sigterm_then_restart_resumes(tmp_path: Path) -> None:
         assert got == want
     finally:
         node.stop()
+
+
+def test_second_node_on_the_same_spool_is_refused(tmp_path: Path, free_port: int) -> None:
+    from dicomnode.spool import SpoolError
+
+    def config(port: int):  # type: ignore[no-untyped-def]
+        return parse_config({
+            "node": {"host": "127.0.0.1", "port": port},
+            "storage": {"root": str(tmp_path / "var")},
+            "destinations": {"out": {"folder": str(tmp_path / "out")}},
+            "rules": [{"name": "r", "match": {"Modality": "CT"}, "destinations": ["out"]}],
+        }, tmp_path)
+
+    first = Server(config(free_port), options=ServerOptions(drain_seconds=5))
+    first.start()
+    try:
+        with pytest.raises(SpoolError, match="another `dicomnode serve`"):
+            Server(config(free_port + 1 if free_port < 65535 else free_port - 1)).start()
+    finally:
+        assert first.stop()
+    second = Server(config(free_port), options=ServerOptions(drain_seconds=5))  # free again after a stop
+    second.start()
+    assert second.stop()
