@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import logging.handlers
+import os
 import sys
 import time
 from collections import Counter
@@ -84,6 +85,9 @@ def setup_logging(config: NodeConfig, verbose: int = 0) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # Everything the node writes holds patient data: private to the service user (the ledger's
+    # WAL files, derived objects, logs), whatever umask the shell had.
+    os.umask(0o077)
     config = _load(args.config)
     setup_logging(config, getattr(args, "verbose", 0))
     missing = config.missing_files()
