@@ -8,14 +8,12 @@ torchvision checkpoints (it checks and drops the classifier keys).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-log = logging.getLogger(__name__)
 
 # torchvision's configurations "D" (VGG16) and "E" (VGG19): conv widths, "M" = 2x2 max pooling.
 CONFIGS: dict[str, list[int | str]] = {

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,7 +41,6 @@ from models.train.common import (
 )
 from models.train.data import ImageFolder, infinite, list_images
 
-log = logging.getLogger(__name__)
 
 # The extra objective terms of one model: (real_lq, real_hq, fake_hq, fake_lq) -> named losses,
 # already weighted; they are added to the generators' loss.
