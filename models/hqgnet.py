@@ -322,6 +322,8 @@ class Generator(nn.Module):
         f4 = self.encoder.layer4(f3)
         feats = (f1, f2, f3)
         v_y = self.encoder.head(f4)
+        if v_z.dim() != 2 or v_z.shape[1] != self.cfg.guidance_dim or v_z.shape[0] not in (1, y.shape[0]):
+            raise ValueError(f"v_z must be (1 or {y.shape[0]}, {self.cfg.guidance_dim}), got {tuple(v_z.shape)}")
         if v_z.shape[0] == 1 and y.shape[0] > 1:
             v_z = v_z.expand(y.shape[0], -1)
         v_c = torch.cat([v_z.to(v_y.dtype), v_y], dim=1)
@@ -367,9 +369,8 @@ class HQGNet(nn.Module):
         self.gen = Generator(cfg)
 
     def extract_guidance(self, images: Tensor) -> Tensor:
-        """v_z = G(z) for HQ images (N, C, H, W) in [0, 1] -> (N, guidance_dim)."""
-        x, _ = pad_to_multiple(images)
-        return self.g(x)
+        """v_z = G(z) for HQ images (N, C, H, W) in [0, 1] -> (N, guidance_dim); any size (G pools globally)."""
+        return self.g(images)
 
     def enhance(self, x: Tensor, v_z: Tensor) -> Tensor:
         """Enhance LQ images (N, C, H, W) in [0, 1] of any size, guided by v_z ((N or 1), 64)."""
