@@ -136,3 +136,22 @@ def test_mismatched_g_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no images"):
         main(["train", "pretrain-g", "--lq", str(lq), "--hq", str(tmp_path / "empty"), "--out", str(tmp_path / "run2"), "--size", "64"])
+
+
+def test_backbones_start_from_torchvision_weights(tmp_path):
+    from models.backbones.resnet import resnet18
+    from models.train.hqgnet import init_from_torchvision
+
+    tv = {k: (v + 0.25 if v.is_floating_point() else v) for k, v in resnet18().state_dict().items()}  # torchvision layout
+    path = tmp_path / "resnet18.pth"
+    torch.save(tv, path)
+    g = resnet18(in_channels=1, num_classes=64)  # the paper's G backbone, gray
+    init_from_torchvision(g, path, "--init-weights")
+    torch.testing.assert_close(g.conv1.weight, tv["conv1.weight"].sum(1, keepdim=True))
+    torch.testing.assert_close(g.layer4[1].bn2.running_var, tv["layer4.1.bn2.running_var"])
+    assert g.fc.out_features == 64  # our FC is kept, torchvision's classifier ignored
+    lite = GuidanceExtractor(hqgnet_lite(1)).backbone  # half width: must be refused, not silently half-loaded
+    with pytest.raises(SystemExit, match="does not fit"):
+        init_from_torchvision(lite, path, "--init-weights")
+    with pytest.raises(SystemExit, match="not found"):
+        init_from_torchvision(lite, tmp_path / "missing.pth", "--encoder-weights")

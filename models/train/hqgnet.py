@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lambda1", type=float, default=10.0, help="weight of L_FC in L_CA (Eq. 9, default 10)")
     parser.add_argument("--lambda2", type=float, default=1.0, help="weight of L_GAN in L^e (Eq. 11, default 1)")
     parser.add_argument("--lambda3", type=float, default=5.0, help="weight of L^e against L^d with --masks (Eq. 15, default 5)")
+    parser.add_argument("--encoder-weights", type=Path, default=None,
+                        help="torchvision ImageNet weights (.pth) to start E_e from: resnet50 for --config paper (the lite encoder is narrower and cannot use them)")
     parser.add_argument("--half", action="store_true", help="export weights as fp16 (half the file size)")
     add_common_arguments(parser, size=192, iterations=2000, batch_size=4, lr=1e-4)
 
@@ -87,6 +89,19 @@ def load_pretrained_g(net: HQGNet, path: Path) -> dict[str, Any]:
         raise SystemExit(f"--g: G in {path} does not fit this config (theirs, ours): {diff}; pretrain with the same --config and --channels")
     net.g.load_state_dict(load_state_dict(path))
     return card
+
+
+def init_from_torchvision(backbone: torch.nn.Module, path: Path, flag: str) -> None:
+    """Start a ResNet backbone from torchvision weights; SystemExit naming the mismatch."""
+    from models.backbones.resnet import load_torchvision_state_dict
+
+    if not Path(path).is_file():
+        raise SystemExit(f"{flag}: file not found: {path}")
+    try:
+        load_torchvision_state_dict(backbone, path)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise SystemExit(f"{flag}: {path} does not fit this backbone: {exc}") from None
+    log.info("%s: backbone initialised from %s", flag, path)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -116,6 +131,8 @@ def main(args: argparse.Namespace) -> int:
         g_card = load_pretrained_g(net, args.g)
     else:
         log.warning("no --g given: G is untrained, so v_z carries no learned HQ cue; run `dicomnode train pretrain-g` first")
+    if args.encoder_weights is not None:
+        init_from_torchvision(net.gen.encoder, args.encoder_weights, "--encoder-weights")
     net.g.requires_grad_(False)  # G is the fixed HQ cue extractor; gradients still flow through it to x_hat (L_FC)
     disc = build_discriminator(cfg).to(device)
     seg = SmallUNet(UNetConfig(channels=channels)).to(device) if bilevel else None
@@ -207,6 +224,7 @@ def main(args: argparse.Namespace) -> int:
             "hq": dataset_description(args.hq, len(hq_paths)),
             **({"masks": str(args.masks)} if bilevel else {}),
             "g_weights": {"path": str(args.g), "sha256": g_card["weights_sha256"]} if g_card else None,
+            "encoder_init": str(args.encoder_weights) if args.encoder_weights else None,
         },
         "loss_weights": {"lambda1": weights.lambda1, "lambda2": weights.lambda2, **({"lambda3": weights.lambda3} if bilevel else {})},
         "iterations": step,

@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hq", type=Path, required=True, help="folder of high-quality images or DICOM files")
     parser.add_argument("--lq", type=Path, required=True, help="folder of low-quality images or DICOM files (mixed in for robustness)")
     parser.add_argument("--config", choices=("lite", "paper"), default="lite", help="architecture of G (must match the later `train hqgnet --config`)")
+    parser.add_argument("--init-weights", type=Path, default=None,
+                        help="torchvision ImageNet resnet18 weights (.pth) to start G from (--config paper only; lite's G is narrower)")
     add_common_arguments(parser, size=192, iterations=1000, batch_size=8, lr=1e-3)
 
 
@@ -90,7 +92,12 @@ def main(args: argparse.Namespace) -> int:
     val = torch.stack([data[i] for i in range(min(4, len(data)))])  # fixed sample rows (first images)
     batches = infinite(data, args.batch_size, seed=args.seed)
 
-    ae = GuidanceAutoEncoder(cfg, args.size).to(device)
+    ae = GuidanceAutoEncoder(cfg, args.size)
+    if args.init_weights is not None:
+        from models.train.hqgnet import init_from_torchvision
+
+        init_from_torchvision(ae.g.backbone, args.init_weights, "--init-weights")
+    ae = ae.to(device)
     opt = torch.optim.Adam(ae.parameters(), lr=args.lr, betas=(0.9, 0.999))
     prec = Precision(device, args.amp)
     ckpt = Checkpointer(args.out)
@@ -138,6 +145,7 @@ def main(args: argparse.Namespace) -> int:
         "size": args.size,
         "modality": args.modality,
         "training_data": {"hq": dataset_description(args.hq, len(hq_paths)), "lq": dataset_description(args.lq, len(lq_paths))},
+        "init_weights": str(args.init_weights) if args.init_weights else None,
         "iterations": step,
         "seconds": round(timer.seconds, 1),
         "hardware": hardware_description(device),
