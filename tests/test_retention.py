@@ -134,3 +134,27 @@ def test_undeletable_files_are_reported_and_retried(spool: Spool, monkeypatch: p
     monkeypatch.setattr(Path, "unlink", real_unlink)
     assert sweep(_config(delivered=0), spool, time.time() + 1).jobs_purged["done"] == 1
     assert not folder.exists()
+
+
+def test_running_server_applies_retention(tmp_path: Path) -> None:
+    """The node's housekeeping thread sweeps: with retention 0 days, a delivered job's files go."""
+    from dicomnode.config import parse_config
+    from dicomnode.server import Server, ServerOptions
+    from reliability import free_port, node_config, raw_object, send_raw, wait_until
+
+    cfg = parse_config(node_config(tmp_path / "var", free_port(), {"out": {"folder": str(tmp_path / "out")}},
+                                   node={"series_quiet_seconds": 0.3},
+                                   storage={"retention_days_delivered": 0, "retention_days_failed": 30}), tmp_path)
+    server = Server(cfg, options=ServerOptions(retention_interval_seconds=0.2, dispatch_poll_seconds=0.2))
+    server.start()
+    try:
+        datasets = [ct_dataset("retention", "live", i) for i in range(2)]
+        assert send_raw(server.port, [raw_object(ds) for ds in datasets], tmp_path / "raw") == [0, 0]
+        ledger = server.spool.ledger
+        wait_until(lambda: [j.purged for j in ledger.jobs("done")] == [1], 30, 0.1, "job delivered and purged")
+        job = ledger.jobs("done")[0]
+        assert not (server.spool.series_dir / f"job-{job.id}").exists()
+        assert not (server.spool.outgoing / f"job-{job.id}").exists()
+        assert len(list((tmp_path / "out").glob("*.dcm"))) == 2  # what was delivered stays delivered
+    finally:
+        server.stop(timeout=10)
