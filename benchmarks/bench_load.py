@@ -67,7 +67,8 @@ def distinct_at_pacs(folder: Path) -> tuple[int, int]:
     for path in folder.iterdir():
         if path.is_file():
             try:
-                uids.append(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+                ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+                uids.append(ds.SOPInstanceUID)
             except Exception:  # noqa: BLE001
                 continue
     return len(set(uids)), len(uids)

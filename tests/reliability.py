@@ -7,11 +7,10 @@ the modality and ``dicomnode serve`` as the node, so the tests see what a site w
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -339,14 +338,6 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
-def python() -> str:
-    return sys.executable
-
-
-def tools_present(*names: str) -> bool:
-    return all(shutil.which(n) for n in names)
-
-
 # ----------------------------------------------------------------------------------------------- raw SCU
 @dataclass(frozen=True)
 class RawObject:
@@ -442,3 +433,41 @@ def pacs_sources(folder: Path) -> set[str]:
                 continue
             out |= {str(item.ReferencedSOPInstanceUID) for item in ds.get("SourceImageSequence", [])}
     return out
+
+
+# ----------------------------------------------------------------------------------------------- ledger
+UNFINISHED_JOBS = ("collecting", "complete", "processing", "derived")
+
+
+class LedgerView:
+    """Read-only look at a running node's ledger (SQLite WAL allows a reader beside the writer)."""
+
+    def __init__(self, root: Path):
+        self.path = root / "ledger.sqlite3"
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        if not self.path.exists():
+            return []
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        try:
+            return db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError:  # schema not created yet
+            return []
+        finally:
+            db.close()
+
+    def jobs(self) -> dict[str, int]:
+        return dict(self._rows("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+
+    def deliveries(self) -> dict[str, int]:
+        return dict(self._rows("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
+
+    def instances(self) -> set[str]:
+        return {r[0] for r in self._rows("SELECT sop_uid FROM instances")}
+
+    def retried(self) -> int:
+        return self._rows("SELECT COUNT(*) FROM deliveries WHERE state='pending' AND attempts>0")[0][0]
+
+    def settled(self) -> bool:
+        jobs = self.jobs()
+        return not any(jobs.get(s) for s in UNFINISHED_JOBS) and not self.deliveries().get("pending")

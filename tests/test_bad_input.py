@@ -8,6 +8,7 @@ jobs with a reason, while the good series beside them is delivered (slow).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,7 @@ def test_unsupported_transfer_syntax_is_refused_at_negotiation(scp, tmp_path: Pa
     receiver, spool = scp
     ds = ct_dataset("bad", "ts", 0)
     private_ts = raw_object(ds)
-    private_ts = type(private_ts)(private_ts.sop_class_uid, private_ts.sop_instance_uid, "1.2.826.0.1.3680043.10.1234.99",
-                                  private_ts.body)
+    private_ts = dataclasses.replace(private_ts, transfer_syntax="1.2.826.0.1.3680043.10.1234.99")
     statuses = send_raw(receiver.port, [private_ts, raw_object(ds)], tmp_path)
     # no presentation context for the unknown syntax, so nothing could be sent with it; the
     # association stays usable for the object in a syntax the node accepts
@@ -130,8 +130,7 @@ def test_node_fails_bad_objects_as_jobs(tmp_path: Path) -> None:
     """Objects that pass the door but cannot be enhanced: failed alone or as a job, with the reason,
     never sent; the good instances beside them are delivered and the node keeps serving."""
     require_tools("storescp")
-    from reliability import NodeProcess, StoreSCP, node_config, pacs_sources, wait_until
-    from test_faults import LedgerView
+    from reliability import LedgerView, NodeProcess, StoreSCP, node_config, pacs_sources, wait_until
 
     pacs = StoreSCP(tmp_path / "pacs").start()
     cfg = node_config(tmp_path / "var", free_port(), {"pacs": {"ae_title": "PACS", "host": "127.0.0.1",

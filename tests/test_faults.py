@@ -10,7 +10,6 @@ visibly failed in the ledger; no instance may vanish and no redo may invent new 
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -19,47 +18,10 @@ import pydicom
 import pytest
 
 from conftest import require_tools
-from reliability import (NodeProcess, StoreSCP, dcmsend, free_port, node_config, tool_env, wait_until,
-                         write_series)
+from reliability import (LedgerView, NodeProcess, StoreSCP, dcmsend, free_port, node_config, tool_env,
+                         wait_until, write_series)
 
 pytestmark = pytest.mark.slow
-
-UNFINISHED_JOBS = ("collecting", "complete", "processing", "derived")
-
-
-class LedgerView:
-    """Read-only look at a running node's ledger (SQLite WAL allows a reader beside the writer)."""
-
-    def __init__(self, root: Path):
-        self.path = root / "ledger.sqlite3"
-
-    def _rows(self, sql: str, params: tuple = ()) -> list[tuple]:
-        if not self.path.exists():
-            return []
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
-        try:
-            return db.execute(sql, params).fetchall()
-        except sqlite3.OperationalError:  # schema not created yet
-            return []
-        finally:
-            db.close()
-
-    def jobs(self) -> dict[str, int]:
-        return dict(self._rows("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
-
-    def deliveries(self) -> dict[str, int]:
-        return dict(self._rows("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
-
-    def instances(self) -> set[str]:
-        return {r[0] for r in self._rows("SELECT sop_uid FROM instances")}
-
-    def retried(self) -> int:
-        return self._rows("SELECT COUNT(*) FROM deliveries WHERE state='pending' AND attempts>0")[0][0]
-
-    def settled(self) -> bool:
-        jobs = self.jobs()
-        return not any(jobs.get(s) for s in UNFINISHED_JOBS) and not self.deliveries().get("pending")
-
 
 def pacs_objects(folder: Path) -> list[pydicom.Dataset]:
     out = []

@@ -14,9 +14,8 @@ import pytest
 from pydicom.uid import MRImageStorage
 
 from conftest import require_tools
-from reliability import (NodeProcess, Patient, StoreSCP, ct_dataset, dcmsend, encoded_body, free_port, node_config,
-                         raw_object, send_raw, wait_until, write_series)
-from test_faults import LedgerView
+from reliability import (LedgerView, NodeProcess, Patient, StoreSCP, ct_dataset, dcmsend, encoded_body, free_port,
+                         node_config, raw_object, send_raw, wait_until, write_series)
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +37,8 @@ def _needles(patients: list[Patient]) -> list[str]:
         out.add(p.patient_id)
         out |= {part for part in p.patient_id.replace("\\", "/").split("/") if len(part) >= 6}
         digits = p.birth_date.replace("-", "")
-        out |= {p.birth_date, digits, f"{digits[:4]}-{digits[4:6]}-{digits[6:]}", f"{digits[6:]}.{digits[4:6]}.{digits[:4]}"}
+        out |= {p.birth_date, digits, f"{digits[:4]}-{digits[4:6]}-{digits[6:]}",
+                f"{digits[6:]}.{digits[4:6]}.{digits[:4]}"}
     return sorted(out)
 
 

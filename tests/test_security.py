@@ -216,8 +216,7 @@ def test_node_receiver_over_tls(certs: Certs, tmp_path: Path) -> None:
 def test_serve_tls_in_and_out(certs: Certs, tmp_path: Path) -> None:
     """TLS modality -> node (client certificates required) -> TLS PACS, with AE checks on top."""
     require_tools("echoscu", "storescu", "storescp")
-    from reliability import NodeProcess, node_config, pacs_sources, wait_until
-    from test_faults import LedgerView
+    from reliability import LedgerView, NodeProcess, node_config, pacs_sources, wait_until
 
     with StoreSCP(tmp_path / "pacs", certs=certs) as pacs:
         cfg = node_config(
