@@ -294,6 +294,45 @@ class _StepClock:
         return None
 
 
+def _hqgnet_argv(prep: PreparedData, work: Path, size: int, device: str, seed: int) -> list[Any]:
+    return ["--lq", prep.lq, "--hq", prep.hq, "--size", size, "--channels", prep.channels, "--seed", seed,
+            "--device", device, "--modality", prep.target, "--config", "lite", "--g", work / "g" / "g.pt",
+            "--batch-size", 4, "--half"]
+
+
+def extend_hqgnet(prep: PreparedData, work: Path, *, minutes: float, size: int, device: str, seed: int) -> dict[str, Any]:
+    """Continue the finished HQG-Net stage from its checkpoint for ``minutes`` more (resumed chunks).
+
+    For when the machine frees up after the first budget: the run goes on where it stopped (same
+    optimiser state, RNG and loss log), and the stage record adds the extra iterations and time.
+    """
+    record = work / "hqgnet" / "stage.json"
+    if not record.is_file():
+        raise SystemExit(f"{record} missing: train first (--stage train)")
+    d = json.loads(record.read_text())
+    name, out = f"hqgnet-{prep.target}", work / "hqgnet"
+    step, chunk = int(d["iterations"]), 20
+    start = time.perf_counter()
+    deadline = start + minutes * 60.0
+    while True:
+        t = time.perf_counter()
+        run_trainer("models.train.hqgnet", [*_hqgnet_argv(prep, work, size, device, seed), "--out", out,
+                                            "--iterations", step + chunk, "--name", name, "--resume",
+                                            "--val-every", chunk, "--checkpoint-every", chunk])
+        step += chunk
+        per_step = (time.perf_counter() - t) / chunk  # includes start-up: a safe overestimate
+        left = deadline - time.perf_counter()
+        if left < per_step * 10:
+            break
+        chunk = max(10, int(left / per_step * 0.9))
+    d["iterations"] = step
+    d["extended_seconds"] = round(d.get("extended_seconds", 0) + time.perf_counter() - start, 1)
+    d["budget_seconds"] = d["budget_seconds"] + minutes * 60.0
+    record.write_text(json.dumps(d))
+    log.info("%s/hqgnet extended to %d iterations", prep.target, step)
+    return d
+
+
 @dataclass
 class StageResult:
     name: str
@@ -352,8 +391,7 @@ def train_target(prep: PreparedData, work: Path, *, minutes: float, size: int, d
     results["g"] = reuse("g") or stage("g", "models.train.pretrain_g", [*data, *common, "--config", "lite", "--batch-size", 8],
                                        budget * 0.25, "g")
     results["hqgnet"] = reuse("hqgnet") or stage(
-        "hqgnet", "models.train.hqgnet",
-        [*data, *common, "--config", "lite", "--g", results["g"].weights, "--batch-size", 4, "--half"], budget, f"hqgnet-{prep.target}")
+        "hqgnet", "models.train.hqgnet", _hqgnet_argv(prep, work, size, device, seed), budget, f"hqgnet-{prep.target}")
     if baselines:
         results["stillgan"] = reuse("stillgan") or stage(
             "stillgan", "models.train.stillgan",
@@ -505,8 +543,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=128, help="training crop size, a multiple of 32 (default 128)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage", choices=("prepare", "train", "finish", "all"), default="all",
-                        help="prepare data / train / ship (guidance, evaluation, cards) / all (default)")
+    parser.add_argument("--stage", choices=("prepare", "train", "extend", "finish", "all"), default="all",
+                        help="prepare data / train / extend (continue HQG-Net for --minutes more) / "
+                             "finish (guidance, evaluation, cards) / all = prepare, train, finish (default)")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                         help="also train StillGAN and LaMEGAN for the evaluation table (default on)")
     parser.add_argument("--reuse", action="store_true", help="keep stages that already finished in --work (re-run only the rest)")
@@ -543,10 +582,19 @@ def main(args: argparse.Namespace) -> int:
         if args.stage in ("train", "all"):
             train_target(prep, work, minutes=args.minutes, size=args.size, device=args.device, seed=args.seed,
                          baselines=args.baselines, vgg=args.vgg, baseline_share=args.baseline_share, reuse_done=args.reuse)
+        if args.stage == "extend":
+            extend_hqgnet(prep, work, minutes=args.minutes, size=args.size, device=args.device, seed=args.seed)
         if args.stage in ("finish", "all"):
-            stages = json.loads((work / "stages.json").read_text())
-            for v in stages.values():  # paths recorded on the training machine: re-anchor under this work dir
-                v["weights"] = str(work / Path(v["weights"]).parent.name / Path(v["weights"]).name)
+            stages = {}
+            for key in ("g", "hqgnet", "stillgan", "lamegan"):
+                record = work / key / "stage.json"
+                if record.is_file():
+                    v = json.loads(record.read_text())
+                    # paths recorded on the training machine: re-anchor under this work dir
+                    v["weights"] = str(work / key / Path(v["weights"]).name)
+                    stages[key] = v
+            if "hqgnet" not in stages:
+                raise SystemExit(f"no finished HQG-Net stage in {work}: run --stage train first")
             card = finish_target(prep, work, args.weights_dir, stages)
             print(f"\n{target}: shipped {args.weights_dir / f'hqgnet-{target}.pt'} "
                   f"(guidance: {', '.join(card['shipped']['guidance'])}) in {time.perf_counter() - t0:.0f} s")
