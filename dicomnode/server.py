@@ -309,6 +309,9 @@ class Server:
             guidance=vector, guidance_id=guidance_id, batch_size=model.batch_size,
         )
         failures = "; ".join(f"{Path(src).name}: {reason}" for src, reason in result.failed)
+        for src, reason in result.failed:  # a copy for inspection; nothing derived is sent from it
+            if Path(src).is_file():
+                self.spool.quarantine(Path(src), f"job {job.id}: {Path(src).name} not enhanced: {reason}", keep_source=True)
         timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
         if not result.outputs:
             ledger.set_job(

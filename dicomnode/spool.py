@@ -254,11 +254,21 @@ class Spool:
             )
         return int(job_id), final
 
-    def quarantine(self, data: bytes | memoryview | Path, reason: str) -> Path:
-        """Keep bytes we could not understand, with the reason beside them, for a human to look at."""
+    def quarantine(self, data: bytes | memoryview | Path, reason: str, *, keep_source: bool = False) -> Path:
+        """Keep bytes we could not understand, with the reason beside them, for a human to look at.
+
+        ``keep_source`` leaves a spooled file where it is (the ledger still points at it) and puts a
+        hard link, or a copy across file systems, in quarantine instead of moving it.
+        """
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.dcm"
         target = self.quarantine_dir / name
-        if isinstance(data, Path):
+        if isinstance(data, Path) and keep_source:
+            try:
+                os.link(data, target)
+            except OSError:
+                shutil.copyfile(data, target)
+                os.chmod(target, FILE_MODE)
+        elif isinstance(data, Path):
             os.replace(data, target)
             os.chmod(target, FILE_MODE)
         else:

@@ -165,6 +165,10 @@ def test_node_fails_bad_objects_as_jobs(tmp_path: Path) -> None:
             # the bytes stay in the job's folder for a human (until storage.retention_days_failed)
             kept = {p.stem for p in (tmp_path / "var" / "series").rglob("*.dcm")}
             assert {ds.SOPInstanceUID for ds in allbad} | {truncated.SOPInstanceUID, jpeg.SOPInstanceUID} <= kept
+            # ...and a copy of each goes to quarantine with its reason
+            reasons = "\n".join(_quarantined(Spool(tmp_path / "var")).values())
+            for bad in allbad + [truncated, no_pixels, jpeg]:
+                assert f"{bad.SOPInstanceUID}.dcm" in reasons
             # the node still serves a good series after all that
             after = [ct_dataset("badjob", "after", i) for i in range(2)]
             assert send_raw(node.port, [raw_object(ds) for ds in after], tmp_path / "after") == [0, 0]
