@@ -85,6 +85,10 @@ class HQGNetConfig:
     style_hidden: int = 512  # hidden width of the MLP v_c -> (gamma, beta); 0 = one linear layer
     disc_width: int = 64  # PatchGAN ndf
     disc_layers: int = 3  # PatchGAN strided layers (3 -> 70x70 patches)
+    # Normalisation + LeakyReLU after each decoder residual block (Eq. 3) and head conv: "group" (GroupNorm,
+    # 8 groups) or "none". The presets use "group"; "none" is the default only so that cards written before
+    # it existed rebuild the network they were trained with.
+    norm: str = "none"
 
     def __post_init__(self) -> None:
         self.dec_channels = tuple(int(c) for c in self.dec_channels)  # type: ignore[assignment]
@@ -96,6 +100,8 @@ class HQGNetConfig:
                 raise ValueError(f"unknown backbone {arch!r}; known: {', '.join(ARCHS)}")
         if len(self.dec_channels) != 4 or len(self.head_channels) != 2:
             raise ValueError("dec_channels needs 4 widths (levels 1..4) and head_channels 2")
+        if self.norm not in ("group", "none"):
+            raise ValueError(f"norm must be 'group' or 'none', got {self.norm!r}")
 
     @property
     def cond_dim(self) -> int:
@@ -123,7 +129,7 @@ class HQGNetConfig:
 
 def hqgnet_paper(channels: int = 3) -> HQGNetConfig:
     """The paper's configuration: ResNet-18 G, ResNet-50 E_e, constant 512-channel decoder."""
-    return HQGNetConfig(name="paper", channels=channels)
+    return HQGNetConfig(name="paper", channels=channels, norm="group")
 
 
 def hqgnet_lite(channels: int = 1) -> HQGNetConfig:
@@ -135,6 +141,7 @@ def hqgnet_lite(channels: int = 1) -> HQGNetConfig:
     return HQGNetConfig(
         name="lite", channels=channels, g_arch="resnet18", g_width=32, enc_arch="resnet18", enc_width=32,
         dec_channels=(64, 96, 128, 128), head_channels=(32, 16), style_hidden=64, disc_width=32, disc_layers=3,
+        norm="group",
     )
 
 
@@ -146,6 +153,13 @@ def config_by_name(name: str, channels: int) -> HQGNetConfig:
         return CONFIGS[name](channels)
     except KeyError:
         raise ValueError(f"unknown HQG-Net config {name!r}; known: {', '.join(CONFIGS)}") from None
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    """GroupNorm (batch-size independent, same in training and inference) or nothing."""
+    if kind == "none":
+        return nn.Identity()
+    return nn.GroupNorm(8 if channels % 8 == 0 else 1, channels)
 
 
 def _backbone(arch: str, channels: int, width: int, num_classes: int | None) -> ResNet:
@@ -297,12 +311,18 @@ class Generator(nn.Module):
         self.conv4 = nn.Conv2d(f[3], d[3], 3, padding=1)  # r_4 = conv3(f_4)
         self.squeeze = nn.ModuleList([nn.Conv2d(d[k + 1] + f[k], d[k], 1) for k in range(3)])  # conv1, levels 1..3
         self.conv = nn.ModuleList([nn.Conv2d(d[k], d[k], 3, padding=1) for k in range(3)])  # conv3, levels 1..3
+        # Norm + LReLU closing each residual block: without it the unnormalised skip path r_k -> h_k lets
+        # feature magnitudes grow ~100x within the first tens of steps and the output saturates.
+        self.post = nn.ModuleList([
+            nn.Sequential(_norm(cfg.norm, d[k]), nn.LeakyReLU(0.2, inplace=True)) if cfg.norm != "none" else nn.Identity()
+            for k in range(4)
+        ])
         self.vin = nn.ModuleList([VIN(d[k], cfg.cond_dim, cfg.style_hidden) for k in range(4)])
         h2, h1 = cfg.head_channels
         stem = self.encoder.stem_channels
         self.reduce = nn.Conv2d(d[0], h2, 1)  # narrow before leaving stride 4: full-res convs dominate the cost
-        self.head2 = nn.Sequential(nn.Conv2d(h2 + stem, h2, 3, padding=1), nn.LeakyReLU(0.2, inplace=True))
-        self.head1 = nn.Sequential(nn.Conv2d(h2 + cfg.channels, h1, 3, padding=1), nn.LeakyReLU(0.2, inplace=True))
+        self.head2 = nn.Sequential(nn.Conv2d(h2 + stem, h2, 3, padding=1), _norm(cfg.norm, h2), nn.LeakyReLU(0.2, inplace=True))
+        self.head1 = nn.Sequential(nn.Conv2d(h2 + cfg.channels, h1, 3, padding=1), _norm(cfg.norm, h1), nn.LeakyReLU(0.2, inplace=True))
         self.out = nn.Conv2d(h1, cfg.channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
@@ -327,10 +347,10 @@ class Generator(nn.Module):
         if v_z.shape[0] == 1 and y.shape[0] > 1:
             v_z = v_z.expand(y.shape[0], -1)
         v_c = torch.cat([v_z.to(v_y.dtype), v_y], dim=1)
-        h = self.vin[3](self.conv4(f4), v_c)
+        h = self.vin[3](self.post[3](self.conv4(f4)), v_c)
         for k in (2, 1, 0):
             up = F.interpolate(h, size=feats[k].shape[-2:], mode="bilinear", align_corners=False)
-            r = self.conv[k](self.squeeze[k](torch.cat([up, feats[k]], dim=1)))
+            r = self.post[k](self.conv[k](self.squeeze[k](torch.cat([up, feats[k]], dim=1))))
             h = self.vin[k](r, v_c)
         x = F.interpolate(self.reduce(h), size=stem.shape[-2:], mode="bilinear", align_corners=False)
         x = self.head2(torch.cat([x, stem], dim=1))

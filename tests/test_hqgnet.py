@@ -180,6 +180,11 @@ def test_config_round_trip_and_errors():
         HQGNetConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="channels"):
         HQGNetConfig(channels=2)
+    # Cards written before the decoder normalisation existed rebuild the un-normalised network.
+    old = HQGNetConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "norm"})
+    assert cfg.norm == "group" and old.norm == "none"
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in build_hqgnet(old).modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in build_hqgnet(cfg).gen.modules())
     with pytest.raises(ValueError, match="multiples of 32"):
         build_hqgnet(cfg).gen(torch.rand(1, 3, 40, 64), torch.zeros(1, 64))
 
