@@ -155,3 +155,18 @@ def test_backbones_start_from_torchvision_weights(tmp_path):
         init_from_torchvision(lite, path, "--init-weights")
     with pytest.raises(SystemExit, match="not found"):
         init_from_torchvision(lite, tmp_path / "missing.pth", "--encoder-weights")
+
+
+def test_resume_keeps_the_checkpoints_architecture(tmp_path):
+    from dataclasses import replace
+
+    from models.train.hqgnet import resumed_config
+
+    preset = hqgnet_lite(1)
+    path = tmp_path / "checkpoint_last.pt"
+    assert resumed_config(path, preset) == preset  # nothing to resume: the preset
+    torch.save({"step": 5, "modules": {"net": {"gen.conv.0.weight": torch.zeros(1)}}, "extra": {}}, path)
+    assert resumed_config(path, preset).norm == "none"  # written before the decoder normalisation existed
+    stored = replace(preset, dec_channels=(32, 32, 64, 64))
+    torch.save({"step": 5, "modules": {"net": {}}, "extra": {"config": stored.to_dict()}}, path)
+    assert resumed_config(path, preset) == stored

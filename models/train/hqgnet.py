@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from models.hqgnet import (
     STRIDE,
     HQGNet,
+    HQGNetConfig,
     LossWeights,
     build_discriminator,
     clamp_rho_,
@@ -80,8 +82,6 @@ def load_pretrained_g(net: HQGNet, path: Path) -> dict[str, Any]:
         raise SystemExit(f"--g: {exc}") from None
     if card.get("kind") != "hqgnet-g":
         raise SystemExit(f"--g: {path} is a {card.get('kind')!r} model, not G weights from `dicomnode train pretrain-g`")
-    from models.hqgnet import HQGNetConfig
-
     theirs = HQGNetConfig.from_dict(card["config"]).g_signature()
     ours = net.cfg.g_signature()
     if theirs != ours:
@@ -104,6 +104,23 @@ def init_from_torchvision(backbone: torch.nn.Module, path: Path, flag: str) -> N
     log.info("%s: backbone initialised from %s", flag, path)
 
 
+def resumed_config(path: Path, preset: HQGNetConfig) -> HQGNetConfig:
+    """The architecture a checkpoint was trained with, so --resume continues that network even when the
+    preset changed since (checkpoints from before configs were stored lack the decoder normalisation)."""
+    if not path.is_file():
+        return preset  # Checkpointer.load reports the missing checkpoint
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    stored = state.get("extra", {}).get("config")
+    if stored:
+        cfg = HQGNetConfig.from_dict(dict(stored))
+    else:
+        keys = state.get("modules", {}).get("net", {})
+        cfg = replace(preset, norm="group" if any(k.startswith("gen.post.") for k in keys) else "none")
+    if cfg != preset:
+        log.warning("--resume: continuing the architecture stored in %s (%s), not the current %r preset", path, cfg.to_dict(), preset.name)
+    return cfg
+
+
 def main(args: argparse.Namespace) -> int:
     if args.size % STRIDE:
         raise SystemExit(f"--size must be a multiple of {STRIDE}, got {args.size}")
@@ -115,6 +132,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(str(exc)) from None
     channels = args.channels or infer_channels(lq_paths)
     cfg = config_by_name(args.config, channels)
+    if args.resume:
+        cfg = resumed_config(args.out / "checkpoint_last.pt", cfg)
     weights = LossWeights(args.lambda1, args.lambda2, args.lambda3)
     try:
         lq_data = ImageFolder(lq_paths, args.size, channels, masks=args.masks, seed=args.seed)
@@ -204,7 +223,7 @@ def main(args: argparse.Namespace) -> int:
                 save_sample_grid(args.out / "samples" / f"step_{step:06d}.png", [val_y, out, val_z], ["LQ input", "enhanced", "HQ guidance"])
                 set_train()
             if step % args.checkpoint_every == 0 or step == args.iterations:
-                ckpt.save(step, modules, optimizers)
+                ckpt.save(step, modules, optimizers, extra={"config": cfg.to_dict()})
 
     net.eval()
     with torch.no_grad():  # mean HQ guidance vector: a ready default for the node's per-modality cache
