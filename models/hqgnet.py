@@ -27,6 +27,9 @@ What the paper leaves open, and what we chose (``docs/hqgnet.md`` has the full l
   and predict a residual in logit space: x_hat = sigmoid(logit(y) + delta). Its last conv starts at
   zero, so training starts from the identity map, which keeps structure from the first step and
   keeps the output in the input's [0, 1] range.
+- GroupNorm + LeakyReLU close each decoder residual block and head conv (``norm="group"``): with the
+  bare conv1 -> conv3 of Eq. 3 the unnormalised skip path let features grow ~100x in 40 steps and the
+  output saturated (docs/hqgnet.md).
 - rho is one value per channel (as in U-GAT-IT); gamma = 1 + MLP(v_c) so that AdaLIN starts as a
   plain normalisation.
 - Any input size at inference: frames are reflect-padded to a multiple of 32 (the encoder's
