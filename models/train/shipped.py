@@ -520,7 +520,8 @@ def write_human_card(weights: Path, card: dict[str, Any]) -> Path:
         f"- hardware: {s['hardware']}",
         *[f"- {k}: {v['iterations']} iterations at {v['steps_per_second']:.2f} steps/s (budget {v['budget_seconds']} s)"
           for k, v in s["training"].items()],
-        f"- total HQG-Net time: {card.get('seconds')} s; final losses: "
+        f"- last HQG-Net training segment: {card.get('seconds')} s (the per-stage lines above give the whole run); "
+        "mean losses of its last 50 steps: "
         + ", ".join(f"{k} {v:.4f}" for k, v in (card.get("final_losses") or {}).items()),
         "- These are short runs (minutes, not the paper's full schedule): expect a modest model.",
         f"- re-train: `{s['retrain']}` (or `make weights`)",
