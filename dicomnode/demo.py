@@ -78,7 +78,7 @@ def synthetic_ccm(size: int = 384, seed: int = 0) -> np.ndarray:
     return np.clip(img / max(float(img.max()), 1e-6) * 0.85, 0, 1).astype(np.float32)
 
 
-def degraded_retina(size: int = 768) -> np.ndarray:
+def degraded_retina(size: int = 512) -> np.ndarray:
     """scikit-image's retina photograph, downscaled, darkened and unevenly lit (a poor acquisition)."""
     from skimage import data as skdata
     from skimage.transform import resize
