@@ -38,7 +38,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -383,9 +383,9 @@ def train_target(prep: PreparedData, work: Path, *, minutes: float, size: int, d
         if not reuse_done or not done.is_file():
             return None
         d = json.loads(done.read_text())
-        d.pop("seconds", None)
+        known = {f.name for f in fields(StageResult)}
         log.info("%s/%s: reusing the finished stage in %s", prep.target, key, done.parent)
-        return StageResult(**{**d, "weights": Path(d["weights"])})
+        return StageResult(**{k: v for k, v in d.items() if k in known and k != "weights"}, weights=Path(d["weights"]))
 
     budget = minutes * 60.0
     results["g"] = reuse("g") or stage("g", "models.train.pretrain_g", [*data, *common, "--config", "lite", "--batch-size", 8],
