@@ -485,8 +485,10 @@ def finish_target(prep: PreparedData, work: Path, weights_dir: Path, stages: dic
     card["shipped"] = {
         "target": prep.target,
         "data": {"sources": prep.sources, "counts": prep.counts},
-        "training": {k: {"iterations": v["iterations"], "steps_per_second": round(v["steps_per_second"], 3),
-                         "budget_seconds": round(v["budget_seconds"])} for k, v in stages.items()},
+        "training": {k: {"iterations": v["iterations"],
+                         "steps_per_second": round(v["steps_per_second"], 3) if v.get("steps_per_second") else None,
+                         "budget_seconds": round(v["budget_seconds"]) if v.get("budget_seconds") else None,
+                         "stopped_early": bool(v.get("stopped_early"))} for k, v in stages.items()},
         "hardware": card.get("hardware"),
         "guidance": guidance_info,
         "guidance_measurement": default.measurements,
@@ -518,7 +520,9 @@ def write_human_card(weights: Path, card: dict[str, Any]) -> Path:
         "## Training",
         "",
         f"- hardware: {s['hardware']}",
-        *[f"- {k}: {v['iterations']} iterations at {v['steps_per_second']:.2f} steps/s (budget {v['budget_seconds']} s)"
+        *[f"- {k}: {v['iterations']} iterations" + (
+            " (stopped at the run's time limit; exported from its last checkpoint)" if v.get("stopped_early")
+            else f" at {v['steps_per_second']:.2f} steps/s (budget {v['budget_seconds']} s)")
           for k, v in s["training"].items()],
         f"- last HQG-Net training segment: {card.get('seconds')} s (the per-stage lines above give the whole run); "
         "mean losses of its last 50 steps: "
@@ -613,8 +617,8 @@ def main(args: argparse.Namespace) -> int:
                     card = json.loads(exported.with_suffix(".json").read_text())
                     its = int(card.get("training", {}).get("iterations", 0))
                     secs = float(card.get("training", {}).get("seconds", 0.0))
-                    stages[key] = {"weights": str(exported), "iterations": its, "budget_seconds": secs,
-                                   "steps_per_second": its / secs if secs else 0.0}
+                    stages[key] = {"weights": str(exported), "iterations": its, "budget_seconds": None,
+                                   "steps_per_second": its / secs if secs else None, "stopped_early": True}
             if "hqgnet" not in stages:
                 raise SystemExit(f"no finished HQG-Net stage in {work}: run --stage train first")
             card = finish_target(prep, work, args.weights_dir, stages)
