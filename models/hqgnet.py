@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.backbones.resnet import ARCHS, ResNet
+from models.padding import pad_to_multiple
 
 __all__ = [
     "HQGNetConfig",
@@ -169,18 +170,6 @@ def _backbone(arch: str, channels: int, width: int, num_classes: int | None) -> 
     return ARCHS[arch](in_channels=channels, base_width=width, num_classes=num_classes)
 
 
-def pad_to_multiple(x: Tensor, multiple: int = STRIDE) -> tuple[Tensor, tuple[int, int]]:
-    """Pad (N, C, H, W) at the bottom/right to a multiple of ``multiple``; returns (padded, (H, W)).
-
-    Reflect padding continues the image's own texture, so no dark border leaks into the
-    normalisation statistics; it needs pad < size, so tiny frames fall back to edge replication.
-    """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x, (h, w)
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
 
 
 class AdaLIN(nn.Module):
@@ -397,7 +386,7 @@ class HQGNet(nn.Module):
 
     def enhance(self, x: Tensor, v_z: Tensor) -> Tensor:
         """Enhance LQ images (N, C, H, W) in [0, 1] of any size, guided by v_z ((N or 1), 64)."""
-        xp, (h, w) = pad_to_multiple(x)
+        xp, (h, w) = pad_to_multiple(x, STRIDE)
         out, _ = self.gen(xp, v_z)
         return out[..., :h, :w]
 

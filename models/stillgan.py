@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.padding import pad_to_multiple
+
 VERSION = "1.0"
 # Paper weights (Sec. IV-B): cycle 10, identity 5, illumination alpha 1, structure beta 5.
 LAMBDA_CYCLE = 10.0
@@ -38,18 +40,6 @@ ALPHA_ILLUMINATION = 1.0
 BETA_STRUCTURE = 5.0
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad (B, C, H, W) at the bottom/right to multiples of ``multiple``; returns (padded, (H, W)).
-
-    Reflection avoids a dark frame that a network would treat as content; where the padding is
-    at least as large as the image (tiny inputs) reflection is impossible and edges are replicated.
-    """
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph == 0 and pw == 0:
-        return x, (h, w)
-    mode = "reflect" if ph < h and pw < w else "replicate"
-    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

@@ -1,0 +1,26 @@
+"""Padding frames to the multiple an encoder-decoder needs, and nothing more.
+
+Every generator here down-samples by a power of two (HQG-Net by 32, StillGAN's ResUNet by
+2**depth, LaMEGAN by 4), yet the node must take frames of any size; they are padded at the
+bottom/right and the output is cropped back to the original size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad (N, C, H, W) at the bottom/right to a multiple of ``multiple``; returns (padded, (H, W)).
+
+    Reflect padding continues the image's own texture, so no dark border leaks into normalisation
+    statistics or is taken for content; it needs pad < size, so tiny frames fall back to edge
+    replication.
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if ph == 0 and pw == 0:
+        return x, (h, w)
+    mode = "reflect" if ph < h and pw < w else "replicate"
+    return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
