@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dicomnode.config import ConfigError, NodeConfig, load_config
+from dicomnode.cli.common import count, expand_paths
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,13 +67,10 @@ def check_config_main(args: argparse.Namespace) -> int:
     if config is None:
         print("\n".join(problems), file=sys.stderr)
         return 1
-    print(f"OK: {_count(len(config.rules), 'rule')}, {_count(len(config.models), 'model')}, "
-          f"{_count(len(config.destinations), 'destination')}")
+    print(f"OK: {count(len(config.rules), 'rule')}, {count(len(config.models), 'model')}, "
+          f"{count(len(config.destinations), 'destination')}")
     return 0
 
-
-def _count(n: int, noun: str, plural: str | None = None) -> str:
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 # --------------------------------------------------------------------------- route (dry run)
@@ -85,13 +82,6 @@ class _Series:
     paths: list[Path] = field(default_factory=list)
     tags: list[dict[str, Any]] = field(default_factory=list)
 
-
-def _expand(paths: Iterable[Path]) -> Iterator[Path]:
-    for path in paths:
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
-        else:
-            yield path
 
 
 def route_main(args: argparse.Namespace) -> int:
@@ -108,7 +98,7 @@ def route_main(args: argparse.Namespace) -> int:
     keywords = routing_keywords(config)
     if CALLING_AET in keywords and not args.calling_aet:
         print(f"note: some rules match {CALLING_AET}; without --calling-aet the sender is taken as empty")
-    files = list(_expand(args.paths))
+    files = list(expand_paths(args.paths))
     series: dict[str, _Series] = {}
     skipped: list[tuple[Path, str]] = []
     for path in tqdm(files, desc="reading headers", unit="file", disable=None, leave=False):
@@ -127,7 +117,7 @@ def route_main(args: argparse.Namespace) -> int:
         decision = decide(config, entry.tags, args.calling_aet)
         actions[decision.action] += 1
         modality = entry.tags[0].get("Modality") or "?"
-        print(f"Series {entry.uid} (Modality {modality}, {_count(len(entry.paths), 'instance')})")
+        print(f"Series {entry.uid} (Modality {modality}, {count(len(entry.paths), 'instance')})")
         if decision.rule is None:
             what = f"no rule matched -> unmatched policy: {config.unmatched.action}"
         else:
@@ -150,7 +140,7 @@ def route_main(args: argparse.Namespace) -> int:
                 print(f"  not matched (left alone): {', '.join(others)}")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
-    print(f"{_count(len(files), 'file')}, {_count(len(series), 'series', 'series')}: "
+    print(f"{count(len(files), 'file')}, {count(len(series), 'series', 'series')}: "
           f"{actions['enhance']} enhance, {actions['forward']} forward, {actions['ignore']} ignore"
           + (f"; {len(skipped)} skipped" if skipped else ""))
     return 0 if series else 1

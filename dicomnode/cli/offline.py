@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dicomnode.cli.common import count, expand_paths
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -57,16 +58,6 @@ class _Outcome:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _expand(paths: Iterable[Path]) -> Iterator[Path]:
-    for path in paths:
-        if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
-        else:
-            yield path
-
-
-def _count(n: int, noun: str, plural: str | None = None) -> str:
-    return f"{n} {noun if n == 1 else plural or noun + 's'}"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -97,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
     keywords = route.routing_keywords(config) | {"Modality"}
-    files = list(_expand(args.inputs))
+    files = list(expand_paths(args.inputs))
     series: dict[str, _Series] = {}
     skipped: list[tuple[Path, str]] = []
     for path in tqdm(files, desc="reading headers", unit="file", disable=None, leave=False):
@@ -164,7 +155,7 @@ def _report(plans: list[tuple[_Outcome, list[Path]]], skipped: list[tuple[Path, 
     for outcome, _chosen in plans:
         entry = outcome.series
         modality = entry.tags[0].get("Modality") or "?"
-        head = f"Series {entry.uid} (Modality {modality}, {_count(len(entry.paths), 'instance')})"
+        head = f"Series {entry.uid} (Modality {modality}, {count(len(entry.paths), 'instance')})"
         # no rule but "enhance" can only come from --model; the unmatched policy forwards or ignores
         via = f"rule {outcome.rule!r}" if outcome.rule else ("--model" if outcome.action == "enhance" else "no rule matched")
         if outcome.action == "enhance":
@@ -185,7 +176,7 @@ def _report(plans: list[tuple[_Outcome, list[Path]]], skipped: list[tuple[Path, 
         print(f"skipped {path}: {reason}")
     enhanced_series = sum(1 for o, _ in plans if o.action == "enhance")
     print(
-        f"{_count(len(files), 'file')}, {_count(len(plans), 'series', 'series')} ({enhanced_series} to enhance): "
+        f"{count(len(files), 'file')}, {count(len(plans), 'series', 'series')} ({enhanced_series} to enhance): "
         f"{written} written to {out}, {failed} failed"
         + (f", {len(skipped)} skipped" if skipped else "")
         + f" in {elapsed:.1f} s"
