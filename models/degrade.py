@@ -163,14 +163,26 @@ def degrade(
     *,
     severity: float = 1.0,
     pool: Sequence[str] | str | None = None,
+    field: np.ndarray | None = None,
 ) -> np.ndarray:
-    """A degraded copy of ``image`` as float32 in [0, 1], same shape; same seed = same damage."""
+    """A degraded copy of ``image`` as float32 in [0, 1], same shape; same seed = same damage.
+
+    ``field`` (a boolean field-of-view mask, :func:`models.fov.fov_mask`) limits the damage to the
+    imaged field: a fundus camera's or endoscope's black surround receives no light, so haze or
+    noise in the eye or the bowel does not lift it.
+    """
     if severity < 0:
         raise ValueError(f"severity must be >= 0, got {severity}")
-    img = to_float(image)
+    clean = to_float(image)
+    img = clean
     rng = np.random.default_rng(seed)
     for step in plan(kind, seed, pool):
         img = DEGRADATIONS[step](img, rng, severity)
+    if field is not None:
+        m = np.asarray(field, dtype=bool)
+        if m.shape != clean.shape[:2]:
+            raise ValueError(f"field mask shape {m.shape} does not match the image {clean.shape[:2]}")
+        img = np.where(m[..., None] if img.ndim == 3 else m, img, clean)
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 

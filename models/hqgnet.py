@@ -70,6 +70,22 @@ __all__ = [
 ]
 
 STRIDE = 32  # total down-sampling of the ResNet encoders
+MARGIN = 16  # reflect padding on every side at inference: border effects of zero-padded convs fall outside the frame
+
+
+def pad_margin(x: Tensor, margin: int, multiple: int) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """Reflect-pad (N, C, H, W) by ``margin`` on all sides and to a multiple of ``multiple``.
+
+    Returns the padded tensor and (top, left, H, W) to crop the result back. Reflection needs the
+    pad to be smaller than the side, so tiny frames are padded in steps (reflect, then replicate).
+    """
+    h, w = x.shape[-2:]
+    ph, pw = (-(h + 2 * margin)) % multiple, (-(w + 2 * margin)) % multiple
+    top, left = margin + ph // 2, margin + pw // 2
+    bottom, right = margin + ph - ph // 2, margin + pw - pw // 2
+    if max(top, bottom) < h and max(left, right) < w:
+        return F.pad(x, (left, right, top, bottom), mode="reflect"), (top, left, h, w)
+    return F.pad(x, (left, right, top, bottom), mode="replicate"), (top, left, h, w)
 
 
 @dataclass
@@ -93,6 +109,13 @@ class HQGNetConfig:
     # 8 groups) or "none". The presets use "group"; "none" is the default only so that cards written before
     # it existed rebuild the network they were trained with.
     norm: str = "none"
+    # Output head. "image": convs back to full resolution predicting a residual in logit space (the first
+    # shipped models). "affine": a per-pixel affine tone map (log-gain and offset per channel) predicted at
+    # stride ``field_stride`` and bilinearly up-sampled, x_hat = exp(s) * y + b. The fields are smooth by
+    # construction, so fine structure comes from the input and cannot be invented, and the same fields can
+    # be computed at a working resolution and applied to a larger frame.
+    head: str = "image"
+    field_stride: int = 8
 
     def __post_init__(self) -> None:
         self.dec_channels = tuple(int(c) for c in self.dec_channels)  # type: ignore[assignment]
@@ -106,6 +129,10 @@ class HQGNetConfig:
             raise ValueError("dec_channels needs 4 widths (levels 1..4) and head_channels 2")
         if self.norm not in ("group", "none"):
             raise ValueError(f"norm must be 'group' or 'none', got {self.norm!r}")
+        if self.head not in ("image", "affine"):
+            raise ValueError(f"head must be 'image' or 'affine', got {self.head!r}")
+        if self.field_stride not in (4, 8, 16, 32):
+            raise ValueError(f"field_stride must be 4, 8, 16 or 32, got {self.field_stride}")
 
     @property
     def cond_dim(self) -> int:
@@ -133,7 +160,7 @@ class HQGNetConfig:
 
 def hqgnet_paper(channels: int = 3) -> HQGNetConfig:
     """The paper's configuration: ResNet-18 G, ResNet-50 E_e, constant 512-channel decoder."""
-    return HQGNetConfig(name="paper", channels=channels, norm="group")
+    return HQGNetConfig(name="paper", channels=channels, norm="group", head="affine")
 
 
 def hqgnet_lite(channels: int = 1) -> HQGNetConfig:
@@ -145,7 +172,7 @@ def hqgnet_lite(channels: int = 1) -> HQGNetConfig:
     return HQGNetConfig(
         name="lite", channels=channels, g_arch="resnet18", g_width=32, enc_arch="resnet18", enc_width=32,
         dec_channels=(64, 96, 128, 128), head_channels=(32, 16), style_hidden=64, disc_width=32, disc_layers=3,
-        norm="group",
+        norm="group", head="affine",
     )
 
 
@@ -311,11 +338,16 @@ class Generator(nn.Module):
         ])
         self.vin = nn.ModuleList([VIN(d[k], cfg.cond_dim, cfg.style_hidden) for k in range(4)])
         h2, h1 = cfg.head_channels
-        stem = self.encoder.stem_channels
-        self.reduce = nn.Conv2d(d[0], h2, 1)  # narrow before leaving stride 4: full-res convs dominate the cost
-        self.head2 = nn.Sequential(nn.Conv2d(h2 + stem, h2, 3, padding=1), _norm(cfg.norm, h2), nn.LeakyReLU(0.2, inplace=True))
-        self.head1 = nn.Sequential(nn.Conv2d(h2 + cfg.channels, h1, 3, padding=1), _norm(cfg.norm, h1), nn.LeakyReLU(0.2, inplace=True))
-        self.out = nn.Conv2d(h1, cfg.channels, 3, padding=1)
+        if cfg.head == "affine":
+            # (log-gain, offset) per channel at stride 4, pooled to field_stride; last conv starts at zero = identity.
+            self.field = nn.Sequential(nn.Conv2d(d[0], h2, 3, padding=1), _norm(cfg.norm, h2), nn.LeakyReLU(0.2, inplace=True))
+            self.out = nn.Conv2d(h2, 2 * cfg.channels, 3, padding=1)
+        else:
+            stem = self.encoder.stem_channels
+            self.reduce = nn.Conv2d(d[0], h2, 1)  # narrow before leaving stride 4: full-res convs dominate the cost
+            self.head2 = nn.Sequential(nn.Conv2d(h2 + stem, h2, 3, padding=1), _norm(cfg.norm, h2), nn.LeakyReLU(0.2, inplace=True))
+            self.head1 = nn.Sequential(nn.Conv2d(h2 + cfg.channels, h1, 3, padding=1), _norm(cfg.norm, h1), nn.LeakyReLU(0.2, inplace=True))
+            self.out = nn.Conv2d(h1, cfg.channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
@@ -323,8 +355,8 @@ class Generator(nn.Module):
         """v_y = FC_e(E_e(y)) (also used on x_hat in L_FC, Eq. 8)."""
         return self.encoder.head(self.encoder(y)[3])
 
-    def forward(self, y: Tensor, v_z: Tensor) -> tuple[Tensor, Tensor]:
-        """(x_hat, v_c) for an LQ batch ``y`` (sides multiple of 32) and guidance ``v_z`` (N or 1, 64)."""
+    def _decode(self, y: Tensor, v_z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Encoder + VIN decoder: (h_1 at stride 4, stem features at stride 2, v_c)."""
         if y.shape[-1] % STRIDE or y.shape[-2] % STRIDE:
             raise ValueError(f"generator input sides must be multiples of {STRIDE}, got {tuple(y.shape[-2:])}; use HQGNet.enhance")
         stem = self.encoder.stem(y)
@@ -344,6 +376,25 @@ class Generator(nn.Module):
             up = F.interpolate(h, size=feats[k].shape[-2:], mode="bilinear", align_corners=False)
             r = self.post[k](self.conv[k](self.squeeze[k](torch.cat([up, feats[k]], dim=1))))
             h = self.vin[k](r, v_c)
+        return h, stem, v_c
+
+    def fields(self, y: Tensor, v_z: Tensor) -> tuple[Tensor, Tensor]:
+        """Affine head only: (fields (N, 2C, H/s, W/s) = log-gain then offset per channel, v_c)."""
+        if self.cfg.head != "affine":
+            raise ValueError("fields() needs the affine head (cfg.head == 'affine')")
+        h, _, v_c = self._decode(y, v_z)
+        f = self.out(self.field(h)).float()
+        pool = self.cfg.field_stride // 4
+        if pool > 1:
+            f = F.avg_pool2d(f, pool, ceil_mode=True)
+        return f, v_c
+
+    def forward(self, y: Tensor, v_z: Tensor) -> tuple[Tensor, Tensor]:
+        """(x_hat, v_c) for an LQ batch ``y`` (sides multiple of 32) and guidance ``v_z`` (N or 1, 64)."""
+        if self.cfg.head == "affine":
+            f, v_c = self.fields(y, v_z)
+            return apply_fields(y, f), v_c
+        h, stem, v_c = self._decode(y, v_z)
         x = F.interpolate(self.reduce(h), size=stem.shape[-2:], mode="bilinear", align_corners=False)
         x = self.head2(torch.cat([x, stem], dim=1))
         x = F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=False)
@@ -351,6 +402,22 @@ class Generator(nn.Module):
         delta = self.out(x).float()
         base = torch.logit(y.float().clamp(1e-3, 1 - 1e-3))
         return torch.sigmoid(base + delta).to(y.dtype), v_c
+
+
+def apply_fields(y: Tensor, fields: Tensor) -> Tensor:
+    """x_hat = exp(s) * y + b with (s, b) up-sampled from ``fields`` to y's size, clipped to [0, 1].
+
+    The clip passes gradients straight through, so a saturated output can still be pulled back.
+    ``fields`` may come from a smaller (working-resolution) copy of ``y``: they are smooth, so
+    up-sampling them carries the correction to the full frame without touching its detail.
+    """
+    c = y.shape[1]
+    if fields.shape[1] != 2 * c:
+        raise ValueError(f"fields need {2 * c} channels for a {c}-channel image, got {fields.shape[1]}")
+    f = F.interpolate(fields.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
+    log_gain, offset = f[:, :c].clamp(-3.0, 3.0), f[:, c:]
+    out = y.float() * torch.exp(log_gain) + offset
+    return (out + (out.clamp(0.0, 1.0) - out).detach()).to(y.dtype)
 
 
 class PatchDiscriminator(nn.Module):
@@ -384,11 +451,32 @@ class HQGNet(nn.Module):
         """v_z = G(z) for HQ images (N, C, H, W) in [0, 1] -> (N, guidance_dim); any size (G pools globally)."""
         return self.g(images)
 
-    def enhance(self, x: Tensor, v_z: Tensor) -> Tensor:
-        """Enhance LQ images (N, C, H, W) in [0, 1] of any size, guided by v_z ((N or 1), 64)."""
-        xp, (h, w) = pad_to_multiple(x, STRIDE)
+    def enhance(self, x: Tensor, v_z: Tensor, *, max_side: int | None = None) -> Tensor:
+        """Enhance LQ images (N, C, H, W) in [0, 1] of any size, guided by v_z ((N or 1), 64).
+
+        Frames are reflect-padded by ``MARGIN`` on every side (plus up to the encoder's stride) so that
+        the zero padding of the convolutions acts on discarded pixels, not on the image's first rows
+        and columns. With the affine head and ``max_side``, the correction is computed on a copy whose
+        longer side is at most ``max_side`` (the working resolution) and applied to the full frame.
+        """
+        if self.cfg.head == "affine":
+            return apply_fields(x, self.correction(x, v_z, max_side=max_side))
+        xp, (top, left, h, w) = pad_margin(x, MARGIN, STRIDE)
         out, _ = self.gen(xp, v_z)
-        return out[..., :h, :w]
+        return out[..., top : top + h, left : left + w]
+
+    def correction(self, x: Tensor, v_z: Tensor, *, max_side: int | None = None) -> Tensor:
+        """The affine fields for ``x`` at the working resolution, cropped to x's extent (N, 2C, h, w)."""
+        h, w = x.shape[-2:]
+        work = x
+        if max_side is not None and max(h, w) > max_side:
+            scale = max_side / max(h, w)
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            work = F.interpolate(x.float(), size=size, mode="area").to(x.dtype)
+        wp, (top, left, wh, ww) = pad_margin(work, MARGIN, STRIDE)
+        fields, _ = self.gen.fields(wp, v_z)
+        fields = F.interpolate(fields, size=wp.shape[-2:], mode="bilinear", align_corners=False)
+        return fields[..., top : top + wh, left : left + ww]
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
         return self.enhance(y, self.extract_guidance(z))

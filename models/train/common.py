@@ -229,3 +229,13 @@ def infer_channels(paths: Iterable[Path]) -> int:
         if np.abs(img[..., 0] - img[..., 1]).max() > 1e-3 or np.abs(img[..., 1] - img[..., 2]).max() > 1e-3:
             return 3
     return 1
+
+
+def run_as_script(add_arguments_fn, main_fn, doc: str | None) -> int:
+    """``python -m models.train.X``: the same arguments as `dicomnode train X`, with logging to stderr."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments_fn(parser)
+    return int(main_fn(parser.parse_args()) or 0)

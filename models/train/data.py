@@ -14,100 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from skimage.transform import resize
 from torch.utils.data import DataLoader, Dataset
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-
-
-def is_dicom(path: Path) -> bool:
-    if path.suffix.lower() == ".dcm":
-        return True
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def list_images(folder: Path | str) -> list[Path]:
-    """Image and DICOM files under ``folder`` (recursive), sorted; ValueError if there are none."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise ValueError(f"not a folder: {root}")
-    files = sorted(
-        p for p in root.rglob("*") if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES or is_dicom(p))
-    )
-    if not files:
-        raise ValueError(f"no images (PNG/JPEG/TIFF/BMP/DICOM) found in {root}")
-    return files
-
-
-def _dicom_frames(path: Path) -> list[np.ndarray]:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(path)
-    arr = ds.pixel_array
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    arr = arr if frames > 1 else arr[None]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    out = []
-    for frame in arr:
-        if frame.ndim == 3:  # colour: pydicom already converted YBR to RGB
-            f = frame.astype(np.float32)
-            f /= float(2 ** int(ds.get("BitsStored", 8)) - 1)
-        else:
-            f = apply_modality_lut(frame, ds).astype(np.float64)
-            if "WindowCenter" in ds or "VOILUTSequence" in ds:
-                f = apply_voi_lut(f, ds).astype(np.float64)
-            lo, hi = float(f.min()), float(f.max())
-            f = (f - lo) / (hi - lo) if hi > lo else np.zeros_like(f)
-            if photometric == "MONOCHROME1":
-                f = 1.0 - f
-        out.append(np.clip(f, 0, 1).astype(np.float32))
-    return out
-
-
-def load_image(path: Path | str, channels: int) -> np.ndarray:
-    """One image (the first frame of a DICOM) as float32 [0, 1], (H, W) if channels=1 else (H, W, 3)."""
-    path = Path(path)
-    if is_dicom(path):
-        img = _dicom_frames(path)[0]
-    else:
-        from skimage.io import imread
-
-        img = imread(path)
-        if img.ndim == 3 and img.shape[2] == 4:
-            img = img[..., :3]
-        scale = 65535.0 if img.dtype == np.uint16 else 255.0 if img.dtype == np.uint8 else 1.0
-        img = img.astype(np.float32) / scale
-    if channels == 1 and img.ndim == 3:
-        img = (img @ np.array([0.299, 0.587, 0.114], dtype=np.float32)).astype(np.float32)
-    elif channels == 3 and img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
-    return np.clip(img, 0, 1).astype(np.float32)
-
-
-def fit_square(img: np.ndarray, size: int, rng: random.Random | None = None) -> np.ndarray:
-    """Resize the shorter side to ``size`` and crop a square (random when ``rng`` is given)."""
-    h, w = img.shape[:2]
-    scale = size / min(h, w)
-    if abs(scale - 1.0) > 1e-6:
-        new_hw = (max(size, round(h * scale)), max(size, round(w * scale)))
-        img = resize(img, new_hw + img.shape[2:], order=1, anti_aliasing=scale < 1, preserve_range=True).astype(np.float32)
-        h, w = img.shape[:2]
-    top = rng.randint(0, h - size) if rng else (h - size) // 2
-    left = rng.randint(0, w - size) if rng else (w - size) // 2
-    return img[top : top + size, left : left + size]
-
-
-def to_tensor(img: np.ndarray) -> torch.Tensor:
-    """(H, W) or (H, W, C) float array -> (C, H, W) float tensor."""
-    arr = img[None] if img.ndim == 2 else np.transpose(img, (2, 0, 1))
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
-
+from models.io import (  # noqa: F401  (re-exported for the trainers)
+    IMAGE_SUFFIXES,
+    dicom_frames,
+    fit_square,
+    is_dicom,
+    list_images,
+    load_image,
+    resize_long_side,
+    to_tensor,
+)
 
 class ImageFolder(Dataset):
     """Images of one domain, decoded once and kept in memory (training sets here are small)."""
@@ -163,3 +81,127 @@ def infinite(dataset: Dataset, batch_size: int, seed: int = 0) -> Iterator:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size, generator=generator)
     while True:
         yield from loader
+
+
+# --- Field-aware, domain-paired sampling (the shipped models' training) ------------------------------
+
+
+class FieldImages:
+    """One (domain, quality) set kept at a working scale with each image's field-of-view mask.
+
+    Images are shrunk so their longer side is at most ``max_side`` (the scale the model will run at
+    in the node) and kept as uint8; crops of ``size`` are drawn with a per-image weight (to balance
+    sources) and preferably inside the field of view, then flipped at random.
+    """
+
+    def __init__(self, items: Sequence[tuple[Path, float]], channels: int, max_side: int, size: int, *, fov: bool = True):
+        from models.fov import fov_mask
+
+        if not items:
+            raise ValueError("FieldImages needs at least one image")
+        self.paths = [Path(p) for p, _ in items]
+        w = np.array([float(x) for _, x in items], dtype=np.float64)
+        if (w <= 0).any():
+            raise ValueError("image weights must be > 0")
+        self.weights = w / w.sum()
+        self.channels, self.size = channels, size
+        self.images: list[np.ndarray] = []
+        self.masks: list[np.ndarray] = []
+        for p in self.paths:
+            img = resize_long_side(load_image(p, channels), max_side)
+            if min(img.shape[:2]) < size:  # pad small frames by reflection up to the crop size
+                ph, pw = max(0, size - img.shape[0]), max(0, size - img.shape[1])
+                pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)) + ((0, 0),) * (img.ndim - 2)
+                img = np.pad(img, pad, mode="reflect")
+            mask = fov_mask(img) if fov else np.ones(img.shape[:2], dtype=bool)
+            self.images.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+            self.masks.append(mask)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def crop(self, index: int, rng: np.random.Generator, *, augment: bool = True, tries: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        img, mask = self.images[index], self.masks[index]
+        h, w = img.shape[:2]
+        s = self.size
+        best = None
+        for _ in range(tries if augment else 1):
+            top = int(rng.integers(0, h - s + 1)) if augment else (h - s) // 2
+            left = int(rng.integers(0, w - s + 1)) if augment else (w - s) // 2
+            frac = float(mask[top : top + s, left : left + s].mean())
+            if best is None or frac > best[0]:
+                best = (frac, top, left)
+            if frac >= 0.6:
+                break
+        _, top, left = best
+        c = img[top : top + s, left : left + s].astype(np.float32) / 255.0
+        m = mask[top : top + s, left : left + s].astype(np.float32)
+        if augment and rng.random() < 0.5:
+            c, m = c[:, ::-1], m[:, ::-1]
+        if augment and rng.random() < 0.5:
+            c, m = c[::-1], m[::-1]
+        return to_tensor(c), to_tensor(m)
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = rng.choice(len(self.images), size=n, p=self.weights)
+        crops = [self.crop(int(i), rng) for i in idx]
+        return torch.stack([c for c, _ in crops]), torch.stack([m for _, m in crops])
+
+
+def read_manifest(path: Path | str) -> dict:
+    """A training manifest (JSON): channels, max_side, fov, and per domain its weight and LQ/HQ items.
+
+    ``{"channels": 3, "max_side": 512, "fov": true, "domains": {"fundus": {"weight": 1, "lq": [[path, w], ...],
+    "hq": [[path, w], ...]}}}``; relative paths are relative to the manifest's folder.
+    """
+    import json
+
+    path = Path(path)
+    m = json.loads(path.read_text())
+    for key in ("channels", "max_side", "domains"):
+        if key not in m:
+            raise ValueError(f"manifest {path} has no {key!r}")
+    for name, d in m["domains"].items():
+        for role in ("lq", "hq"):
+            items = d.get(role) or []
+            if not items:
+                raise ValueError(f"manifest {path}: domain {name!r} has no {role} images")
+            d[role] = [((path.parent / p) if not Path(p).is_absolute() else Path(p), float(w)) for p, w in items]
+    return m
+
+
+class DomainBatches:
+    """Endless batches that pair each LQ batch with HQ images of the same domain (modality).
+
+    A batch is one domain, drawn with the domain weights; the guidance z comes from that domain's
+    HQ set, as the node's per-modality guidance cache does at inference.
+    """
+
+    def __init__(self, manifest: dict, size: int, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        self.names = list(manifest["domains"])
+        w = np.array([float(manifest["domains"][n].get("weight", 1.0)) for n in self.names])
+        self.p = w / w.sum()
+        ch, side, fov = int(manifest["channels"]), int(manifest["max_side"]), bool(manifest.get("fov", True))
+        self.sets = {n: (FieldImages(d["lq"], ch, side, size, fov=fov), FieldImages(d["hq"], ch, side, size, fov=fov))
+                     for n, d in manifest["domains"].items()}
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        return {n: {"lq": len(lq), "hq": len(hq)} for n, (lq, hq) in self.sets.items()}
+
+    def next(self, batch: int) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(domain, y, y_mask, z, z_mask), each image tensor (B, C, S, S) and mask (B, 1, S, S)."""
+        name = self.names[int(self.rng.choice(len(self.names), p=self.p))]
+        lq, hq = self.sets[name]
+        y, my = lq.sample(self.rng, batch)
+        z, mz = hq.sample(self.rng, batch)
+        return name, y, my, z, mz
+
+    def any_images(self, batch: int) -> torch.Tensor:
+        """A batch of crops from every set (LQ and HQ of all domains), for G's auto-encoder."""
+        sets = [s for pair in self.sets.values() for s in pair]
+        out = []
+        for _ in range(batch):
+            s = sets[int(self.rng.integers(len(sets)))]
+            out.append(s.sample(self.rng, 1)[0][0])
+        return torch.stack(out)

@@ -19,7 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from models.hqgnet import (
     STRIDE,
@@ -50,7 +52,7 @@ from models.train.common import (
     save_sample_grid,
     seed_everything,
 )
-from models.train.data import ImageFolder, infinite, list_images
+from models.train.data import DomainBatches, ImageFolder, infinite, list_images, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,11 @@ VERSION = "1.0.0"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--lq", type=Path, required=True, help="folder of low-quality images or DICOM files (to enhance)")
-    parser.add_argument("--hq", type=Path, required=True, help="folder of high-quality images or DICOM files (guidance and 'real' for E_dis)")
+    parser.add_argument("--lq", type=Path, default=None, help="folder of low-quality images or DICOM files (to enhance)")
+    parser.add_argument("--hq", type=Path, default=None, help="folder of high-quality images or DICOM files (guidance and 'real' for E_dis)")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="instead of --lq/--hq: a JSON manifest of domains (modalities) with weighted LQ/HQ images, kept at a "
+                             "working scale with field-of-view masks; each batch pairs LQ and HQ of one domain (see models.train.data)")
     parser.add_argument("--g", type=Path, default=None, help="pretrained G weights from `dicomnode train pretrain-g` (strongly advised)")
     parser.add_argument("--masks", type=Path, default=None, help="segmentation masks of the LQ images (same stems): HQG-Net+ bi-level training")
     parser.add_argument("--config", choices=("lite", "paper"), default="lite", help="architecture (default lite: trains on CPU)")
@@ -71,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoder-weights", type=Path, default=None,
                         help="torchvision ImageNet weights (.pth) to start E_e from: resnet50 for --config paper (the lite encoder is narrower and cannot use them)")
     parser.add_argument("--half", action="store_true", help="export weights as fp16 (half the file size)")
+    parser.add_argument("--head", choices=("affine", "image"), default=None, help="output head (default: the preset's, affine)")
+    parser.add_argument("--grad-every", type=int, default=50, help="steps between measurements of each loss term's gradient at x_hat (logged)")
     add_common_arguments(parser, size=192, iterations=2000, batch_size=4, lr=1e-4)
 
 
@@ -121,28 +128,113 @@ def resumed_config(path: Path, preset: HQGNetConfig) -> HQGNetConfig:
     return cfg
 
 
+class _Folders:
+    """Unpaired LQ/HQ folders (optionally with LQ segmentation masks): the generic `train hqgnet` input."""
+
+    def __init__(self, args: argparse.Namespace, channels: int, lq_paths: list[Path], hq_paths: list[Path]):
+        try:
+            self.lq = ImageFolder(lq_paths, args.size, channels, masks=args.masks, seed=args.seed)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        self.hq = ImageFolder(hq_paths, args.size, channels, seed=args.seed + 1)
+        self.lq_batches = infinite(self.lq, args.batch_size, seed=args.seed)
+        self.hq_batches = infinite(self.hq, args.batch_size, seed=args.seed + 1)
+        self.bilevel = args.masks is not None
+        self.description = {"lq": dataset_description(args.lq, len(lq_paths)), "hq": dataset_description(args.hq, len(hq_paths)),
+                            **({"masks": str(args.masks)} if self.bilevel else {})}
+
+    def next(self, batch: int):
+        b = next(self.lq_batches)
+        y, seg_mask = (b[0], b[1]) if self.bilevel else (b, None)
+        z = next(self.hq_batches)
+        return "default", y, torch.ones_like(y[:, :1]), z, seg_mask
+
+    def validation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        def first(item):
+            return item[0] if isinstance(item, tuple) else item
+        return torch.stack([first(self.lq[i]) for i in range(min(4, len(self.lq)))]), first(self.hq[0])[None]
+
+    def hq_crops(self) -> list[torch.Tensor]:
+        return [(self.hq[i][0] if isinstance(self.hq[i], tuple) else self.hq[i])[None] for i in range(len(self.hq))]
+
+
+class _Manifest:
+    """Domain-paired batches from a manifest: LQ and HQ of one modality per batch, with field-of-view masks."""
+
+    def __init__(self, args: argparse.Namespace):
+        try:
+            self.manifest = read_manifest(args.manifest)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--manifest: {exc}") from None
+        self.batches = DomainBatches(self.manifest, args.size, seed=args.seed)
+        self.channels = int(self.manifest["channels"])
+        self.bilevel = False
+        self.description = {"manifest": str(args.manifest), "max_side": int(self.manifest["max_side"]),
+                            "domains": {n: {**c, "weight": float(self.manifest["domains"][n].get("weight", 1.0))}
+                                        for n, c in self.batches.counts().items()}}
+
+    def next(self, batch: int):
+        _, y, my, z, _ = self.batches.next(batch)
+        return _, y, my, z, None
+
+    def validation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng(123)
+        ys, zs = [], []
+        for name, (lq, hq) in self.batches.sets.items():
+            ys.append(lq.crop(0, rng, augment=False)[0])
+            zs.append(hq.crop(0, rng, augment=False)[0])
+        return torch.stack(ys[:4]), zs[0][None]
+
+    def hq_crops(self) -> list[torch.Tensor]:
+        rng = np.random.default_rng(0)
+        return [hq.crop(i, rng, augment=False)[0][None] for _, hq in self.batches.sets.values() for i in range(len(hq))]
+
+
+def soft_field(mask: torch.Tensor, radius: int = 2) -> torch.Tensor:
+    """Feathered field-of-view mask for blending (B, 1, H, W): eroded by ``radius`` px, then smoothed."""
+    if bool((mask > 0.5).all()):
+        return torch.ones_like(mask)
+    k = 2 * radius + 1
+    eroded = -F.max_pool2d(-mask, k, stride=1, padding=radius)
+    return F.avg_pool2d(eroded, k, stride=1, padding=radius, count_include_pad=False)
+
+
+def term_gradients(x_hat: torch.Tensor, losses: dict[str, torch.Tensor], weights: LossWeights) -> dict[str, float]:
+    """Norm of each weighted loss term's gradient at x_hat: how much each term actually steers the output."""
+    terms = {"haar": losses["haar"], "fc": weights.lambda1 * losses["fc"], "gan": weights.lambda2 * losses["gan"]}
+    out = {}
+    for name, value in terms.items():
+        (g,) = torch.autograd.grad(value, x_hat, retain_graph=True, allow_unused=True)
+        out[f"grad_{name}"] = float(g.norm()) if g is not None else 0.0
+    return out
+
+
 def main(args: argparse.Namespace) -> int:
     if args.size % STRIDE:
         raise SystemExit(f"--size must be a multiple of {STRIDE}, got {args.size}")
+    if args.manifest is None and (args.lq is None or args.hq is None):
+        raise SystemExit("give --lq and --hq folders, or --manifest")
+    if args.manifest is not None and args.masks is not None:
+        raise SystemExit("--masks (HQG-Net+) works with --lq/--hq folders, not with --manifest")
     seed_everything(args.seed)
     device = pick_device(args.device)
-    try:
-        lq_paths, hq_paths = list_images(args.lq), list_images(args.hq)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    channels = args.channels or infer_channels(lq_paths)
+    if args.manifest is not None:
+        source = _Manifest(args)
+        channels = source.channels
+    else:
+        try:
+            lq_paths, hq_paths = list_images(args.lq), list_images(args.hq)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        channels = args.channels or infer_channels(lq_paths)
+        source = _Folders(args, channels, lq_paths, hq_paths)
     cfg = config_by_name(args.config, channels)
+    if args.head:
+        cfg = replace(cfg, head=args.head)
     if args.resume:
         cfg = resumed_config(args.out / "checkpoint_last.pt", cfg)
     weights = LossWeights(args.lambda1, args.lambda2, args.lambda3)
-    try:
-        lq_data = ImageFolder(lq_paths, args.size, channels, masks=args.masks, seed=args.seed)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    hq_data = ImageFolder(hq_paths, args.size, channels, seed=args.seed + 1)
-    lq_batches = infinite(lq_data, args.batch_size, seed=args.seed)
-    hq_batches = infinite(hq_data, args.batch_size, seed=args.seed + 1)
-    bilevel = args.masks is not None
+    bilevel = source.bilevel
 
     net = HQGNet(cfg).to(device)
     g_card = None
@@ -167,14 +259,9 @@ def main(args: argparse.Namespace) -> int:
     if args.resume:
         step, _ = ckpt.load(modules, optimizers)
 
-    def sample(i: int, data: ImageFolder):
-        item = data[i]
-        return item[0] if isinstance(item, tuple) else item
-
-    val_y = torch.stack([sample(i, lq_data) for i in range(min(4, len(lq_data)))]).to(device)
-    val_z = sample(0, hq_data)[None].to(device)
-    log.info("hqgnet: %s config, %d channel(s), %d LQ / %d HQ images%s, E_gen %.2f M params, %s",
-             cfg.name, channels, len(lq_paths), len(hq_paths), " + masks (HQG-Net+)" if bilevel else "",
+    val_y, val_z = (t.to(device) for t in source.validation())
+    log.info("hqgnet: %s config (%s head), %d channel(s), %s%s, E_gen %.2f M params, %s",
+             cfg.name, cfg.head, channels, source.description, " + masks (HQG-Net+)" if bilevel else "",
              count_parameters(net.gen) / 1e6, device)
 
     def set_train() -> None:
@@ -188,32 +275,35 @@ def main(args: argparse.Namespace) -> int:
 
     timer = Timer()
     recent: list[dict[str, float]] = []
+    grads: dict[str, float] = {}
     set_train()
     with tqdm(total=args.iterations, initial=step, desc="hqgnet+" if bilevel else "hqgnet", unit="step", disable=None) as bar:
         while step < args.iterations:
-            batch = next(lq_batches)
-            y, mask = (batch[0].to(device), batch[1].to(device)) if bilevel else (batch.to(device), None)
-            z = next(hq_batches).to(device)
+            _, y, field, z, seg_mask = source.next(args.batch_size)
+            y, z, field = y.to(device), z.to(device), soft_field(field.to(device))
             with prec.autocast():
                 with torch.no_grad():
                     v_z = net.g(z)
                 x_hat, v_c = net.gen(y, v_z)
+                x_hat = field * x_hat + (1.0 - field) * y  # the surround outside the field of view stays as it was
                 d_loss = discriminator_loss(disc(z), disc(x_hat.detach()))
             prec.step(d_loss, opt_d)
             with prec.autocast():
                 losses = enhancement_loss(net, y, x_hat, v_c, disc(x_hat), weights)
                 total = losses["e"]
                 if seg is not None:
-                    losses["seg"] = segmentation_loss(seg(x_hat), mask)
+                    losses["seg"] = segmentation_loss(seg(x_hat), seg_mask.to(device))
                     total = losses["seg"] + weights.lambda3 * losses["e"]
                 losses["total"] = total
+            if args.grad_every and (step % args.grad_every == 0):
+                grads = term_gradients(x_hat, losses, weights)
             prec.step(total, opt_e)
             clamp_rho_(net.gen)
             step += 1
-            values = {"d": float(d_loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}}
+            values = {"d": float(d_loss.detach()), **{k: float(v.detach()) for k, v in losses.items()}, **grads}
             recent = (recent + [values])[-50:]
             bar.update(1)
-            bar.set_postfix(e=f"{values['e']:.3f}", haar=f"{values['haar']:.4f}", d=f"{values['d']:.3f}")
+            bar.set_postfix(e=f"{values['e']:.3f}", haar=f"{values['haar']:.4f}", fc=f"{values['fc']:.4f}", d=f"{values['d']:.3f}")
             if step % 10 == 0 or step == args.iterations:
                 losslog.write(step, values)
             if step % args.val_every == 0 or step == args.iterations:
@@ -227,9 +317,9 @@ def main(args: argparse.Namespace) -> int:
 
     net.eval()
     with torch.no_grad():  # mean HQ guidance vector: a ready default for the node's per-modality cache
-        vz = [net.extract_guidance(sample(i, hq_data)[None].to(device)) for i in range(len(hq_data))]
+        vz = [net.extract_guidance(c.to(device)) for c in source.hq_crops()]
         hq_guidance = torch.cat(vz).mean(0).float().cpu().tolist()
-    final = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+    final = {k: sum(r.get(k, 0.0) for r in recent) / len(recent) for k in recent[-1]} if recent else {}
     card = {
         "kind": KIND,
         "name": MODEL_NAME + ("+" if bilevel else ""),
@@ -237,11 +327,10 @@ def main(args: argparse.Namespace) -> int:
         "config": cfg.to_dict(),
         "channels": channels,
         "size": args.size,
+        **({"working_max_side": int(source.manifest["max_side"])} if isinstance(source, _Manifest) else {}),
         "modality": args.modality,
         "training_data": {
-            "lq": dataset_description(args.lq, len(lq_paths)),
-            "hq": dataset_description(args.hq, len(hq_paths)),
-            **({"masks": str(args.masks)} if bilevel else {}),
+            **source.description,
             "g_weights": {"path": str(args.g), "sha256": g_card["weights_sha256"]} if g_card else None,
             "encoder_init": str(args.encoder_weights) if args.encoder_weights else None,
         },
@@ -261,3 +350,9 @@ def main(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
     print(f"hqgnet: {step} steps in {timer.seconds:.0f} s; last-50 mean {summary}; weights -> {path}")
     return 0
+
+
+if __name__ == "__main__":
+    from models.train.common import run_as_script
+
+    sys.exit(run_as_script(add_arguments, main, __doc__))

@@ -10,6 +10,7 @@ installed, else random init (logged); the model card records which.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from models.train.stillgan import CycleGANSpec, add_cycle_arguments, run_cycle_gan
@@ -58,3 +59,9 @@ def main(args: argparse.Namespace) -> int:
         )
 
     return run_cycle_gan(args, build_spec)
+
+
+if __name__ == "__main__":
+    from models.train.common import run_as_script
+
+    sys.exit(run_as_script(add_arguments, main, __doc__))

@@ -12,7 +12,9 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -33,7 +35,7 @@ from models.train.common import (
     save_sample_grid,
     seed_everything,
 )
-from models.train.data import ImageFolder, infinite, list_images
+from models.train.data import DomainBatches, FieldImages, ImageFolder, infinite, list_images, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +71,13 @@ def reconstruction_loss(recon: Tensor, target: Tensor) -> dict[str, Tensor]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hq", type=Path, required=True, help="folder of high-quality images or DICOM files")
-    parser.add_argument("--lq", type=Path, required=True, help="folder of low-quality images or DICOM files (mixed in for robustness)")
+    parser.add_argument("--hq", type=Path, default=None, help="folder of high-quality images or DICOM files")
+    parser.add_argument("--lq", type=Path, default=None, help="folder of low-quality images or DICOM files (mixed in for robustness)")
+    parser.add_argument("--manifest", type=Path, default=None, help="instead of --hq/--lq: a training manifest (models.train.data.read_manifest); "
+                        "crops of every domain's HQ and LQ images at the working scale")
+    parser.add_argument("--probe-manifest", type=Path, default=None,
+                        help="a manifest of images G is not trained on: nearest-centroid accuracy of its embedding for modality and "
+                             "HQ-vs-LQ is measured on them and written into the card")
     parser.add_argument("--config", choices=("lite", "paper"), default="lite", help="architecture of G (must match the later `train hqgnet --config`)")
     parser.add_argument("--init-weights", type=Path, default=None,
                         help="torchvision ImageNet resnet18 weights (.pth) to start G from (--config paper only; lite's G is narrower)")
@@ -82,15 +89,35 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"--size must be a multiple of {STRIDE}, got {args.size}")
     seed_everything(args.seed)
     device = pick_device(args.device)
-    try:
-        hq_paths, lq_paths = list_images(args.hq), list_images(args.lq)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    channels = args.channels or infer_channels(lq_paths)
+    domains = None
+    if args.manifest is not None:
+        try:
+            manifest = read_manifest(args.manifest)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--manifest: {exc}") from None
+        domains = DomainBatches(manifest, args.size, seed=args.seed)
+        channels = int(manifest["channels"])
+        description = {"manifest": str(args.manifest), "max_side": int(manifest["max_side"]), "domains": domains.counts()}
+        val = domains.any_images(4)
+
+        def next_batch() -> Tensor:
+            return domains.any_images(args.batch_size)
+    else:
+        if args.hq is None or args.lq is None:
+            raise SystemExit("give --hq and --lq folders, or --manifest")
+        try:
+            hq_paths, lq_paths = list_images(args.hq), list_images(args.lq)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        channels = args.channels or infer_channels(lq_paths)
+        data = ImageFolder(hq_paths + lq_paths, args.size, channels, seed=args.seed)
+        val = torch.stack([data[i] for i in range(min(4, len(data)))])  # fixed sample rows (first images)
+        batches = infinite(data, args.batch_size, seed=args.seed)
+        description = {"hq": dataset_description(args.hq, len(hq_paths)), "lq": dataset_description(args.lq, len(lq_paths))}
+
+        def next_batch() -> Tensor:
+            return next(batches)
     cfg = config_by_name(args.config, channels)
-    data = ImageFolder(hq_paths + lq_paths, args.size, channels, seed=args.seed)
-    val = torch.stack([data[i] for i in range(min(4, len(data)))])  # fixed sample rows (first images)
-    batches = infinite(data, args.batch_size, seed=args.seed)
 
     ae = GuidanceAutoEncoder(cfg, args.size)
     if args.init_weights is not None:
@@ -105,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
     step = 0
     if args.resume:
         step, _ = ckpt.load({"ae": ae}, {"opt": opt})
-    log.info("pretrain-g: %s config, %d channel(s), %d HQ + %d LQ images, %.2f M params, %s", cfg.name, channels, len(hq_paths), len(lq_paths), count_parameters(ae.g) / 1e6, device)
+    log.info("pretrain-g: %s config, %d channel(s), %s, %.2f M params, %s", cfg.name, channels, description, count_parameters(ae.g) / 1e6, device)
 
     timer = Timer()
     recent: list[dict[str, float]] = []
@@ -114,7 +141,7 @@ def main(args: argparse.Namespace) -> int:
     ae.train()
     with tqdm(total=args.iterations, initial=step, desc="pretrain-g", unit="step", disable=None) as bar:
         while step < args.iterations:
-            x = next(batches).to(device, non_blocking=True)
+            x = next_batch().to(device, non_blocking=True)
             with prec.autocast():
                 recon = ae(x)
             losses = reconstruction_loss(recon, x)
@@ -135,6 +162,11 @@ def main(args: argparse.Namespace) -> int:
                 ckpt.save(step, {"ae": ae}, {"opt": opt})
 
     final = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
+    probe = None
+    if args.probe_manifest is not None and args.manifest is not None:
+        ae.eval()
+        probe = embedding_probe(ae.g, read_manifest(args.manifest), read_manifest(args.probe_manifest), args.size, device)
+        log.info("pretrain-g: embedding probe on unseen images: %s", probe)
     name = args.name or f"{G_KIND}-{cfg.name}"
     card = {
         "kind": G_KIND,
@@ -144,12 +176,13 @@ def main(args: argparse.Namespace) -> int:
         "channels": channels,
         "size": args.size,
         "modality": args.modality,
-        "training_data": {"hq": dataset_description(args.hq, len(hq_paths)), "lq": dataset_description(args.lq, len(lq_paths))},
+        "training_data": description,
         "init_weights": str(args.init_weights) if args.init_weights else None,
         "iterations": step,
         "seconds": round(timer.seconds, 1),
         "hardware": hardware_description(device),
         "final_losses": final,
+        "probe": probe,
         "command": " ".join(sys.argv),
     }
     path = args.out / f"{name}.pt"
@@ -157,3 +190,54 @@ def main(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
     print(f"pretrain-g: {step} steps in {timer.seconds:.0f} s; last-50 mean {summary}; G weights -> {path}")
     return 0
+
+
+@torch.no_grad()
+def embed_set(g: torch.nn.Module, images: FieldImages, device: torch.device, crops: int = 4) -> Tensor:
+    """One embedding per image: the mean of G over a few fixed crops inside its field of view."""
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(len(images)):
+        batch = torch.stack([images.crop(i, rng)[0] for _ in range(crops)]).to(device)
+        out.append(g(batch).float().mean(0).cpu())
+    return torch.stack(out)
+
+
+def embedding_probe(g: torch.nn.Module, train: dict, probe: dict, size: int, device: torch.device) -> dict[str, Any]:
+    """Nearest-centroid accuracy of G's embedding on images it never saw: modality, and HQ vs LQ within one.
+
+    Centroids come from the training manifest's images; each probe image is assigned to the nearest
+    modality centroid and, within its true modality, to the nearer of the HQ and LQ centroids.
+    """
+    def sets(m: dict) -> dict[tuple[str, str], Tensor]:
+        ch, side, fov = int(m["channels"]), int(m["max_side"]), bool(m.get("fov", True))
+        return {(d, role): embed_set(g, FieldImages(items[role], ch, side, size, fov=fov), device)
+                for d, items in m["domains"].items() for role in ("hq", "lq")}
+
+    tr, pr = sets(train), sets(probe)
+    domains = sorted({d for d, _ in tr})
+    dom_centroid = {d: torch.cat([tr[(d, "hq")], tr[(d, "lq")]]).mean(0) for d in domains}
+    correct_dom = correct_q = total = 0
+    per_domain: dict[str, float] = {}
+    for d in sorted({d for d, _ in pr}):
+        hits = n = 0
+        for role in ("hq", "lq"):
+            for v in pr[(d, role)]:
+                if len(domains) > 1:
+                    guess = min(domains, key=lambda k: float((v - dom_centroid[k]).norm()))
+                    correct_dom += guess == d
+                near = min(("hq", "lq"), key=lambda r: float((v - tr[(d, r)].mean(0)).norm()))
+                hits += near == role
+                n += 1
+        per_domain[d] = round(hits / n, 3)
+        correct_q += hits
+        total += n
+    return {"n_images": total, "modality_accuracy": round(correct_dom / total, 3) if len(domains) > 1 else None,
+            "hq_vs_lq_accuracy": round(correct_q / total, 3), "hq_vs_lq_by_modality": per_domain,
+            "method": "nearest centroid (centroids from the training images; probe images unseen by G)"}
+
+
+if __name__ == "__main__":
+    from models.train.common import run_as_script
+
+    sys.exit(run_as_script(add_arguments, main, __doc__))

@@ -12,6 +12,7 @@ This module also holds the cycle-GAN loop shared with ``models.train.lamegan``.
 from __future__ import annotations
 
 import argparse
+import sys
 import itertools
 import random
 from collections.abc import Callable, Mapping
@@ -251,3 +252,9 @@ def main(args: argparse.Namespace) -> int:
         )
 
     return run_cycle_gan(args, build_spec)
+
+
+if __name__ == "__main__":
+    from models.train.common import run_as_script
+
+    sys.exit(run_as_script(add_arguments, main, __doc__))

@@ -1,0 +1,247 @@
+"""Release recipe for the shipped HQG-Net weights (run by `make weights`; not part of the installed package).
+
+    python scripts/release_weights.py prepare --target color      # manifests, synthetic LQ, validation split
+    python scripts/release_weights.py train --target color --g-steps 1500 --steps 12000
+    python scripts/release_weights.py validate --target color     # checkpoint on the validation pairs
+    python scripts/release_weights.py finish --target color       # export, guidance caches, cards
+
+Every stage is resumable: training runs in chunks from the last checkpoint, so an interrupted run
+is continued by running the same command again.
+
+Data: ``../shared/data/train`` only (its SOURCES.md). ``../shared/data/holdout`` is never read here:
+the cards' held-out tables come from ``dicomnode evaluate --holdout``. Per target:
+
+- **ccm** (gray, working side 384 = HRT-III native): HQ = ``ccm/hq`` + ``ccm/pairs/corrected``, LQ =
+  ``ccm/lq`` + ``ccm/pairs/raw`` (unpaired use) + synthetic degradations of the HQ images
+  (``models.degrade``, CCM pool). Six raw/corrected pairs of both subjects are kept out as validation.
+- **color** (RGB, working side 512, field-of-view masks): two domains trained together with the guidance
+  of their own modality in every batch: fundus (HQ: DRIMDB "Good", DRIVE, HRF, EyePACS, weighted by
+  source as sqrt(count) so the 50 DRIMDB images of one camera do not dominate; LQ: DRIMDB "Bad", EyeQ
+  "Reject", DRIVE) and endoscopy (HQ / LQ from CVC-ClinicDB and Kvasir-SEG). Synthetic degradations of
+  the HQ images, restricted to the field of view, join the LQ side at half its weight.
+- **fundus**, **endoscopy**: one domain each, for the one-model-per-modality comparison.
+
+A validation split of each domain (about 12 % of the images, every source represented) is never
+trained on: G's embedding probe and the checkpoint comparison use it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models.degrade import degrade  # noqa: E402
+from models.fov import fov_mask  # noqa: E402
+from models.io import list_images, load_image, resize_long_side  # noqa: E402
+
+log = logging.getLogger("release")
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "train"
+DEFAULT_WORK = REPO / "runs" / "release"
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str  # training domain
+    modality: str  # DICOM modality whose guidance cache it feeds
+    hq: tuple[str, ...]  # folders under the training data
+    lq: tuple[str, ...]
+    pool: str  # models.degrade preset
+    fov: bool
+
+
+DOMAINS = {
+    "ccm": Domain("ccm", "default", ("ccm/hq", "ccm/pairs/corrected"), ("ccm/lq", "ccm/pairs/raw"), "ccm", False),
+    "fundus": Domain("fundus", "OP", ("fundus/hq",), ("fundus/lq",), "fundus", True),
+    "endoscopy": Domain("endoscopy", "ES", ("endoscopy/hq",), ("endoscopy/lq",), "endoscopy", True),
+}
+TARGETS = {  # target -> (channels, working max side, domains)
+    "ccm": (1, 384, ("ccm",)),
+    "color": (3, 512, ("fundus", "endoscopy")),
+    "fundus": (3, 512, ("fundus",)),
+    "endoscopy": (3, 512, ("endoscopy",)),
+}
+VAL_FRACTION = 0.12
+SYNTHETIC_PER_HQ = 2
+
+
+def source_of(path: Path) -> str:
+    """The source group of a training file: its name up to the first '_' (drimdb, drive, hrf, cvcclinic...)."""
+    stem = path.stem
+    if stem.startswith(("shOD", "shOS", "zxOD", "zxOS")):
+        return stem[:4]
+    return stem.split("_", 1)[0]
+
+
+def source_weights(paths: list[Path]) -> dict[Path, float]:
+    """Per-image weights giving each source a total of sqrt(its count): balanced, not flattened."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for p in paths:
+        groups[source_of(p)].append(p)
+    return {p: math.sqrt(len(g)) / len(g) for g in groups.values() for p in g}
+
+
+def split(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(train, validation): every source with 3+ images gives about ``fraction`` of them to validation."""
+    rng = np.random.default_rng(seed)
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for p in paths:
+        groups[source_of(p)].append(p)
+    train, val = [], []
+    for name in sorted(groups):
+        g = sorted(groups[name])
+        k = int(round(len(g) * fraction)) if len(g) >= 3 else 0
+        pick = set(rng.choice(len(g), size=k, replace=False).tolist()) if k else set()
+        for i, p in enumerate(g):
+            (val if i in pick else train).append(p)
+    return train, val
+
+
+def _save(path: Path, img: np.ndarray) -> None:
+    from skimage.io import imsave
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    imsave(path, (np.clip(img, 0, 1) * 255).round().astype(np.uint8), check_contrast=False)
+
+
+def _files(data: Path, folders: tuple[str, ...]) -> list[Path]:
+    out: list[Path] = []
+    for f in folders:
+        folder = data / f
+        if not folder.is_dir():
+            raise SystemExit(f"training data not found: {folder} (pass --data pointing at shared/data/train)")
+        out += list_images(folder)
+    return out
+
+
+def prepare(target: str, data: Path, work: Path, seed: int) -> Path:
+    """Write ``work/TARGET/{train,val}.json`` manifests, synthetic LQ images and validation pairs."""
+    channels, side, names = TARGETS[target]
+    root = work / target
+    root.mkdir(parents=True, exist_ok=True)
+    train_m: dict = {"channels": channels, "max_side": side, "fov": any(DOMAINS[n].fov for n in names), "domains": {}}
+    val_m: dict = {**train_m, "domains": {}}
+    guidance: dict[str, list[tuple[str, float]]] = {}
+    pairs_dir = root / "val_pairs"
+    if pairs_dir.exists():
+        shutil.rmtree(pairs_dir)
+    counts: dict[str, dict[str, int]] = {}
+    for n in names:
+        dom = DOMAINS[n]
+        hq_all, lq_all = _files(data, dom.hq), _files(data, dom.lq)
+        if n == "ccm":  # keep whole raw/corrected pairs together: 6 pairs (3 per subject) for validation
+            pair_names = sorted(p.name for p in (data / "ccm/pairs/raw").iterdir())
+            rng = np.random.default_rng(seed)
+            zx = [q for q in pair_names if q.startswith("zx")]
+            sh = [q for q in pair_names if q.startswith("sh")]
+            val_pairs = set(rng.choice(zx, 3, replace=False).tolist() + rng.choice(sh, 3, replace=False).tolist())
+            hq_tr, hq_val = split([p for p in hq_all if "pairs" not in p.parts], VAL_FRACTION, seed)
+            lq_tr, lq_val = split([p for p in lq_all if "pairs" not in p.parts], VAL_FRACTION, seed + 1)
+            hq_tr += [p for p in hq_all if "pairs" in p.parts and p.name not in val_pairs]
+            lq_tr += [p for p in lq_all if "pairs" in p.parts and p.name not in val_pairs]
+            for q in sorted(val_pairs):
+                _save(pairs_dir / "lq" / f"real_{Path(q).stem}.png", load_image(data / "ccm/pairs/raw" / q, 1))
+                _save(pairs_dir / "hq" / f"real_{Path(q).stem}.png", load_image(data / "ccm/pairs/corrected" / q, 1))
+        else:
+            hq_tr, hq_val = split(hq_all, VAL_FRACTION, seed)
+            lq_tr, lq_val = split(lq_all, VAL_FRACTION, seed + 1)
+        # synthetic LQ: degraded copies of the training HQ images at the working scale, damage inside the field only
+        synth: list[Path] = []
+        for i, p in enumerate(hq_tr):
+            img = resize_long_side(load_image(p, channels), side)
+            field = fov_mask(img) if dom.fov else None
+            for k in range(SYNTHETIC_PER_HQ):
+                out = root / "synthetic" / n / f"{p.stem}_d{k}.png"
+                if not out.is_file():
+                    _save(out, degrade(img, "mixed", seed=seed * 100000 + i * 10 + k, pool=dom.pool, field=field))
+                synth.append(out)
+        # validation pairs: degraded validation HQ images (other seeds)
+        for i, p in enumerate(hq_val):
+            img = resize_long_side(load_image(p, channels), side)
+            field = fov_mask(img) if dom.fov else None
+            _save(pairs_dir / "hq" / f"{n}_{p.stem}.png", img)
+            _save(pairs_dir / "lq" / f"{n}_{p.stem}.png", degrade(img, "mixed", seed=900000 + i, pool=dom.pool, field=field))
+        hw = source_weights(hq_tr)
+        lw_real = source_weights(lq_tr)
+        real_total, synth_total = sum(lw_real.values()), 0.5 * sum(lw_real.values())
+        lq_items = [(str(p), w) for p, w in lw_real.items()] + [(str(p), synth_total / len(synth)) for p in synth]
+        del real_total
+        train_m["domains"][n] = {"weight": 1.0, "modality": dom.modality, "hq": [(str(p), w) for p, w in hw.items()], "lq": lq_items}
+        val_m["domains"][n] = {"weight": 1.0, "modality": dom.modality, "hq": [(str(p), 1.0) for p in hq_val] or [(str(hq_tr[0]), 1.0)],
+                               "lq": [(str(p), 1.0) for p in lq_val] or [(str(lq_tr[0]), 1.0)]}
+        guidance[dom.modality] = [(str(p), w) for p, w in hw.items()]
+        counts[n] = {"hq_train": len(hq_tr), "lq_train_real": len(lq_tr), "lq_train_synthetic": len(synth),
+                     "hq_val": len(hq_val), "lq_val": len(lq_val)}
+    (root / "train.json").write_text(json.dumps(train_m, indent=1))
+    (root / "val.json").write_text(json.dumps(val_m, indent=1))
+    (root / "guidance.json").write_text(json.dumps(guidance, indent=1))
+    (root / "counts.json").write_text(json.dumps(counts, indent=1))
+    log.info("%s: prepared %s", target, counts)
+    return root
+
+
+def run(module: str, argv: list) -> None:
+    """Run one trainer as a child process (its own threads and memory; a crash leaves the checkpoint)."""
+    cmd = [sys.executable, "-m", module, *[str(a) for a in argv]]
+    log.info("run %s", " ".join(cmd))
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def _resume(out: Path) -> list[str]:
+    return ["--resume"] if (out / "checkpoint_last.pt").is_file() else []
+
+
+def train(target: str, work: Path, *, g_steps: int, steps: int, size: int, config: str, device: str, seed: int) -> None:
+    root = work / target
+    if not (root / "train.json").is_file():
+        raise SystemExit(f"{root / 'train.json'} missing: run `prepare --target {target}` first")
+    g_out = root / "g"
+    g_weights = g_out / "g.pt"
+    if not g_weights.is_file():
+        run("models.train.pretrain_g", ["--manifest", root / "train.json", "--probe-manifest", root / "val.json",
+                                        "--config", config, "--size", size, "--iterations", g_steps, "--batch-size", 8,
+                                        "--out", g_out, "--name", "g", "--device", device, "--seed", seed,
+                                        "--checkpoint-every", 100, "--val-every", 250, *_resume(g_out)])
+    run("models.train.hqgnet", ["--manifest", root / "train.json", "--g", g_weights, "--config", config, "--size", size,
+                                "--iterations", steps, "--batch-size", 4, "--out", root / "hqgnet", "--name", f"hqgnet-{target}",
+                                "--device", device, "--seed", seed, "--checkpoint-every", 250, "--val-every", 500,
+                                "--modality", target, "--half", *_resume(root / "hqgnet")])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("prepare", "train", "all"))
+    parser.add_argument("--target", choices=tuple(TARGETS), required=True)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
+    parser.add_argument("--g-steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--size", type=int, default=192, help="training crop size (a multiple of 32)")
+    parser.add_argument("--config", choices=("lite", "paper"), default="lite")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.stage in ("prepare", "all"):
+        prepare(args.target, args.data, args.work, args.seed)
+    if args.stage in ("train", "all"):
+        train(args.target, args.work, g_steps=args.g_steps, steps=args.steps, size=args.size, config=args.config,
+              device=args.device, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
