@@ -217,7 +217,7 @@ def train(target: str, work: Path, *, g_steps: int, steps: int, size: int, confi
                                         "--checkpoint-every", 100, "--val-every", 250, *_resume(g_out)])
     run("models.train.hqgnet", ["--manifest", root / "train.json", "--g", g_weights, "--config", config, "--size", size,
                                 "--iterations", steps, "--batch-size", 4, "--out", root / "hqgnet", "--name", f"hqgnet-{target}",
-                                "--device", device, "--seed", seed, "--checkpoint-every", 250, "--val-every", 500,
+                                "--device", device, "--seed", seed, "--checkpoint-every", 250, "--val-every", 500, "--keep-every", 3000,
                                 "--modality", target, "--half", *_resume(root / "hqgnet")])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -77,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torchvision ImageNet weights (.pth) to start E_e from: resnet50 for --config paper (the lite encoder is narrower and cannot use them)")
     parser.add_argument("--half", action="store_true", help="export weights as fp16 (half the file size)")
     parser.add_argument("--head", choices=("affine", "image"), default=None, help="output head (default: the preset's, affine)")
+    parser.add_argument("--keep-every", type=int, default=0, help="also keep a copy of the checkpoint every N steps (for comparisons at equal steps)")
     parser.add_argument("--grad-every", type=int, default=50, help="steps between measurements of each loss term's gradient at x_hat (logged)")
     add_common_arguments(parser, size=192, iterations=2000, batch_size=4, lr=1e-4)
 
@@ -258,6 +260,8 @@ def main(args: argparse.Namespace) -> int:
     step = 0
     if args.resume:
         step, _ = ckpt.load(modules, optimizers)
+        if isinstance(source, _Manifest):  # continue the sampling stream, not repeat it from the start
+            source.batches.rng = np.random.default_rng([args.seed, step])
 
     val_y, val_z = (t.to(device) for t in source.validation())
     log.info("hqgnet: %s config (%s head), %d channel(s), %s%s, E_gen %.2f M params, %s",
@@ -314,6 +318,8 @@ def main(args: argparse.Namespace) -> int:
                 set_train()
             if step % args.checkpoint_every == 0 or step == args.iterations:
                 ckpt.save(step, modules, optimizers, extra={"config": cfg.to_dict()})
+                if args.keep_every and step % args.keep_every == 0:
+                    shutil.copyfile(ckpt.path, args.out / f"checkpoint_{step:06d}.pt")
 
     net.eval()
     with torch.no_grad():  # mean HQ guidance vector: a ready default for the node's per-modality cache
