@@ -160,7 +160,9 @@ class HQGNetConfig:
 
 def hqgnet_paper(channels: int = 3) -> HQGNetConfig:
     """The paper's configuration: ResNet-18 G, ResNet-50 E_e, constant 512-channel decoder."""
-    return HQGNetConfig(name="paper", channels=channels, norm="group", head="affine")
+    # head_channels[0] is the width of the affine-field conv at stride 4 (128: the head costs what the
+    # paper's full-resolution output layers would, keeping G + E_gen at Table IV's size)
+    return HQGNetConfig(name="paper", channels=channels, norm="group", head="affine", head_channels=(128, 32))
 
 
 def hqgnet_lite(channels: int = 1) -> HQGNetConfig:

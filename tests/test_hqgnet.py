@@ -161,7 +161,7 @@ def test_gradients_reach_every_parameter_group():
     x_hat, v_c = net.gen(y, net.g(z))
     losses = enhancement_loss(net, y, x_hat, v_c, disc(x_hat), LossWeights())
     (losses["e"] + discriminator_loss(disc(z), disc(x_hat.detach()))).backward()
-    groups = {"encoder": net.gen.encoder, "FC_e": net.gen.encoder.fc, "decoder": net.gen.conv, "VIN": net.gen.vin, "head": net.gen.head1, "D": disc}
+    groups = {"encoder": net.gen.encoder, "FC_e": net.gen.encoder.fc, "decoder": net.gen.conv, "VIN": net.gen.vin, "head": net.gen.field, "D": disc}
     for name, module in groups.items():
         for pname, p in module.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, f"{name}.{pname} got no gradient"
