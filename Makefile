@@ -2,7 +2,7 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-CONFIG ?= deploy/config/default.yaml
+CONFIG ?=
 APT_PACKAGES := dcmtk dicom3tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: setup
-	$(BIN)/dicomnode serve --config $(CONFIG)
+	$(BIN)/dicomnode serve $(if $(CONFIG),--config $(CONFIG))
 
 # Fast unit tests first, then the end-to-end tests marked slow (real dcmtk peers, training runs).
 test: setup

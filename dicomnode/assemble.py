@@ -1,10 +1,17 @@
-"""Series assembly: a series is complete once no instance of it arrived for ``series_quiet_seconds``.
+"""Series assembly: which instances form a series, and when a series is complete.
+
+A series is one (patient, study, series UID); it is complete once no instance of it arrived for
+``series_quiet_seconds``.
 
 DICOM has no "end of series" message, so quiet time is the only signal (mercure waits 60 s,
 MONAI Deploy 5 s). The receive side already groups instances into one ``collecting`` job per
 series (see :meth:`dicomnode.spool.Spool.accept`); here the quiet clock turns those jobs
 ``complete``. An instance that arrives after its series' job was formed opens a follow-up job,
 so late arrivals are processed too instead of being lost or re-running the whole series.
+
+:func:`series_from_job` turns a complete job into the :class:`~dicomnode.domain.Series` the pipeline
+takes; :func:`series_from_files` groups files on disk the same way the receiver files them (the same
+Part 10 reader, the same identity), so ``dicomnode route``/``enhance`` and the live node agree.
 """
 
 from __future__ import annotations
@@ -12,9 +19,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
 
-from dicomnode.spool import Ledger
+from dicomnode.domain import Instance, Series, patient_key
+from dicomnode.headers import read_tags
+from dicomnode.ledger import InstanceRecord, JobRecord, Ledger
+from dicomnode.part10 import PATIENT_ID, read_uids
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +70,39 @@ class Assembler:
             except Exception:  # a locked or busy ledger must not end assembly for good
                 log.exception("assembly pass failed; retrying")
             stop.wait(self.poll_interval())
+
+
+def _tags(path: Path, keywords: set[str]) -> dict[str, Any]:
+    """Routing tags of a spooled file; an unreadable header routes as "no tags" and fails alone later."""
+    try:
+        return read_tags(path, keywords)
+    except Exception as exc:  # the UIDs parsed on receive, yet the header is broken further on
+        log.warning("cannot read routing tags of %s: %s", path.name, exc)
+        return {}
+
+
+def series_from_job(job: JobRecord, instances: Sequence[InstanceRecord], keywords: Iterable[str]) -> Series:
+    """The series of a ledger job, with the tags its rules need (``keywords``) read from the spooled headers."""
+    keywords = set(keywords)
+    return Series(
+        patient_key=job.patient_key, study_uid=job.study_uid, series_uid=job.series_uid, calling_aet=job.calling_aet,
+        job_id=job.id, instances=tuple(Instance(inst.path, _tags(inst.path, keywords), inst.id) for inst in instances),
+    )
+
+
+def series_from_files(paths: Iterable[Path], keywords: Iterable[str], calling_aet: str = "") -> tuple[list[Series], list[tuple[Path, str]]]:
+    """Group files into series the way the receiver does; files it would refuse are returned with the reason."""
+    keywords = set(keywords)
+    groups: dict[tuple[str, str, str], list[Instance]] = {}
+    skipped: list[tuple[Path, str]] = []
+    for path in paths:
+        try:
+            uids = read_uids(path)
+        except (ValueError, OSError) as exc:  # what the live node answers with 0xC210
+            skipped.append((path, f"the node would refuse it: {exc}"))
+            continue
+        key = (patient_key(uids[PATIENT_ID]), uids["StudyInstanceUID"], uids["SeriesInstanceUID"])
+        groups.setdefault(key, []).append(Instance(Path(path), _tags(Path(path), keywords)))
+    series = [Series(patient_key=k[0], study_uid=k[1], series_uid=k[2], instances=tuple(v), calling_aet=calling_aet)
+              for k, v in groups.items()]
+    return series, skipped

@@ -11,42 +11,42 @@ working directory (systemd, containers, tests).
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
-import os
 import re
-import string
-import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import (
     AfterValidator,
-    BaseModel,
     BeforeValidator,
     ByteSize,
-    ConfigDict,
     Discriminator,
     Field,
     PlainSerializer,
     PrivateAttr,
     Tag,
     ValidationError,
-    ValidationInfo,
 )
+
+from dicomnode.configerrors import ConfigError, convert_errors, cross_check, dedupe, document_order
+from dicomnode.configtypes import AETitle, ConfigPath, Name, Port, StrictModel, did_you_mean, upper
+from dicomnode.destinations import DestinationSettings, registered_types
+from dicomnode.destinations.dicom import DicomSettings, TLSClientSettings
+from dicomnode.destinations.folder import FolderSettings
+from models.registry import MODELS
 
 __all__ = [
     "CALLING_AET_KEY",
     "ConfigError",
     "DerivePolicy",
     "DestinationConfig",
-    "DicomDestinationConfig",
+    "DicomSettings",
     "DispatchPolicy",
-    "FolderDestinationConfig",
+    "FolderSettings",
     "LoggingConfig",
     "MatchValue",
     "ModelConfig",
@@ -56,8 +56,9 @@ __all__ = [
     "RegexMatch",
     "Rule",
     "StorageConfig",
-    "TLSClientConfig",
+    "TLSClientSettings",
     "UnmatchedPolicy",
+    "DEFAULT_CONFIG",
     "load_config",
     "parse_config",
 ]
@@ -66,94 +67,13 @@ CALLING_AET_KEY = "CallingAETitle"  # pseudo-keyword: the AE title of the sender
 
 # Value representations that cannot be compared with a string: sequences and bulk binary data.
 _UNMATCHABLE_VRS = {"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN"}
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_AE_CHARS = set(string.printable) - set("\\\t\n\r\x0b\x0c")
-
-
-class ConfigError(ValueError):
-    """A config file that cannot be used; ``errors`` lists every problem as (key path, reason)."""
-
-    def __init__(self, errors: Sequence[tuple[str, str]], source: str | None = None) -> None:
-        self.errors: list[tuple[str, str]] = list(errors)
-        self.source = source
-        head = f"invalid config {source}" if source else "invalid config"
-        lines = [f"{head} ({len(self.errors)} problem{'s' if len(self.errors) != 1 else ''}):"]
-        lines += [f"  {key}: {reason}" if key else f"  {reason}" for key, reason in self.errors]
-        super().__init__("\n".join(lines))
-
-
-# --------------------------------------------------------------------------- field types
-
-
-def _resolve_path(value: Path, info: ValidationInfo) -> Path:
-    """Relative paths are relative to the config file's folder (passed as validation context)."""
-    value = value.expanduser()
-    base = (info.context or {}).get("base_dir")
-    if not value.is_absolute() and base is not None:
-        value = Path(base) / value
-    return Path(os.path.normpath(Path(value).absolute()))
-
-
-ConfigPath = Annotated[Path, AfterValidator(_resolve_path)]
-
-
-def _check_ae_title(value: str) -> str:
-    """DICOM AE title: 1-16 characters of the default repertoire, no backslash or control chars."""
-    stripped = value.strip(" ")
-    if not stripped:
-        raise ValueError("AE title is empty")
-    if len(stripped) > 16:
-        raise ValueError(f"AE title {stripped!r} is {len(stripped)} characters long (at most 16)")
-    bad = sorted({c for c in stripped if c not in _AE_CHARS})
-    if bad:
-        raise ValueError(f"AE title {stripped!r} contains {', '.join(repr(c) for c in bad)} (only printable ASCII, no backslash)")
-    return stripped
-
-
-def _number_to_str(value: Any) -> Any:
-    """YAML reads an unquoted AE title such as 12345 as a number; it is still a title."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-
-AETitle = Annotated[str, BeforeValidator(_number_to_str), AfterValidator(_check_ae_title)]
-
-
-def _check_port(value: int) -> int:
-    if not 1 <= value <= 65535:
-        raise ValueError(f"port must be between 1 and 65535 (got {value})")
-    return value
-
-
-Port = Annotated[int, AfterValidator(_check_port)]
-
-
-def _check_name(value: str) -> str:
-    if not _NAME_RE.match(value):
-        raise ValueError(f"name {value!r} must start with a letter or digit and use only letters, digits, '_', '.', '-'")
-    return value
-
-
-Name = Annotated[str, AfterValidator(_check_name)]
-
-
-def _upper(value: Any) -> Any:
-    return value.upper() if isinstance(value, str) else value
-
-
-def _did_you_mean(word: str, choices: Any, cutoff: float = 0.6) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=cutoff)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
 # --------------------------------------------------------------------------- node
 
 
-class NodeTLSConfig(_Strict):
+class NodeTLSConfig(StrictModel):
     """TLS for the node's listening port (DICOM TLS, usually port 2762)."""
 
     cert: ConfigPath
@@ -162,7 +82,7 @@ class NodeTLSConfig(_Strict):
     require_client_cert: bool = False
 
 
-class NodeSettings(_Strict):
+class NodeSettings(StrictModel):
     ae_title: AETitle = "DICOMNODE"
     host: str = Field("0.0.0.0", min_length=1)
     port: Port = 11112
@@ -179,7 +99,7 @@ class NodeSettings(_Strict):
 # --------------------------------------------------------------------------- storage
 
 
-class StorageConfig(_Strict):
+class StorageConfig(StrictModel):
     root: ConfigPath = Path("./var")
     disk_high_watermark_percent: float = Field(90.0, gt=0, le=100)
     disk_low_watermark_percent: float = Field(85.0, gt=0, le=100)
@@ -190,69 +110,35 @@ class StorageConfig(_Strict):
 # --------------------------------------------------------------------------- destinations
 
 
-class TLSClientConfig(_Strict):
-    """TLS when the node connects to a peer: ``ca`` verifies the peer, ``cert``/``key`` identify us.
-
-    Host names are not checked (peers are addressed by IP and AE title; trust comes from the CA
-    chain, as in dcmtk): see :mod:`dicomnode.security`.
-    """
-
-    ca: ConfigPath | None = None  # None = the system's trusted CAs
-    cert: ConfigPath | None = None
-    key: ConfigPath | None = None
-
-
-class DicomDestinationConfig(_Strict):
-    """A DICOM peer (PACS) receiving by C-STORE."""
-
-    type: Literal["dicom"] = "dicom"
-    ae_title: AETitle
-    host: str = Field(min_length=1)
-    port: Port
-    calling_ae_title: AETitle | None = None  # None = node.ae_title
-    timeout_seconds: float = Field(30.0, gt=0)
-    tls: TLSClientConfig | None = None
-
-
-class FolderDestinationConfig(_Strict):
-    """A folder (e.g. a share watched by another system); files are written atomically."""
-
-    type: Literal["folder"] = "folder"
-    folder: ConfigPath
-
-
 def _destination_kind(value: Any) -> str:
-    """Pick the destination schema: explicit ``type``, else ``folder`` present means a folder."""
+    """Pick the destination type: explicit ``type``, else the type whose ``implied_by`` key is present."""
+    types = registered_types()
     if isinstance(value, Mapping):
         explicit = value.get("type")
-        if explicit in ("dicom", "folder"):
-            return explicit
-        return "folder" if "folder" in value else "dicom"
-    if isinstance(value, (DicomDestinationConfig, FolderDestinationConfig)):
-        return value.type
+        if explicit in types:
+            return str(explicit)
+        for name, settings in types.items():
+            if settings.implied_by and settings.implied_by in value and name != "dicom":
+                return name
+        return "dicom"
+    if isinstance(value, DestinationSettings):
+        return str(value.type)  # type: ignore[attr-defined]
     return "dicom"
 
 
 DestinationConfig = Annotated[
-    Union[Annotated[DicomDestinationConfig, Tag("dicom")], Annotated[FolderDestinationConfig, Tag("folder")]],
+    Union[tuple(Annotated[settings, Tag(name)] for name, settings in registered_types().items())],  # type: ignore[valid-type]
     Discriminator(_destination_kind),
 ]
-_DESTINATION_TAGS = {"dicom", "folder"}
 
 
 # --------------------------------------------------------------------------- models
 
 
-def _known_model_kinds() -> list[str]:
-    from models.registry import BUILDERS  # numpy only; never torch
-
-    return sorted(BUILDERS)
-
-
 def _check_kind(value: str) -> str:
-    kinds = _known_model_kinds()
+    kinds = sorted(MODELS)
     if value not in kinds:
-        raise ValueError(f"unknown model kind {value!r}{_did_you_mean(value, kinds)} (known: {', '.join(kinds)})")
+        raise ValueError(f"unknown model kind {value!r}{did_you_mean(value, kinds)} (known: {', '.join(kinds)})")
     return value
 
 
@@ -262,7 +148,7 @@ def _check_device(value: str) -> str:
     return value
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     kind: Annotated[str, AfterValidator(_check_kind)]
     weights: ConfigPath | None = None  # model card X.json must sit beside X.pt
     device: Annotated[str, AfterValidator(_check_device)] = "auto"
@@ -274,7 +160,7 @@ class ModelConfig(_Strict):
 # --------------------------------------------------------------------------- rules
 
 
-class RegexMatch(_Strict):
+class RegexMatch(StrictModel):
     """``{regex: PATTERN}``: the value must match PATTERN as a whole (``re.fullmatch``)."""
 
     regex: str
@@ -344,7 +230,7 @@ def _check_match_key(value: str) -> str:
     from pydicom.datadict import dictionary_VR, keyword_dict
 
     if value not in keyword_dict:
-        hint = _did_you_mean(value, [*keyword_dict, CALLING_AET_KEY], cutoff=0.75)
+        hint = did_you_mean(value, [*keyword_dict, CALLING_AET_KEY], cutoff=0.75)
         raise ValueError(f"unknown DICOM keyword {value!r}{hint}")
     vr = dictionary_VR(keyword_dict[value])
     if set(vr.split(" or ")) & _UNMATCHABLE_VRS:
@@ -355,7 +241,7 @@ def _check_match_key(value: str) -> str:
 MatchKey = Annotated[str, AfterValidator(_check_match_key)]
 
 
-class Rule(_Strict):
+class Rule(StrictModel):
     """Route series whose instances match every key to ``model`` (None = forward untouched).
 
     A rule with no model and no destinations drops the series it matches (e.g. localizers).
@@ -367,7 +253,7 @@ class Rule(_Strict):
     destinations: list[str] = []
 
 
-class UnmatchedPolicy(_Strict):
+class UnmatchedPolicy(StrictModel):
     action: Literal["ignore", "forward"] = "ignore"
     destinations: list[str] = []
 
@@ -375,30 +261,30 @@ class UnmatchedPolicy(_Strict):
 # --------------------------------------------------------------------------- derive / dispatch / logging
 
 
-class DerivePolicy(_Strict):
+class DerivePolicy(StrictModel):
     series_number_offset: int = Field(1000, ge=0, le=2**31 - 1)
     series_description_suffix: str = " [enhanced, not for diagnosis]"
-    content_qualification: Annotated[Literal["RESEARCH", "PRODUCT", "SERVICE"], BeforeValidator(_upper)] = "RESEARCH"
+    content_qualification: Annotated[Literal["RESEARCH", "PRODUCT", "SERVICE"], BeforeValidator(upper)] = "RESEARCH"
     manufacturer: str = "dicomnode"
     institution_name: str | None = None
 
 
-class DispatchPolicy(_Strict):
+class DispatchPolicy(StrictModel):
     max_attempts: int = Field(5, ge=1)
     backoff_initial_seconds: float = Field(2.0, gt=0)
     backoff_max_seconds: float = Field(300.0, gt=0)
     batch_size: int = Field(50, ge=1)
 
 
-class LoggingConfig(_Strict):
-    level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(_upper)] = "INFO"
+class LoggingConfig(StrictModel):
+    level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"], BeforeValidator(upper)] = "INFO"
     file: ConfigPath | None = None
 
 
 # --------------------------------------------------------------------------- root
 
 
-class NodeConfig(_Strict):
+class NodeConfig(StrictModel):
     # Section defaults are empty mappings validated like user input, so their relative paths
     # (storage.root = ./var) resolve against the config file's folder, not the working directory.
     node: NodeSettings = Field(default_factory=dict)  # type: ignore[arg-type]
@@ -413,14 +299,20 @@ class NodeConfig(_Strict):
 
     @property
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON form; recorded in provenance to tie outputs to a config."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """sha256 of the settings that decide derived objects: the derive section and each model's kind and options.
+
+        Recorded in provenance. Paths, ports and destinations do not enter it, so the same processing
+        on another machine, offline or in the demo gives the same hash (and the same bytes).
+        """
+        processing = {"derive": self.derive.model_dump(mode="json"),
+                      "models": {name: {"kind": m.kind, "options": m.options} for name, m in self.models.items()}}
+        canonical = json.dumps(processing, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def calling_ae_title(self, destination: str) -> str:
         """The AE title the node uses when it calls ``destination``."""
         dest = self.destinations[destination]
-        if isinstance(dest, DicomDestinationConfig) and dest.calling_ae_title:
+        if isinstance(dest, DicomSettings) and dest.calling_ae_title:
             return dest.calling_ae_title
         return self.node.ae_title
 
@@ -441,7 +333,7 @@ class NodeConfig(_Strict):
             need("node.tls.key", self.node.tls.key)
             need("node.tls.ca", self.node.tls.ca)
         for name, dest in self.destinations.items():
-            if isinstance(dest, DicomDestinationConfig) and dest.tls is not None:
+            if isinstance(dest, DicomSettings) and dest.tls is not None:
                 for attr in ("ca", "cert", "key"):
                     need(f"destinations.{name}.tls.{attr}", getattr(dest.tls, attr))
         for name, model in self.models.items():
@@ -476,9 +368,17 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def load_config(path: Path | str) -> NodeConfig:
-    """Read and validate a YAML config file; relative paths resolve against its folder."""
-    path = Path(path)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "defaults" / "default.yaml"
+
+
+def load_config(path: Path | str | None = None) -> NodeConfig:
+    """Read and validate a YAML config file; relative paths resolve against its folder.
+
+    ``None`` loads the embedded default (:data:`DEFAULT_CONFIG`), whose relative paths resolve against
+    the working directory instead, so ``dicomnode serve`` with no config keeps its spool in ./var.
+    """
+    base_dir = Path.cwd() if path is None else None
+    path = DEFAULT_CONFIG if path is None else Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -497,7 +397,7 @@ def load_config(path: Path | str) -> NodeConfig:
     if data is None:
         raise ConfigError([("", "config file is empty")], source=str(path))
     try:
-        return parse_config(data, path.resolve().parent)
+        return parse_config(data, base_dir or path.resolve().parent)
     except ConfigError as exc:
         raise ConfigError(exc.errors, source=str(path)) from None
 
@@ -511,223 +411,9 @@ def parse_config(data: Mapping[str, Any], base_dir: Path) -> NodeConfig:
     try:
         config = NodeConfig.model_validate(dict(data), context={"base_dir": Path(base_dir)})
     except ValidationError as exc:
-        errors.extend(_convert_errors(exc))
-    errors.extend(_cross_check(data))
+        errors.extend(convert_errors(exc, NodeConfig, registered_types()))
+    errors.extend(cross_check(data, NodeConfig))
     if errors:
-        raise ConfigError(sorted(_dedupe(errors), key=_document_order))
+        raise ConfigError(sorted(dedupe(errors), key=lambda item: document_order(item, NodeConfig)))
     assert config is not None
     return config
-
-
-# --------------------------------------------------------------------------- error reporting
-
-
-def _format_loc(loc: Sequence[Any]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _strip_annotated(annotation: Any) -> Any:
-    while typing.get_origin(annotation) is Annotated:
-        annotation = typing.get_args(annotation)[0]
-    return annotation
-
-
-def _unwrap(annotation: Any) -> Any:
-    """Strip Annotated/Optional layers to the type that shapes the data."""
-    while True:
-        origin = typing.get_origin(annotation)
-        if origin is Annotated:
-            annotation = typing.get_args(annotation)[0]
-        elif origin in (Union, types.UnionType):
-            args = [_strip_annotated(a) for a in typing.get_args(annotation) if a is not type(None)]
-            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
-            if len(args) == 1:
-                annotation = args[0]
-            elif models:
-                return tuple(models)  # a union of models (destinations): chosen by the next loc part
-            else:
-                return annotation
-        else:
-            return annotation
-
-
-def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
-    """The config model class found at ``loc`` (pydantic's error location), if any."""
-    current: Any = NodeConfig
-    parts = list(loc)
-    while parts:
-        current = _unwrap(current)
-        if isinstance(current, tuple):  # union of models, tagged by the next part
-            tag = parts.pop(0)
-            current = next((m for m in current if m.model_fields.get("type") and m.model_fields["type"].default == tag), None)
-            if current is None:
-                return None
-            continue
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(str(parts.pop(0)))
-            if field is None:
-                return None
-            current = field.annotation
-            continue
-        origin = typing.get_origin(current)
-        if origin in (list, dict):
-            parts.pop(0)
-            current = typing.get_args(current)[-1]
-            continue
-        return None
-    current = _unwrap(current)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return current
-    return None
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _convert_errors(exc: ValidationError) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for err in exc.errors():
-        loc = list(err["loc"])
-        parent = _model_at(loc[:-1]) if err["type"] == "extra_forbidden" else None
-        # Drop the destination schema tag pydantic inserts ("destinations.pacs.dicom.port").
-        if len(loc) >= 3 and loc[0] == "destinations" and loc[2] in _DESTINATION_TAGS:
-            del loc[2]
-        is_key = bool(loc) and loc[-1] == "[key]"
-        if is_key:
-            loc = loc[:-1]
-        kind = err["type"]
-        message = err["msg"]
-        if message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        if kind == "extra_forbidden":
-            key = str(loc[-1])
-            allowed = list(parent.model_fields) if parent else []
-            message = f"unknown key {key!r}{_did_you_mean(key, allowed)}"
-            if allowed:
-                message += f" (allowed: {', '.join(allowed)})"
-        elif kind == "missing":
-            message = "required key is missing"
-        elif kind == "union_tag_invalid":
-            message = "type must be 'dicom' or 'folder'"
-        elif kind in {"literal_error", "enum"}:
-            message = f"{message} (got {_short(err.get('input'))})"
-        elif kind.endswith("_type") or kind.endswith("_parsing") or kind.startswith("greater") or kind.startswith("less"):
-            given = err.get("input")
-            if not isinstance(given, (dict, list)):
-                message = f"{message} (got {_short(given)})"
-        out.append((_format_loc(loc), message))
-    return out
-
-
-def _cross_check(data: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """Checks across sections, done on the raw data so they are reported with field errors."""
-    errors: list[tuple[str, str]] = []
-
-    def names(section: str) -> list[str]:
-        value = data.get(section)
-        return [str(k) for k in value] if isinstance(value, Mapping) else []
-
-    dest_names, model_names = names("destinations"), names("models")
-
-    def check_destinations(key: str, value: Any) -> None:
-        if not isinstance(value, list):
-            return
-        for i, name in enumerate(value):
-            if isinstance(name, str) and name in value[:i]:
-                errors.append((f"{key}[{i}]", f"destination {name!r} is listed twice (it would receive everything twice)"))
-            elif isinstance(name, str) and name not in dest_names:
-                known = ", ".join(dest_names) if dest_names else "none defined"
-                errors.append((f"{key}[{i}]", f"unknown destination {name!r}{_did_you_mean(name, dest_names)} (known: {known})"))
-
-    rules = data.get("rules")
-    if rules is None or (isinstance(rules, list) and not rules):
-        errors.append(("rules", "at least one rule is needed (a rule with an empty match is a catch-all)"))
-    if isinstance(rules, list):
-        seen: dict[str, int] = {}
-        catch_all: int | None = None
-        for i, rule in enumerate(rules):
-            if not isinstance(rule, Mapping):
-                continue
-            if catch_all is not None:
-                errors.append((f"rules[{i}]", f"can never match: rules[{catch_all}] before it has an empty match "
-                               "and takes every series (move the catch-all last)"))
-            elif rule.get("match", {}) == {}:
-                catch_all = i
-            name = rule.get("name")
-            if isinstance(name, str):
-                if name in seen:
-                    errors.append((f"rules[{i}].name", f"duplicate rule name {name!r} (also rules[{seen[name]}])"))
-                seen.setdefault(name, i)
-            model = rule.get("model")
-            if isinstance(model, str) and model not in model_names:
-                known = ", ".join(model_names) if model_names else "none defined"
-                errors.append((f"rules[{i}].model", f"unknown model {model!r}{_did_you_mean(model, model_names)} (known: {known})"))
-            dests = rule.get("destinations")
-            check_destinations(f"rules[{i}].destinations", dests)
-            if isinstance(model, str) and (dests is None or (isinstance(dests, list) and not dests)):
-                errors.append((f"rules[{i}].destinations", "an enhancing rule needs at least one destination"))
-
-    unmatched = data.get("unmatched")
-    if isinstance(unmatched, Mapping):
-        check_destinations("unmatched.destinations", unmatched.get("destinations"))
-        if unmatched.get("action") == "forward" and not unmatched.get("destinations"):
-            errors.append(("unmatched.destinations", "action 'forward' needs at least one destination"))
-
-    storage = data.get("storage")
-    if isinstance(storage, Mapping):
-        high = storage.get("disk_high_watermark_percent", 90.0)
-        low = storage.get("disk_low_watermark_percent", 85.0)
-        if _is_number(high) and _is_number(low) and not low < high:
-            errors.append(("storage.disk_low_watermark_percent", f"must be below disk_high_watermark_percent ({low} >= {high})"))
-
-    dispatch = data.get("dispatch")
-    if isinstance(dispatch, Mapping):
-        initial = dispatch.get("backoff_initial_seconds", 2.0)
-        maximum = dispatch.get("backoff_max_seconds", 300.0)
-        if _is_number(initial) and _is_number(maximum) and maximum < initial:
-            errors.append(("dispatch.backoff_max_seconds", f"must not be below backoff_initial_seconds ({maximum} < {initial})"))
-
-    node = data.get("node")
-    if isinstance(node, Mapping) and isinstance(node.get("tls"), Mapping):
-        tls = node["tls"]
-        if tls.get("require_client_cert") is True and not tls.get("ca"):
-            errors.append(("node.tls.ca", "require_client_cert needs a ca to verify client certificates"))
-
-    destinations = data.get("destinations")
-    if isinstance(destinations, Mapping):
-        for name, dest in destinations.items():
-            tls = dest.get("tls") if isinstance(dest, Mapping) else None
-            if isinstance(tls, Mapping) and bool(tls.get("cert")) != bool(tls.get("key")):
-                errors.append((f"destinations.{name}.tls", "cert and key must be given together"))
-    return errors
-
-
-def _document_order(item: tuple[str, str]) -> tuple[int, int]:
-    """Sort key: section order of the schema, then list index (rules[2] before rules[10])."""
-    key = item[0]
-    section = re.split(r"[.\[]", key, maxsplit=1)[0]
-    sections = list(NodeConfig.model_fields)
-    first_index = re.match(r"^\w+\[(\d+)\]", key)
-    return (sections.index(section) if section in sections else -1, int(first_index.group(1)) if first_index else -1)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _dedupe(errors: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for item in errors:
-        if item not in seen:
-            seen.add(item)
-            out.append(item)
-    return out

@@ -9,9 +9,10 @@ back to the source, a ContributingEquipmentSequence item for the node (109102 Pr
 Equipment) naming model, model version and weights hash, and the non-diagnostic marking from the
 configuration. See docs/provenance.md for the attribute-by-attribute table.
 
-UIDs are derived deterministically from the source UIDs and the model identity, so reprocessing
-the same series with the same model re-sends the same objects (PACS replaces rather than
-duplicates) while a different model or weights gives a different series.
+UIDs are derived deterministically from the source UIDs and everything that decides the pixels
+(model kind, version, weights, guidance, model options), so reprocessing the same series the same
+way re-sends the same objects (PACS replaces rather than duplicates) while any change gives a new
+series, never a different image under an existing UID.
 
 Single frames use highdicom's ``SCImage`` (SC Image Storage); multi-frame sources become
 Multi-frame Grayscale Byte/Word or True Color SC built with pydicom, which highdicom does not do.
@@ -20,9 +21,9 @@ Multi-frame Grayscale Byte/Word or True Color SC built with pydicom, which highd
 from __future__ import annotations
 
 import copy
-import datetime
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode import __version__
+from dicomnode.config import DerivePolicy, NodeConfig, NodeSettings
 from dicomnode.imaging import LOSSY_METHODS, to_stored
 from models.registry import ModelInfo
 
@@ -54,9 +56,6 @@ PRIVATE_ELEMENTS: dict[str, tuple[int, str]] = {
     "config_hash": (0x06, "LO"),
     "node_version": (0x07, "LO"),
 }
-
-# Model kinds that only redistribute contrast; the learned models also denoise (smooth).
-_CONTRAST_ONLY_KINDS = frozenset({"clahe", "histeq", "retinex"})
 
 # Copied verbatim from the source when present: patient, study and patient-study identity.
 _PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
@@ -109,33 +108,21 @@ class DeriveError(ValueError):
 
 @dataclass(frozen=True)
 class DeriveSettings:
-    """How derived objects are labelled: config.derive's fields plus the node's identity."""
+    """How derived objects are labelled: the ``derive`` section of the config plus the node's identity."""
 
-    series_number_offset: int = 1000
-    series_description_suffix: str = " [enhanced, not for diagnosis]"
-    content_qualification: str = "RESEARCH"
-    manufacturer: str = "dicomnode"
-    institution_name: str | None = None
-    node_ae_title: str = "DICOMNODE"
+    policy: DerivePolicy = field(default_factory=DerivePolicy)
+    node_ae_title: str = NodeSettings.model_fields["ae_title"].default
     config_hash: str = ""
 
     @classmethod
-    def from_config(cls, config: Any) -> DeriveSettings:
-        """Build from a validated ``NodeConfig`` (``config.derive``, ``config.node.ae_title``, hash)."""
-        derive = config.derive
-        return cls(
-            series_number_offset=int(derive.series_number_offset),
-            series_description_suffix=str(derive.series_description_suffix),
-            content_qualification=str(derive.content_qualification),
-            manufacturer=str(derive.manufacturer),
-            institution_name=derive.institution_name,
-            node_ae_title=str(config.node.ae_title),
-            config_hash=str(config.config_hash),
-        )
+    def from_config(cls, config: NodeConfig) -> DeriveSettings:
+        return cls(policy=config.derive, node_ae_title=str(config.node.ae_title), config_hash=str(config.config_hash))
 
 
 def _model_identity(model: ModelInfo, guidance_id: str | None) -> list[str]:
-    return [model.kind, model.version, model.weights_sha256 or "", guidance_id or ""]
+    """Everything that decides the derived pixels: a change in any of them gives new UIDs."""
+    options = json.dumps(dict(model.options), sort_keys=True, default=str)
+    return [model.kind, model.version, model.weights_sha256 or "", guidance_id or "", options]
 
 
 def derived_uids(source: Dataset, model: ModelInfo, guidance_id: str | None) -> tuple[str, str]:
@@ -165,9 +152,7 @@ def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
 
 def derivation_codes(model: ModelInfo) -> list[Dataset]:
     """CID 7203 codes for what the model does; no AI-specific code exists in that group."""
-    edge = codes.cid7203.EdgeEnhancement
-    smooth = codes.cid7203.Smoothing
-    chosen = [edge] if model.kind in _CONTRAST_ONLY_KINDS else [smooth, edge]
+    chosen = [getattr(codes.cid7203, name) for name in model.derivation]
     return [_code_item(c.value, c.scheme_designator, c.meaning) for c in chosen]
 
 
@@ -236,20 +221,19 @@ def _as_list(value: Any) -> list[Any]:
     return [value]
 
 
-def _processing_equipment(model: ModelInfo, settings: DeriveSettings, now: datetime.datetime) -> ContributingEquipment:
+def _processing_equipment(model: ModelInfo, settings: DeriveSettings) -> ContributingEquipment:
     return ContributingEquipment(
-        manufacturer=settings.manufacturer,
+        manufacturer=settings.policy.manufacturer,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=_lo(model.name),
         software_versions=_software_versions(model),
-        institution_name=settings.institution_name,
+        institution_name=settings.policy.institution_name,
         station_name=settings.node_ae_title[:16],
-        contribution_datetime=now,
         contribution_description=f"Image enhancement by {model.name} {model.version}"[:1024],
     )
 
 
-def _equipment_sequence(source: Dataset, model: ModelInfo, settings: DeriveSettings, now: datetime.datetime) -> list[Dataset]:
+def _equipment_sequence(source: Dataset, model: ModelInfo, settings: DeriveSettings) -> list[Dataset]:
     items: list[Dataset] = []
     # keep what earlier processing recorded, then the acquisition device, then us
     for item in source.get("ContributingEquipmentSequence", []) or []:
@@ -258,7 +242,7 @@ def _equipment_sequence(source: Dataset, model: ModelInfo, settings: DeriveSetti
         items.append(ContributingEquipment.for_image_acquisition(source))
     except Exception:  # the source names no acquisition manufacturer: nothing to record
         pass
-    items.append(_processing_equipment(model, settings, now))
+    items.append(_processing_equipment(model, settings))
     return items
 
 
@@ -340,7 +324,7 @@ def _single_frame(
         series_number=series_number,
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
-        manufacturer=settings.manufacturer,
+        manufacturer=settings.policy.manufacturer,
         patient_orientation=orientation if all(orientation) else ("A", "F"),  # replaced below
         pixel_spacing=spacing,
         transfer_syntax_uid=ExplicitVRLittleEndian,
@@ -352,7 +336,7 @@ def _single_frame(
 
 def _multi_frame(
     source: Dataset, stored: list[np.ndarray], color: bool, bits: int, series_uid: str, sop_uid: str,
-    series_number: int, instance_number: int, settings: DeriveSettings, now: datetime.datetime,
+    series_number: int, instance_number: int, settings: DeriveSettings,
 ) -> Dataset:
     if color:
         sop_class = MF_TRUE_COLOR_SC
@@ -370,11 +354,7 @@ def _multi_frame(
     ds.SeriesNumber = series_number
     ds.InstanceNumber = instance_number
     ds.Modality = "OT"
-    ds.Manufacturer = settings.manufacturer
-    ds.ContentDate = now.strftime("%Y%m%d")
-    ds.ContentTime = now.strftime("%H%M%S.%f")
-    ds.DateOfSecondaryCapture = ds.ContentDate
-    ds.TimeOfSecondaryCapture = ds.ContentTime
+    ds.Manufacturer = settings.policy.manufacturer
     ds.ConversionType = "WSD"
     nframes = len(stored)
     ds.NumberOfFrames = nframes
@@ -414,6 +394,31 @@ def _multi_frame(
     return ds
 
 
+def _stamp(ds: Dataset, source: Dataset) -> None:
+    """Dates and times taken from the source, never from the clock.
+
+    A derived object is a pure function of its source and of what processed it, so a redo after a
+    crash, ``dicomnode enhance`` and the live node produce the same bytes under the same UID (a PACS
+    never receives two different objects under one UID). The content date is the source's; when the
+    processing happened is in the ledger and the log, not in the object.
+    """
+    for keyword in ("InstanceCreationDate", "InstanceCreationTime", "DateOfSecondaryCapture", "TimeOfSecondaryCapture"):
+        if keyword in ds:
+            del ds[keyword]
+    for date_kw, time_kw in (("ContentDate", "ContentTime"), ("AcquisitionDate", "AcquisitionTime"),
+                             ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+        if source.get(date_kw):
+            ds.ContentDate = source[date_kw].value
+            if source.get(time_kw):
+                ds.ContentTime = source[time_kw].value
+            elif "ContentTime" in ds:
+                del ds.ContentTime
+            return
+    for keyword in ("ContentDate", "ContentTime"):
+        if keyword in ds:
+            del ds[keyword]
+
+
 def derive_sc(
     source: Dataset,
     frames: list[np.ndarray],
@@ -441,35 +446,33 @@ def derive_sc(
         source_series_number = int(source.get("SeriesNumber", 0) or 0)
     except (TypeError, ValueError):
         source_series_number = 0
-    series_number = min(source_series_number + settings.series_number_offset, 2**31 - 1)
+    series_number = min(source_series_number + settings.policy.series_number_offset, 2**31 - 1)
     try:
         instance_number = int(source.get("InstanceNumber", 1) or 1)
     except (TypeError, ValueError):
         instance_number = 1
-    now = datetime.datetime.now().astimezone()  # local time with its UTC offset (DT carries it)
 
     if len(stored) == 1:
         ds = _single_frame(source, stored[0], color, bits, series_uid, sop_uid, series_number, instance_number, settings)
         ds.ConversionType = "WSD"
-        for keyword in ("ContributingEquipmentSequence",):
-            if keyword in ds:
-                del ds[keyword]
+        if "ContributingEquipmentSequence" in ds:
+            del ds.ContributingEquipmentSequence  # replaced below with the full chain
     else:
         ds = _multi_frame(
-            source, stored, color, bits, series_uid, sop_uid, series_number, instance_number, settings, now
+            source, stored, color, bits, series_uid, sop_uid, series_number, instance_number, settings
         )
 
     _copy_identity(source, ds)
     ds.ImageType = ["DERIVED", "SECONDARY", "ENHANCED"]
-    ds.SeriesDescription = _series_description(source, settings.series_description_suffix)
-    ds.ContentQualification = settings.content_qualification
-    ds.Manufacturer = settings.manufacturer
+    ds.SeriesDescription = _series_description(source, settings.policy.series_description_suffix)
+    ds.ContentQualification = settings.policy.content_qualification
+    ds.Manufacturer = settings.policy.manufacturer
     ds.ManufacturerModelName = "dicomnode"
     ds.SoftwareVersions = _software_versions(model)
     ds.StationName = settings.node_ae_title[:16]
-    if settings.institution_name:
-        ds.InstitutionName = _lo(settings.institution_name)
-    ds.SecondaryCaptureDeviceManufacturer = settings.manufacturer
+    if settings.policy.institution_name:
+        ds.InstitutionName = _lo(settings.policy.institution_name)
+    ds.SecondaryCaptureDeviceManufacturer = settings.policy.manufacturer
     ds.SecondaryCaptureDeviceManufacturerModelName = _lo(model.name)
     ds.SecondaryCaptureDeviceSoftwareVersions = _software_versions(model)
     if "BurnedInAnnotation" in source:
@@ -511,6 +514,7 @@ def derive_sc(
     series.SeriesInstanceUID = source.SeriesInstanceUID
     series.ReferencedInstanceSequence = DicomSequence([instance])
     ds.ReferencedSeriesSequence = DicomSequence([series])
-    ds.ContributingEquipmentSequence = DicomSequence(_equipment_sequence(source, model, settings, now))
+    ds.ContributingEquipmentSequence = DicomSequence(_equipment_sequence(source, model, settings))
+    _stamp(ds, source)
     _add_private_block(ds, model, settings, guidance_id)
     return ds

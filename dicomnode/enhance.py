@@ -1,53 +1,48 @@
-"""Enhance one series: decode -> model -> derive -> write, streaming in batches of frames.
+"""Enhance the instances of a series: read -> decode -> model, streaming, one finished instance at a time.
 
 Memory stays bounded by the batch, not the series: instances are read one after another, their
-frames are decoded one at a time into a pending batch of at most ``batch_size`` float frames, and
-an instance is derived, written and dropped as soon as its last frame comes back from the model.
-Only instances with frames in the current batch are held (their pixel data is released once all
-their frames are decoded), plus the stored-value (uint8/uint16) output frames of a multi-frame
-instance still being filled.
+frames decoded one at a time into a pending batch of at most ``batch_size`` frames (across
+instances), and an instance is handed on (:class:`EnhancedInstance`) as soon as its last frame comes
+back from the model; the caller derives and writes it and lets it go. Only instances with frames in
+the current batch are held (their encoded pixel data is released once all their frames are decoded).
 
-A bad instance fails alone: unreadable files, undecodable pixels, a model error on its frames
-(a failed batch is retried frame by frame to find the culprit) or a derivation/write error are
-recorded with the reason in :attr:`SeriesResult.failed`, and the rest of the series goes on.
+A bad instance fails alone, whatever the exception: an unreadable file, pixel data that cannot be
+decoded or is incomplete, a model error on its frames (a failed batch is retried frame by frame to
+find the culprit). It comes out with ``error`` set and the rest of the series goes on.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
-from dicomnode.derive import DeriveError, DeriveSettings, derive_sc
 from dicomnode.imaging import PixelDecodeError, iter_frames, pixel_info
 from models.registry import Enhancer
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("read", "decode", "model", "encode", "write")
+STAGES: tuple[str, ...] = ("read", "decode", "model")
 
 
 @dataclass
-class SeriesResult:
-    """What came of one series: written files, failed sources with the reason, seconds per stage."""
+class EnhancedInstance:
+    """One source instance after the model: its header (no pixel data) and enhanced frames, or why not."""
 
-    outputs: list[Path] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=lambda: {stage: 0.0 for stage in STAGES})
-    frames: int = 0  # frames enhanced (of written instances)
+    path: Path
+    header: Dataset
+    frames: list[np.ndarray] = field(default_factory=list)
+    error: str | None = None
 
 
 @dataclass
-class _Instance:
+class _Open:
     path: Path
     ds: Dataset
     nframes: int
@@ -57,98 +52,55 @@ class _Instance:
     error: str | None = None
 
 
-def write_atomic(ds: Dataset, out_dir: Path) -> Path:
-    """Write ``ds`` as ``out_dir/SOPInstanceUID.dcm`` via temp file, fsync and rename.
-
-    A reader (the dispatcher, a folder-watching PACS) never sees a half-written file, and a
-    re-run replaces the earlier file of the same (deterministic) UID.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{ds.SOPInstanceUID}.dcm"
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".dcm", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            ds.save_as(fh, enforce_file_format=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, final)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return final
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if not isinstance(exc, (PixelDecodeError,)) else str(exc)
 
 
-class _SeriesRun:
-    """State of one :func:`enhance_series` call (kept out of the function to stay readable)."""
+class _Run:
+    """State of one :func:`enhance_instances` call."""
 
-    def __init__(
-        self,
-        enhancer: Enhancer,
-        settings: DeriveSettings,
-        out_dir: Path,
-        guidance: np.ndarray | None,
-        guidance_id: str | None,
-        batch_size: int,
-        progress: Callable[[int], None] | None,
-    ) -> None:
+    def __init__(self, enhancer: Enhancer, batch_size: int, timings: dict[str, float],
+                 admit: Callable[[Dataset], str | None] | None) -> None:
         self.enhancer = enhancer
-        self.settings = settings
-        self.out_dir = Path(out_dir)
-        self.guidance = guidance
-        self.guidance_id = guidance_id
         self.batch_size = max(1, int(batch_size))
-        self.progress = progress
-        self.result = SeriesResult()
-        self.pending: list[tuple[_Instance, int, np.ndarray]] = []
-        self.open: list[_Instance] = []  # read, neither written nor failed yet
+        self.timings = timings
+        self.admit = admit
+        self.pending: list[tuple[_Open, int, np.ndarray]] = []
+        self.ready: list[EnhancedInstance] = []
 
-    def _add_time(self, stage: str, started: float) -> None:
-        self.result.timings[stage] += time.perf_counter() - started
+    def _time(self, stage: str, started: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - started
 
-    def _fail(self, inst: _Instance, reason: str) -> None:
+    def _fail(self, inst: _Open, reason: str) -> None:
         if inst.error is None:
             inst.error = reason
-            self.result.failed.append((inst.path, reason))
             log.warning("instance %s failed: %s", inst.ds.get("SOPInstanceUID", inst.path.name), reason)
-            if inst in self.open:
-                self.open.remove(inst)
-            inst.outputs = []  # release what was already enhanced
-            inst.ds = Dataset()
-            if self.progress:
-                self.progress(1)
+            self.pending = [p for p in self.pending if p[0] is not inst]
+            inst.outputs = []
+            header = inst.ds
+            if "PixelData" in header:
+                del header.PixelData
+            self.ready.append(EnhancedInstance(inst.path, header, error=reason))
 
     def process(self, path: Path) -> None:
-        path = Path(path)
         started = time.perf_counter()
         try:
             ds = pydicom.dcmread(path)
             info = pixel_info(ds)
-        except (InvalidDicomError, OSError) as exc:
-            self._add_time("read", started)
-            self.result.failed.append((path, f"cannot read DICOM file: {exc}"))
-            log.warning("cannot read %s: %s", path.name, exc)
-            if self.progress:
-                self.progress(1)
-            return
+            refusal = self.admit(ds) if self.admit is not None else None
         except PixelDecodeError as exc:
-            self._add_time("read", started)
-            self.result.failed.append((path, f"pixel data: {exc}"))
-            log.warning("instance %s: pixel data: %s", ds.get("SOPInstanceUID", path.name), exc)
-            if self.progress:
-                self.progress(1)
+            self._time("read", started)
+            self.ready.append(EnhancedInstance(path, Dataset(), error=f"pixel data: {exc}"))
             return
-        except Exception as exc:  # pydicom raises assorted errors on malformed files
-            self._add_time("read", started)
-            self.result.failed.append((path, f"cannot read DICOM file: {type(exc).__name__}: {exc}"))
-            if self.progress:
-                self.progress(1)
+        except Exception as exc:  # untrusted bytes: pydicom raises assorted errors on malformed files
+            self._time("read", started)
+            self.ready.append(EnhancedInstance(path, Dataset(), error=f"cannot read DICOM file: {_describe(exc)}"))
             return
-        self._add_time("read", started)
-        inst = _Instance(path=path, ds=ds, nframes=info.number_of_frames, outputs=[None] * info.number_of_frames)
-        self.open.append(inst)
+        self._time("read", started)
+        inst = _Open(path=path, ds=ds, nframes=info.number_of_frames, outputs=[None] * info.number_of_frames)
+        if refusal is not None:
+            self._fail(inst, refusal)
+            return
         frames = iter_frames(ds, info)
         index = 0
         while True:
@@ -156,14 +108,13 @@ class _SeriesRun:
             try:
                 frame, _voi = next(frames)
             except StopIteration:
-                self._add_time("decode", started)
+                self._time("decode", started)
                 break
-            except PixelDecodeError as exc:
-                self._add_time("decode", started)
-                self._fail(inst, f"pixel data: {exc}")
-                self.pending = [p for p in self.pending if p[0] is not inst]
+            except Exception as exc:  # decoder or a lazily raised header error: this instance only
+                self._time("decode", started)
+                self._fail(inst, f"pixel data: {_describe(exc)}")
                 return
-            self._add_time("decode", started)
+            self._time("decode", started)
             self.pending.append((inst, index, frame))
             index += 1
             if len(self.pending) >= self.batch_size:
@@ -176,10 +127,10 @@ class _SeriesRun:
         self._maybe_finish(inst)
 
     def _run_model(self, frames: list[np.ndarray]) -> list[np.ndarray]:
-        out = self.enhancer.enhance(frames, self.guidance)
+        out = self.enhancer.enhance(frames)
         if len(out) != len(frames):
             raise RuntimeError(f"model returned {len(out)} frames for {len(frames)}")
-        for i, (a, b) in enumerate(zip(frames, out)):
+        for i, (a, b) in enumerate(zip(frames, out, strict=True)):
             if np.shape(b) != np.shape(a):
                 raise RuntimeError(f"model changed frame shape {np.shape(a)} -> {np.shape(b)} (frame {i})")
         return [np.asarray(b, dtype=np.float32) for b in out]
@@ -203,10 +154,10 @@ class _SeriesRun:
                     outputs.append(self._run_model([frame])[0])
                 except Exception as single:
                     outputs.append(None)
-                    self._fail(inst, f"model {self.enhancer.info.name}: {type(single).__name__}: {single}")
-        self._add_time("model", started)
-        touched: list[_Instance] = []
-        for (inst, index, _frame), out in zip(batch, outputs):
+                    self._fail(inst, f"model {self.enhancer.info.name}: {_describe(single)}")
+        self._time("model", started)
+        touched: list[_Open] = []
+        for (inst, index, _frame), out in zip(batch, outputs, strict=True):
             if inst.error is not None or out is None:
                 continue
             inst.outputs[index] = out
@@ -216,65 +167,36 @@ class _SeriesRun:
         for inst in touched:
             self._maybe_finish(inst)
 
-    def _maybe_finish(self, inst: _Instance) -> None:
+    def _maybe_finish(self, inst: _Open) -> None:
         if inst.error is not None or not inst.decoded_all or inst.done < inst.nframes:
             return
-        started = time.perf_counter()
-        try:
-            frames = [f for f in inst.outputs if f is not None]
-            derived = derive_sc(inst.ds, frames, self.enhancer.info, self.settings, self.guidance_id)
-        except (DeriveError, ValueError, AttributeError, TypeError) as exc:
-            self._add_time("encode", started)
-            self._fail(inst, f"derive: {exc}")
-            return
-        self._add_time("encode", started)
+        frames = [f for f in inst.outputs if f is not None]
         inst.outputs = []
-        started = time.perf_counter()
-        try:
-            path = write_atomic(derived, self.out_dir)
-        except OSError as exc:
-            self._add_time("write", started)
-            self._fail(inst, f"write: {exc}")
-            return
-        self._add_time("write", started)
-        self.result.outputs.append(path)
-        self.result.frames += inst.nframes
-        self.open.remove(inst)
-        inst.ds = Dataset()
-        if self.progress:
-            self.progress(1)
-        log.debug("derived %s -> %s", inst.path.name, path.name)
+        self.ready.append(EnhancedInstance(inst.path, inst.ds, frames))
+
+    def take(self) -> list[EnhancedInstance]:
+        ready, self.ready = self.ready, []
+        return ready
 
 
-def enhance_series(
+def enhance_instances(
     sources: Sequence[Path],
     enhancer: Enhancer,
-    settings: DeriveSettings,
-    out_dir: Path,
     *,
-    guidance: np.ndarray | None = None,
-    guidance_id: str | None = None,
     batch_size: int = 4,
-    progress: Callable[[int], None] | None = None,
-) -> SeriesResult:
-    """Enhance the instances ``sources`` and write one derived SC file per instance into ``out_dir``.
+    timings: dict[str, float] | None = None,
+    admit: Callable[[Dataset], str | None] | None = None,
+) -> Iterator[EnhancedInstance]:
+    """Yield every source as an :class:`EnhancedInstance`, in the order they finish.
 
-    Frames go through ``enhancer.enhance`` in batches of ``batch_size`` (across instances);
-    ``progress`` (optional) is called with 1 as each source is finished, written or failed.
-    Never raises for a bad instance: see :class:`SeriesResult`.
+    Frames go through ``enhancer.enhance`` in batches of ``batch_size`` (across instances; the
+    enhancer carries its guidance). ``admit(ds)`` may refuse an instance before decoding (a reason
+    string, e.g. a decode budget); ``timings`` accumulates seconds per stage (read, decode, model).
+    Never raises for a bad instance.
     """
-    run = _SeriesRun(enhancer, settings, Path(out_dir), guidance, guidance_id, batch_size, progress)
+    run = _Run(enhancer, batch_size, timings if timings is not None else {}, admit)
     for path in sources:
         run.process(Path(path))
+        yield from run.take()
     run.flush()
-    for inst in list(run.open):  # cannot happen unless the bookkeeping above is wrong: never lose one silently
-        run._fail(inst, f"incomplete: {inst.done} of {inst.nframes} frames came back from the model")
-    result = run.result
-    log.info(
-        "series done: %d written, %d failed, %d frames; seconds %s",
-        len(result.outputs),
-        len(result.failed),
-        result.frames,
-        ", ".join(f"{k}={v:.2f}" for k, v in result.timings.items()),
-    )
-    return result
+    yield from run.take()

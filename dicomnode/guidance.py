@@ -11,10 +11,8 @@ A cache entry is only valid for the exact weights it was built with (G's embeddi
 them) and the exact reference set: both hashes are in the file and checked on load. An entry built
 for other weights is refused with a clear message, never used silently.
 
-How several references combine is measured, not assumed (:func:`measure_methods`): ``mean`` (the mean
-vector), ``single`` (the reference whose vector is nearest the mean: one fixed image, as in the paper)
-and ``nearest`` (per input image, the reference whose G embedding is most similar to the input's).
-The figures and the choice are recorded in the cache file.
+How several references combine is measured, not assumed (:mod:`models.guidance` does the vector
+math); the figures and the choice are recorded in the cache file.
 """
 
 from __future__ import annotations
@@ -34,17 +32,22 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode.durable import write_bytes
+from models.guidance import (
+    GUIDANCE_METHODS,
+    GuidanceMathError,
+    extract_vectors,
+    measure_methods,
+    nearest_index,
+    vector_for_method,
+)
+from models.io import list_images, load_image
 from models.registry import Enhancer, sha256_file
 
 log = logging.getLogger(__name__)
 
-GUIDANCE_METHODS: tuple[str, ...] = ("mean", "single", "nearest")
 FORMAT_VERSION = 1
 DEFAULT_MODALITY = "default"
-# Methods whose score is within this many dB PSNR of the best count as equal: then the cheapest
-# wins (mean/single need no G forward per request; nearest needs one per image).
-PSNR_TIE_DB = 0.1
-_COST_ORDER = {"mean": 0, "single": 1, "nearest": 2}
 
 
 class GuidanceError(RuntimeError):
@@ -165,10 +168,7 @@ def save(guidance: Guidance, path: Path) -> Path:
     """Atomic write (temp + rename) so a crash never leaves half a cache that start-up would read."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(guidance.to_json(), indent=1) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_bytes(path, (json.dumps(guidance.to_json(), indent=1) + "\n").encode(), mode=0o644)
 
 
 def load(path: Path) -> Guidance:
@@ -210,139 +210,15 @@ def model_weights_sha(enhancer: Enhancer) -> str:
     return sha
 
 
-def model_channels(enhancer: Enhancer) -> int | None:
-    """1 or 3 when the model card says which the network takes, else None."""
-    card = enhancer.info.card or {}
-    config = card.get("config") or {}
-    for source in (config, card):
-        for key in ("channels", "in_channels", "in_ch"):
-            if isinstance(source.get(key), int) and source[key] in (1, 3):
-                return int(source[key])
-    return None
-
-
-def model_size(enhancer: Enhancer, default: int = 256) -> int:
-    """The crop size the model was trained at: references are shown to G the way training did."""
-    card = enhancer.info.card or {}
-    for source in (card.get("training") or {}, card.get("config") or {}, card):
-        for key in ("size", "crop_size", "image_size"):
-            value = source.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    return default
-
-
-def load_references(paths: Sequence[Path], channels: int, size: int) -> list[np.ndarray]:
-    """Reference images as the model sees them: [0,1] float, shorter side ``size``, centre crop."""
-    from models.train.data import fit_square, load_image
-
+def load_references(paths: Sequence[Path], channels: int) -> list[np.ndarray]:
+    """Reference images as float [0, 1] arrays; the model prepares them for G itself (scale, crops)."""
     images = []
     for p in paths:
         try:
-            images.append(fit_square(load_image(p, channels), size))
+            images.append(load_image(p, channels))
         except Exception as exc:  # a broken reference must name itself, not fail deep inside G
             raise GuidanceError(f"reference image {p} cannot be read: {exc}") from exc
     return images
-
-
-def nearest_index(exemplars: np.ndarray, query: np.ndarray) -> int:
-    """Index of the exemplar with the highest cosine similarity to ``query``."""
-    e = exemplars / np.maximum(np.linalg.norm(exemplars, axis=1, keepdims=True), 1e-12)
-    q = np.asarray(query, dtype=np.float32).reshape(-1)
-    q = q / max(float(np.linalg.norm(q)), 1e-12)
-    return int(np.argmax(e @ q))
-
-
-def medoid_index(vectors: np.ndarray) -> int:
-    """The reference whose vector is closest (L2) to the mean: the 'one fixed image' choice."""
-    return int(np.argmin(np.linalg.norm(vectors - vectors.mean(axis=0, keepdims=True), axis=1)))
-
-
-def extract_vectors(enhancer: Enhancer, images: Sequence[np.ndarray], batch: int = 4) -> np.ndarray:
-    if not getattr(enhancer, "uses_guidance", False):
-        raise GuidanceError(f"model {enhancer.info.name} ({enhancer.info.kind}) takes no guidance")
-    rows = []
-    for i in range(0, len(images), batch):
-        v = np.asarray(enhancer.extract_guidance(list(images[i : i + batch])), dtype=np.float32)
-        rows.append(v.reshape(len(images[i : i + batch]), -1))
-    vectors = np.concatenate(rows, axis=0)
-    if not np.all(np.isfinite(vectors)):
-        raise GuidanceError(f"model {enhancer.info.name} produced non-finite guidance vectors")
-    return vectors
-
-
-def enhance_with(enhancer: Enhancer, images: Sequence[np.ndarray], vectors: np.ndarray, method: str) -> list[np.ndarray]:
-    """Enhance ``images`` with guidance chosen by ``method`` from the reference ``vectors``."""
-    if method == "mean":
-        return enhancer.enhance(list(images), guidance=vectors.mean(axis=0))
-    if method == "single":
-        return enhancer.enhance(list(images), guidance=vectors[medoid_index(vectors)])
-    if method == "nearest":
-        queries = extract_vectors(enhancer, images)
-        return [enhancer.enhance([img], guidance=vectors[nearest_index(vectors, q)])[0] for img, q in zip(images, queries)]
-    raise GuidanceError(f"unknown guidance method {method!r}; one of {', '.join(GUIDANCE_METHODS)}")
-
-
-Metric = Callable[[np.ndarray, np.ndarray], dict[str, float]]
-
-
-def paired_metrics(output: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Full-reference scores of one output against its clean target (D's PSNR dB, SSIM)."""
-    from models.metrics import psnr, ssim
-
-    out = np.clip(np.asarray(output, dtype=np.float32), 0, 1)
-    ref = np.clip(np.asarray(target, dtype=np.float32), 0, 1)
-    return {"psnr": float(min(psnr(out, ref), 100.0)), "ssim": float(ssim(out, ref))}
-
-
-def measure_methods(
-    enhancer: Enhancer,
-    ref_vectors: np.ndarray,
-    heldout_lq: Sequence[np.ndarray],
-    heldout_hq: Sequence[np.ndarray],
-    *,
-    metric: Metric = paired_metrics,
-    methods: Sequence[str] = GUIDANCE_METHODS,
-) -> dict[str, Any]:
-    """Score each combination method on a held-out paired set (LQ input, clean target).
-
-    Returns ``{"methods": {m: {"psnr":…, "ssim":…, "seconds_per_image":…}}, "input": {...},
-    "chosen": m, "rule": text, "n_heldout": n}``. Ties (within PSNR_TIE_DB) go to the cheaper method.
-    """
-    if len(heldout_lq) != len(heldout_hq) or not heldout_lq:
-        raise GuidanceError("held-out set needs as many LQ as HQ images, at least one")
-    results: dict[str, dict[str, float]] = {}
-    base = [metric(lq, hq) for lq, hq in zip(heldout_lq, heldout_hq)]
-    input_scores = {k: float(np.mean([b[k] for b in base])) for k in base[0]}
-    for method in methods:
-        if method == "single" and len(ref_vectors) == 1 and "mean" in results:
-            results[method] = dict(results["mean"])  # identical guidance: nothing to measure
-            continue
-        start = time.perf_counter()
-        outputs = enhance_with(enhancer, heldout_lq, ref_vectors, method)
-        seconds = (time.perf_counter() - start) / len(heldout_lq)
-        scores = [metric(o, hq) for o, hq in zip(outputs, heldout_hq)]
-        results[method] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
-        results[method]["seconds_per_image"] = round(seconds, 4)
-    best_psnr = max(r["psnr"] for r in results.values())
-    tied = [m for m in results if results[m]["psnr"] >= best_psnr - PSNR_TIE_DB]
-    chosen = min(tied, key=lambda m: (_COST_ORDER.get(m, 9), -results[m]["psnr"]))
-    return {
-        "metric": "mean PSNR (dB) / SSIM of the output against the clean target",
-        "n_heldout": len(heldout_lq),
-        "input": input_scores,
-        "methods": results,
-        "chosen": chosen,
-        "rule": f"highest mean PSNR; methods within {PSNR_TIE_DB} dB of the best tie and the cheapest wins (mean < single < nearest)",
-    }
-
-
-def synthetic_heldout(images: Sequence[np.ndarray], seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Paired held-out set from clean images: seeded synthetic degradations (models.degrade) as LQ."""
-    from models.degrade import degrade_many
-
-    lq = list(degrade_many(images, "mixed", seed=seed))
-    return lq, [np.asarray(img, dtype=np.float32) for img in images]
 
 
 def build(
@@ -353,14 +229,14 @@ def build(
     modality: str = DEFAULT_MODALITY,
     method: str = "auto",
     heldout: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
-    channels: int | None = None,
-    size: int | None = None,
+    weights: Sequence[float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Guidance:
     """Run G over the reference images and make the guidance record.
 
     ``method="auto"`` measures every method on ``heldout`` (paired LQ/HQ arrays) and keeps the best;
     without a held-out set, auto falls back to ``mean`` and records that nothing was measured.
+    ``weights`` (one per reference, e.g. to balance sources) weight the mean.
     """
     refs = sorted({Path(p) for p in refs})
     if not refs:
@@ -368,12 +244,15 @@ def build(
     if method != "auto" and method not in GUIDANCE_METHODS:
         raise GuidanceError(f"unknown guidance method {method!r}; one of auto, {', '.join(GUIDANCE_METHODS)}")
     weights_sha = model_weights_sha(enhancer)
-    channels = channels or model_channels(enhancer) or _infer_channels(refs)
-    size = size or model_size(enhancer)
-    images = load_references(refs, channels, size)
+    card = enhancer.info.card
+    channels = int(card.channels) if card is not None and card.channels in (1, 3) else 3
+    images = load_references(refs, channels)
     if progress:
-        progress(f"G forward over {len(images)} reference image(s) at {size}px")
-    vectors = extract_vectors(enhancer, images)
+        progress(f"G forward over {len(images)} reference image(s)")
+    try:
+        vectors = extract_vectors(enhancer, images)
+    except GuidanceMathError as exc:
+        raise GuidanceError(str(exc)) from exc
     measurements: dict[str, Any] = {}
     if heldout is not None:
         if progress:
@@ -385,10 +264,7 @@ def build(
             measurements = {"chosen": "mean", "rule": "no held-out set given: default mean (paper Table Vc: 1 ≈ 10 ≈ all references)"}
     elif measurements:
         measurements["chosen_by_user"] = method
-    if method == "single":
-        vector = vectors[medoid_index(vectors)]
-    else:
-        vector = vectors.mean(axis=0)
+    vector = vector_for_method(vectors, method, None if weights is None else np.asarray(weights, dtype=np.float64))
     rsha = refs_sha256(refs)
     return Guidance(
         id=guidance_id(model, modality, weights_sha, rsha, method),
@@ -403,19 +279,11 @@ def build(
         measurements=measurements,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         refs=tuple(p.name for p in refs),
-        image_size=size,
+        image_size=card.size if card is not None else None,
     )
 
 
-def _infer_channels(refs: Sequence[Path]) -> int:
-    from models.train.common import infer_channels
-
-    return infer_channels(refs)
-
-
 def reference_files(folder: Path) -> list[Path]:
-    from models.train.data import list_images
-
     try:
         return list_images(folder)
     except ValueError as exc:

@@ -60,22 +60,6 @@ class PixelInfo:
     color: bool  # frames are (H, W, 3) RGB
     out_bits: int  # 8 or 16: the stored depth of the derived object
 
-    @property
-    def lossy_method(self) -> str | None:
-        """ISO method name when the transfer syntax is (possibly) lossy, else None."""
-        return LOSSY_METHODS.get(self.transfer_syntax)
-
-
-@dataclass
-class DecodedImage:
-    """All frames of one instance, float32 in [0, 1], (H, W) gray or (H, W, 3) RGB."""
-
-    frames: list[np.ndarray]
-    color: bool
-    out_bits: int
-    info: PixelInfo
-    voi: list[str]  # per frame: which VOI transform was applied ("window", "voi-lut", "minmax", "full-range")
-
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int:
     value = ds.get(keyword, default)
@@ -282,17 +266,6 @@ def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np
         raise PixelDecodeError(
             f"cannot decode {UID(info.transfer_syntax).name} pixel data: {exc}"
         ) from exc
-
-
-def decode(ds: Dataset) -> DecodedImage:
-    """Decode every frame of ``ds``; PixelDecodeError with the reason when it cannot be done."""
-    info = pixel_info(ds)
-    frames: list[np.ndarray] = []
-    vois: list[str] = []
-    for frame, voi in iter_frames(ds, info):
-        frames.append(frame)
-        vois.append(voi)
-    return DecodedImage(frames=frames, color=info.color, out_bits=info.out_bits, info=info, voi=vois)
 
 
 def to_stored(frame: np.ndarray, out_bits: int) -> np.ndarray:

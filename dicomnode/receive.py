@@ -15,32 +15,31 @@ quarantine/ with a reason). Whatever arrives, the handler answers and the node k
 
 from __future__ import annotations
 
-import io
 import logging
-import re
 import os
 import shutil
-import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicomnode.config import NodeSettings, StorageConfig
+from dicomnode.durable import FILE_MODE, copy_file, fsync_file
+from dicomnode.ledger import SeriesKey
+from dicomnode.part10 import PATIENT_ID, read_uids
 from dicomnode.security import server_ssl_context
-from dicomnode.spool import Spool, write_atomic
+from dicomnode.domain import patient_key
+from dicomnode.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,6 @@ STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_PROCESSING_FAILURE = 0xC211
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian)
-_UID_CHARS = re.compile(r"[0-9]+(\.[0-9]+)*")
-_UID_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def transfer_syntaxes() -> list[str]:
@@ -62,41 +59,6 @@ def transfer_syntaxes() -> list[str]:
     ]
     return [*compressed, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
             ImplicitVRLittleEndian]
-
-
-@dataclass(frozen=True)
-class ReceiveSettings:
-    """What the SCP needs from ``node.*`` and ``storage.*`` (kept apart from the config schema)."""
-
-    ae_title: str = "DICOMNODE"
-    host: str = "0.0.0.0"
-    port: int = 11112
-    max_associations: int = 10
-    allowed_calling_aets: tuple[str, ...] = ()
-    require_called_aet: bool = True
-    max_pdu_size: int = 0
-    max_object_bytes: int = 2 * 1024**3
-    disk_high_watermark_percent: float = 90.0
-    disk_low_watermark_percent: float = 85.0
-    chunked: bool = True
-    tls: Any = None  # node.tls ({cert, key, ca, require_client_cert}); see dicomnode.security
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ReceiveSettings":
-        node, storage = config.node, config.storage
-        return cls(
-            ae_title=node.ae_title,
-            host=node.host,
-            port=node.port,
-            max_associations=node.max_associations,
-            allowed_calling_aets=tuple(node.allowed_calling_aets),
-            require_called_aet=node.require_called_aet,
-            max_pdu_size=node.max_pdu_size,
-            max_object_bytes=node.max_object_bytes,
-            disk_high_watermark_percent=storage.disk_high_watermark_percent,
-            disk_low_watermark_percent=storage.disk_low_watermark_percent,
-            tls=node.tls,
-        )
 
 
 class DiskGuard:
@@ -133,35 +95,13 @@ class DiskGuard:
             return self.full
 
 
-@dataclass
-class ReceiveStats:
-    stored: int = 0
-    bytes: int = 0
-    refused: int = 0
-    quarantined: int = 0
-    echoes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, **counts: int) -> None:
-        with self._lock:
-            for key, value in counts.items():
-                setattr(self, key, getattr(self, key) + value)
-
-
 class Receiver:
     """The C-ECHO / C-STORE SCP bound to one spool; ``start`` returns at once (threaded server)."""
 
-    def __init__(
-        self, spool: Spool, settings: ReceiveSettings, *, on_stored: Callable[[int, str], None] | None = None,
-        disk_guard: DiskGuard | None = None,
-    ) -> None:
+    def __init__(self, spool: Spool, node: NodeSettings, storage: StorageConfig, *, disk_guard: DiskGuard | None = None) -> None:
         self.spool = spool
-        self.settings = settings
-        self.on_stored = on_stored
-        self.stats = ReceiveStats()
-        self.disk = disk_guard or DiskGuard(
-            spool.root, settings.disk_high_watermark_percent, settings.disk_low_watermark_percent
-        )
+        self.settings = node
+        self.disk = disk_guard or DiskGuard(spool.root, storage.disk_high_watermark_percent, storage.disk_low_watermark_percent)
         self.ae = self._build_ae()
         self._server: Any = None
 
@@ -180,27 +120,6 @@ class Receiver:
             ae.add_supported_context(cx.abstract_syntax, syntaxes)
         return ae
 
-    def _ensure_renamable_chunks(self) -> None:
-        """pynetdicom streams each dataset into the temp dir; make sure it can be *renamed* into the spool.
-
-        A temp dir on another file system or mount (a container volume, systemd PrivateTmp) would
-        make every instance a full copy. Then the process temp dir is pointed into the spool (a
-        process-wide setting, acceptable for the dedicated node process) and logged.
-        """
-        probe = Path(tempfile.mkstemp(prefix="dicomnode-probe-")[1])
-        target = self.spool.incoming / probe.name
-        try:
-            os.replace(probe, target)
-        except OSError as exc:
-            chunk_dir = self.spool.incoming / "chunks"
-            chunk_dir.mkdir(mode=0o700, exist_ok=True)
-            tempfile.tempdir = str(chunk_dir)
-            log.info("temp dir %s cannot be renamed into the spool (%s): receiving into %s",
-                     probe.parent, exc.strerror or exc, chunk_dir)
-        finally:
-            probe.unlink(missing_ok=True)
-            target.unlink(missing_ok=True)
-
     @property
     def port(self) -> int:
         """The bound port (differs from settings.port when that was 0)."""
@@ -209,11 +128,8 @@ class Receiver:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        if self.settings.chunked:
-            # Stream each dataset to a file as PDUs arrive instead of growing it in memory:
-            # fastest measured path (REFERENCE §5). Process-wide pynetdicom switch.
-            _config.STORE_RECV_CHUNKED_DATASET = True
-            self._ensure_renamable_chunks()
+        """Listen. The process-wide pynetdicom settings (chunked receive into the spool) are applied
+        once by :func:`dicomnode.netconfig.configure` before this is called."""
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -272,7 +188,6 @@ class Receiver:
         log.warning("association rejected: calling AE %r from %s", req.ae_title, req.address)
 
     def _on_echo(self, event: evt.Event) -> int:
-        self.stats.add(echoes=1)
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
@@ -282,12 +197,10 @@ class Receiver:
             return self._store(event, calling, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
         except Exception:  # never let one object take the SCP down; the sender gets a clear failure
             log.exception("store of %s failed", request.AffectedSOPInstanceUID)
-            self.stats.add(refused=1)
             return STATUS_PROCESSING_FAILURE
 
     def _store(self, event: evt.Event, calling: str, cmd_class: str, cmd_sop: str) -> int:
         if self.disk.refuse():
-            self.stats.add(refused=1)
             return STATUS_OUT_OF_RESOURCES
         landed = self._land(event)
         size = landed.stat().st_size
@@ -297,7 +210,6 @@ class Receiver:
                 "refused %s from %s: %d bytes > max_object_bytes %d", cmd_sop, calling, size,
                 self.settings.max_object_bytes,
             )
-            self.stats.add(refused=1)
             return STATUS_OUT_OF_RESOURCES
         try:
             uids = read_uids(landed)
@@ -305,7 +217,6 @@ class Receiver:
             reason = f"calling AE {calling}, SOP Instance {cmd_sop}: {exc}"
             kept = self.spool.quarantine(landed, reason)
             log.warning("quarantined %s: %s", kept.name, reason)
-            self.stats.add(quarantined=1)
             return STATUS_CANNOT_UNDERSTAND
         if uids["SOPInstanceUID"] != cmd_sop or uids["SOPClassUID"] != cmd_class:
             reason = (
@@ -314,146 +225,40 @@ class Receiver:
             )
             kept = self.spool.quarantine(landed, f"calling AE {calling}: {reason}")
             log.warning("quarantined %s: %s", kept.name, reason)
-            self.stats.add(quarantined=1)
             return STATUS_DATASET_MISMATCH
+        key = SeriesKey(patient_key(uids[PATIENT_ID]), uids["StudyInstanceUID"], uids["SeriesInstanceUID"])
         try:
             job_id, _final = self.spool.accept(
-                landed,
-                study_uid=uids["StudyInstanceUID"],
-                series_uid=uids["SeriesInstanceUID"],
-                sop_uid=uids["SOPInstanceUID"],
-                sop_class_uid=uids["SOPClassUID"],
-                calling_aet=calling,
+                landed, key, sop_uid=uids["SOPInstanceUID"], sop_class_uid=uids["SOPClassUID"], calling_aet=calling,
             )
         except OSError as exc:
             landed.unlink(missing_ok=True)
             log.error("cannot spool %s: %s", cmd_sop, exc)
-            self.stats.add(refused=1)
             return STATUS_OUT_OF_RESOURCES
-        self.stats.add(stored=1, bytes=size)
         log.debug("stored %s series %s -> job %d", cmd_sop, uids["SeriesInstanceUID"], job_id)
-        if self.on_stored is not None:
-            self.on_stored(job_id, uids["SeriesInstanceUID"])
         return STATUS_SUCCESS
 
     def _land(self, event: evt.Event) -> Path:
         """The received bytes as a durable file in incoming/ (no decoding, no copy when avoidable)."""
         target = self.spool.temp_path()
-        chunk_path = getattr(event.request, "_dataset_path", None)
-        if isinstance(chunk_path, Path):
-            fd = os.open(chunk_path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        chunk_path = event.dataset_path if self._chunked(event) else None
+        if chunk_path is not None:
+            fsync_file(chunk_path)
             try:
                 os.replace(chunk_path, target)  # pynetdicom's later unlink of its temp name is best effort
-            except OSError:  # temp dir on another file system: copy
-                shutil.copyfile(chunk_path, target)
-                _fsync_path(target)
-            os.chmod(target, 0o600)
+                os.chmod(target, FILE_MODE)
+            except OSError:  # the chunk folder is on another file system: copy
+                copy_file(chunk_path, target)
             return target
-        write_atomic(target, event.encoded_dataset())
-        return target
+        return self.spool.write_incoming(event.encoded_dataset())
 
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-_SCAN_TAGS = {
-    0x00080016: "SOPClassUID",
-    0x00080018: "SOPInstanceUID",
-    0x0020000D: "StudyInstanceUID",
-    0x0020000E: "SeriesInstanceUID",
-}
-_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
-_SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
-                        b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
-_SCAN_BYTES = 64 * 1024
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-
-
-def scan_uids(head: bytes) -> dict[str, str] | None:
-    """Fast path: the four UIDs straight from the first bytes of a Part 10 file, or None.
-
-    Walks the elements by their lengths (no decoding) up to (0020,000E). Returns None, leaving the
-    decision to pydicom, whenever anything is unusual: no preamble, big endian or deflated data,
-    an undefined length before the UIDs, an element running past ``head``, a UID missing or not
-    well-formed. It never judges a file bad by itself, so it cannot refuse what pydicom accepts.
-    """
-    if len(head) < 132 or head[128:132] != b"DICM":
-        return None
-    pos, end, syntax = 132, len(head), None
-    found: dict[str, str] = {}
-    while pos + 8 <= end:
-        group, element = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002 and syntax is None:
-            return None  # file meta without a transfer syntax
-        tag = (group << 16) | element
-        if group != 0x0002 and syntax == _IMPLICIT_LE:  # file meta is always explicit VR
-            (length,) = struct.unpack_from("<I", head, pos + 4)
-            header = 8
-        else:
-            vr = head[pos + 4 : pos + 6]
-            if vr in _LONG_VRS:
-                if pos + 12 > end:
-                    return None
-                (length,) = struct.unpack_from("<I", head, pos + 8)
-                header = 12
-            elif vr in _SHORT_VRS:
-                (length,) = struct.unpack_from("<H", head, pos + 6)
-                header = 8
-            else:  # not a VR: pydicom guesses how to go on, so its verdict must decide (found by fuzzing)
-                return None
-        if length == 0xFFFFFFFF or pos + header + length > end:
-            return None
-        value = head[pos + header : pos + header + length]
-        if tag == 0x00020010:
-            syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
-            if syntax in (_BIG_ENDIAN, _DEFLATED):
-                return None
-        elif tag in _SCAN_TAGS:
-            found[_SCAN_TAGS[tag]] = value.rstrip(b"\x00 ").decode("ascii", "replace")
-        elif tag > 0x0020000E:
-            break
-        pos += header + length
-    if len(found) != len(_SCAN_TAGS):
-        return None
-    if any(len(v) > 64 or not _UID_CHARS.fullmatch(v) for v in found.values()):
-        return None
-    return found
-
-
-def read_uids(path: Path | io.BufferedIOBase) -> dict[str, str]:
-    """The four UIDs that file a received object; ValueError naming what is missing or unreadable.
-
-    :func:`scan_uids` answers for well-formed files from one 64 KiB read; everything else goes
-    through pydicom, whose verdict (and error message) is the one that counts.
-    """
-    if isinstance(path, (str, Path)):
-        with open(path, "rb") as fh:
-            fast = scan_uids(fh.read(_SCAN_BYTES))
-        if fast is not None:
-            return fast
-    try:
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_UID_TAGS))
-        uids = {tag: str(ds.get(tag, "") or "").strip() for tag in _UID_TAGS}
-    except Exception as exc:  # untrusted bytes: any parser failure means "cannot understand"
-        raise ValueError(f"cannot parse the dataset: {exc.__class__.__name__}: {exc}") from exc
-    missing = [tag for tag, value in uids.items() if not value]
-    if missing:
-        raise ValueError(f"dataset lacks {', '.join(missing)}")
-    bad = [tag for tag, value in uids.items() if len(value) > 64 or not _UID_CHARS.fullmatch(value)]
-    if bad:
-        raise ValueError(f"invalid UID in {', '.join(bad)}")
-    return uids
+    @staticmethod
+    def _chunked(event: evt.Event) -> bool:
+        """True when pynetdicom streamed this dataset to a file (its public ``dataset_path``)."""
+        try:
+            return event.dataset_path is not None
+        except AttributeError:  # not a chunked receive
+            return False
 
 
 def echo(host: str, port: int, ae_title: str, calling_ae_title: str = "ECHOSCU", timeout: float = 10.0) -> bool:
@@ -471,12 +276,4 @@ def echo(host: str, port: int, ae_title: str, calling_ae_title: str = "ECHOSCU",
         assoc.release()
 
 
-__all__: Sequence[str] = (
-    "DiskGuard",
-    "ReceiveSettings",
-    "ReceiveStats",
-    "Receiver",
-    "echo",
-    "read_uids",
-    "transfer_syntaxes",
-)
+__all__: Sequence[str] = ("DiskGuard", "Receiver", "echo", "read_uids", "transfer_syntaxes")

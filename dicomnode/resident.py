@@ -50,8 +50,8 @@ def shipped_guidance(weights: Path | None) -> dict[str, Path]:
 class GatedEnhancer(Enhancer):
     """The shared enhancer seen through its device's semaphore, bound to one guidance record.
 
-    ``enhance(images)`` without a vector uses the bound guidance; for a record whose method is
-    ``nearest`` each image gets its own nearest exemplar (one G forward per image, measured cost).
+    ``enhance(images)`` uses the bound guidance; for a record whose method is ``nearest`` each image
+    gets its own nearest exemplar (one G forward per image, measured cost).
     """
 
     def __init__(self, inner: Enhancer, gate: threading.BoundedSemaphore, guidance: gd.Guidance | None = None):
@@ -75,7 +75,8 @@ class GatedEnhancer(Enhancer):
             if guidance is None and self.guidance is not None:
                 if self.guidance.method == "nearest" and self.guidance.exemplars is not None:
                     queries = np.asarray(self.inner.extract_guidance(list(images)), dtype=np.float32)
-                    return [self.inner.enhance([img], guidance=self.guidance.vector_for(q))[0] for img, q in zip(images, queries)]
+                    return [self.inner.enhance([img], guidance=self.guidance.vector_for(q))[0]
+                            for img, q in zip(images, queries, strict=True)]
                 guidance = self.guidance.vector
             return self.inner.enhance(images, guidance=guidance)
 
@@ -103,18 +104,29 @@ class ResidentModel:
         return self.guidance.get(gd.DEFAULT_MODALITY)
 
 
+@dataclass(frozen=True)
+class BoundModel:
+    """A model ready for one series: the gated enhancer with its modality's guidance bound, and what
+    provenance names (the guidance id)."""
+
+    name: str
+    enhancer: GatedEnhancer
+    guidance_id: str | None
+    batch_size: int
+
+
 class ResidentModels:
     """All configured models, loaded once; what the server's workers share."""
 
-    def __init__(self, models: Mapping[str, ResidentModel], failures: Mapping[str, str], slots_per_device: int = 1):
+    def __init__(self, models: Mapping[str, ResidentModel], failures: Mapping[str, str]):
         self.models = dict(models)
         self.failures = dict(failures)
         self._gates: dict[str, threading.BoundedSemaphore] = {}
         for m in self.models.values():
-            self._gates.setdefault(m.device, threading.BoundedSemaphore(max(1, slots_per_device)))
+            self._gates.setdefault(m.device, threading.BoundedSemaphore(1))
 
     @classmethod
-    def load(cls, config: Any, *, slots_per_device: int = 1, only: Sequence[str] | None = None) -> ResidentModels:
+    def load(cls, config: Any, *, only: Sequence[str] | None = None) -> ResidentModels:
         """Build every model in ``config.models`` (or those named in ``only``).
 
         Never raises for one model's failure: the reason goes to ``failures`` and to the log.
@@ -149,7 +161,7 @@ class ResidentModels:
                              "; guidance " + ", ".join(f"{k}={g.id}/{g.method}" for k, g in records.items()) if records else "")
             if name in failures:
                 log.error("%s; rules using it will fail until this is fixed", failures[name])
-        return cls(loaded, failures, slots_per_device=slots_per_device)
+        return cls(loaded, failures)
 
     @staticmethod
     def _guidance(name: str, mc: Any, enhancer: Enhancer, storage_root: Path) -> dict[str, gd.Guidance]:
@@ -174,15 +186,20 @@ class ResidentModels:
             raise ModelUnavailable(self.failures[name])
         raise ModelUnavailable(f"model {name!r} is not configured")
 
-    def enhancer_for(self, name: str, modality: str | None = None) -> GatedEnhancer:
-        """The shared enhancer behind its device gate, bound to ``modality``'s guidance."""
-        m = self.get(name)
-        return GatedEnhancer(m.enhancer, self._gates[m.device], m.guidance_record(modality))
+    def bind(self, name: str, modality: str | None = None) -> BoundModel:
+        """The shared enhancer behind its device gate, bound to ``modality``'s guidance (or the default's).
 
-    def guidance_for(self, name: str, modality: str | None) -> tuple[np.ndarray | None, str | None]:
-        """(vector, guidance id) for the server's hook; (None, None) for unguided models."""
-        record = self.get(name).guidance_record(modality)
-        return (None, None) if record is None else (record.vector, record.id)
+        ModelUnavailable when the model failed at start-up or when a guided model has no guidance
+        for this modality and no default.
+        """
+        m = self.get(name)
+        record = m.guidance_record(modality)
+        if m.enhancer.uses_guidance and record is None:
+            have = ", ".join(sorted(m.guidance)) or "none"
+            raise ModelUnavailable(f"model {name!r} has no HQ guidance for modality {modality or '?'!r} and no default "
+                                   f"(caches: {have}); add models.{name}.guidance.{modality or 'default'}")
+        return BoundModel(name, GatedEnhancer(m.enhancer, self._gates[m.device], record), record.id if record else None,
+                          m.batch_size)
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -21,8 +21,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from dicomnode.config import StorageConfig
+from dicomnode.ledger import JobState
 from dicomnode.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -100,23 +101,22 @@ def _remove_old_files(folder: Path, older_than: float, summary: RetentionSummary
     return removed
 
 
-def sweep(config: Any, spool: Spool, now: float | None = None) -> RetentionSummary:
-    """Apply ``config.storage.retention_days_*`` to the spool; safe to run while the node serves.
+def sweep(storage: StorageConfig, spool: Spool, now: float | None = None) -> RetentionSummary:
+    """Apply ``storage.retention_days_*`` to the spool; safe to run while the node serves.
 
     ``now`` (epoch seconds) is injectable so tests and audits can ask "what would go at time T".
     A job is marked purged only when all its files are gone, so a failed deletion is retried.
     """
     now = time.time() if now is None else now
-    storage = config.storage
     summary = RetentionSummary()
-    for state, days in (("done", storage.retention_days_delivered), ("failed", storage.retention_days_failed)):
+    for state, days in ((JobState.DONE, storage.retention_days_delivered), (JobState.FAILED, storage.retention_days_failed)):
         if days is None:
             continue
         for job_id in spool.ledger.expired_jobs(state, now - days * DAY):
             gone = [_remove_tree(base / f"job-{job_id}", summary) for base in (spool.series_dir, spool.outgoing)]
             if all(gone):
                 spool.ledger.mark_purged(job_id)
-                summary.jobs_purged[state] += 1
+                summary.jobs_purged[str(state)] += 1
     if storage.retention_days_failed is not None:
         summary.quarantine_removed = _remove_old_files(
             spool.quarantine_dir, now - storage.retention_days_failed * DAY, summary)

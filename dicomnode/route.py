@@ -18,25 +18,20 @@ Value semantics (documented in docs/configuration.md):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
-import pydicom
-from pydicom.datadict import tag_for_keyword
 from pydicom.multival import MultiValue
 
 from dicomnode.config import CALLING_AET_KEY, MatchValue, NodeConfig, RegexMatch, Rule
+from dicomnode.headers import plain_scalar
 
-__all__ = ["CALLING_AET", "RouteDecision", "decide", "rule_matches", "routing_keywords", "routing_tags"]
+__all__ = ["CALLING_AET", "RouteDecision", "decide", "rule_matches", "routing_keywords"]
 
 logger = logging.getLogger(__name__)
 
 CALLING_AET = CALLING_AET_KEY
-
-# Tags the node needs beside the rule keys, to group and log instances by UID.
-_ALWAYS_READ = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Modality")
 
 
 @dataclass(frozen=True)
@@ -59,50 +54,14 @@ def routing_keywords(config: NodeConfig) -> set[str]:
     return {key for rule in config.rules for key in rule.match}
 
 
-def routing_tags(path: Path, keywords: Iterable[str]) -> dict[str, Any]:
-    """Read the values the rules need from one file, header only (pixel data is never read).
-
-    Values are plain ``str`` or ``list[str]`` (multi-valued), so the result can be stored as JSON;
-    tags absent from the file are absent from the result. The calling AE title is not in the file
-    and is skipped. Raises pydicom's ``InvalidDicomError``/``OSError`` for unreadable files.
-    """
-    wanted = [k for k in dict.fromkeys([*_ALWAYS_READ, *keywords]) if k != CALLING_AET]
-    tags = [t for t in (tag_for_keyword(k) for k in wanted) if t is not None]
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-    out: dict[str, Any] = {}
-    for keyword in wanted:
-        element = ds.get(keyword)
-        if element is None:
-            continue
-        out[keyword] = _plain(element)
-    return out
-
-
-def _plain(value: Any) -> str | list[str]:
-    """A tag value as text: numbers and person names via str(), multi-values as a list."""
-    if value is None:
-        return ""
-    if isinstance(value, (MultiValue, list, tuple)):
-        return [_plain_scalar(v) for v in value]
-    return _plain_scalar(value)
-
-
-def _plain_scalar(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bytes):
-        return value.decode("ascii", errors="replace").rstrip("\x00 ")
-    return str(value)
-
-
 def _values(value: Any) -> list[str]:
     """Candidates a match value is compared with: each single value, plus the joined form."""
     if value is None:
         return [""]
     if isinstance(value, (MultiValue, list, tuple)):
-        parts = [_plain_scalar(v) for v in value]
+        parts = [plain_scalar(v) for v in value]
         return [*parts, "\\".join(parts)] if len(parts) != 1 else parts
-    text = _plain_scalar(value)
+    text = plain_scalar(value)
     if "\\" in text:  # a multi-value stored as one string
         return [*text.split("\\"), text]
     return [text]

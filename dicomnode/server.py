@@ -1,14 +1,14 @@
-"""The running node: receive -> spool -> assemble -> route -> enhance -> dispatch, in threads.
+"""The running node: wiring only. The stages do the work; this module starts them in threads.
 
 Threads and why:
 
-* the pynetdicom SCP (one thread per association) only lands bytes and records them, so C-ECHO
-  and C-STORE keep being answered while a model works;
-* one assembler turns quiet series into jobs;
-* ``node.workers`` workers claim complete jobs, route them and run the resident model (torch
-  releases the GIL during inference, so the SCP is not starved);
-* one dispatcher sends pending deliveries in batches (one association per destination batch),
-  retries with exponential backoff and dead-letters after ``dispatch.max_attempts``;
+* the pynetdicom SCP (:mod:`dicomnode.receive`, one thread per association) only lands bytes and
+  records them, so C-ECHO and C-STORE keep being answered while a model works;
+* one assembler (:mod:`dicomnode.assemble`) turns quiet series into jobs;
+* ``node.workers`` workers claim complete jobs and run each through :class:`dicomnode.pipeline.Pipeline`
+  (torch releases the GIL during inference, so the SCP is not starved);
+* one dispatch worker per destination (:mod:`dicomnode.dispatch`), so a stalled PACS delays only its
+  own deliveries;
 * one housekeeper applies retention.
 
 Every hand-over is a ledger state change, so a restart (after SIGTERM, a crash or a power cut)
@@ -25,29 +25,26 @@ import os
 import signal
 import threading
 import time
-from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from dicomnode import retention, route
-from dicomnode.assemble import Assembler
+from dicomnode import retention
+from dicomnode.assemble import Assembler, series_from_job
 from dicomnode.config import NodeConfig
-from dicomnode.receive import Receiver, ReceiveSettings
-from dicomnode.resident import ModelUnavailable, ResidentModels
-from dicomnode.spool import DeliveryRecord, JobRecord, Spool, SpoolError
+from dicomnode.destinations import Destination, build_destination
+from dicomnode.dispatch import Dispatcher
+from dicomnode.domain import SeriesOutcome
+from dicomnode.ledger import JobRecord, JobState
+from dicomnode.netconfig import configure
+from dicomnode.pipeline import Pipeline
+from dicomnode.receive import Receiver
+from dicomnode.resident import ResidentModels
+from dicomnode.route import routing_keywords
+from dicomnode.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
-
-GuidanceFor = Callable[[str, "str | None"], "tuple[np.ndarray | None, str | None]"]
-
-
-def no_guidance(model_name: str, modality: str | None) -> tuple[np.ndarray | None, str | None]:
-    """The guidance hook when no cache is wired in: models run unguided."""
-    return None, None
 
 
 @dataclass
@@ -59,45 +56,46 @@ class ServerOptions:
     retention_interval_seconds: float = retention.SWEEP_INTERVAL_SECONDS
 
 
+def make_destinations(config: NodeConfig) -> dict[str, Destination]:
+    """One Destination per configured name. TLS material is loaded now (fails at start-up)."""
+    return {name: build_destination(name, settings, config.node.ae_title) for name, settings in config.destinations.items()}
+
+
 class Server:
     """One node process. ``start`` returns once the port is open; ``stop`` drains; ``serve_forever`` blocks.
 
-    ``guidance_for(model_name, modality) -> (vector | None, guidance_id | None)`` is the hook for
-    the guidance cache; by default the resident models' cached guidance is used. ``destinations``
-    and ``models`` may be injected (tests); by default they are built from the config.
+    ``destinations`` and ``models`` may be injected (tests); by default they are built from the config.
     """
 
     def __init__(
         self,
         config: NodeConfig,
         *,
-        guidance_for: GuidanceFor | None = None,
-        destinations: dict[str, Any] | None = None,
+        destinations: dict[str, Destination] | None = None,
         models: ResidentModels | None = None,
         options: ServerOptions | None = None,
     ) -> None:
         self.config = config
         self.options = options or ServerOptions()
-        self._guidance_for = guidance_for
         self._destinations = destinations
         self.models = models
         self.spool: Spool | None = None
         self.receiver: Receiver | None = None
         self._stop = threading.Event()
         self._wake_workers = threading.Condition()
-        self._wake_dispatch = threading.Event()
+        self._wake_dispatch: list[threading.Event] = []
+        self.pipeline: Pipeline | None = None
         self._threads: list[threading.Thread] = []
         self._started = False
         self._lock_file: Any = None
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
-        from dicomnode import dispatch  # A3's module; imported here so status/resend never load it
-
         cfg = self.config
         self.spool = Spool(cfg.storage.root)
         spool = self.spool
         self._lock_spool(spool)
+        configure(spool.chunks)
         redo = spool.ledger.recover()
         retry = spool.ledger.retry_pending_now()
         stale = spool.clean_incoming()
@@ -113,24 +111,28 @@ class Server:
         for rule in cfg.rules:
             if rule.model is not None and rule.model in self.models.failures:
                 log.error("rule %r cannot run: %s", rule.name, self.models.failures[rule.model])
-        if self._guidance_for is None:
-            self._guidance_for = self._resident_guidance
         if self._destinations is None:
-            self._destinations = dispatch.make_destinations(cfg)
+            self._destinations = make_destinations(cfg)
+        self.pipeline = Pipeline(cfg, self.models)
+        dispatcher = Dispatcher(spool.ledger, self._destinations, cfg.dispatch)
 
-        self.receiver = Receiver(spool, ReceiveSettings.from_config(cfg))
+        self.receiver = Receiver(spool, cfg.node, cfg.storage)
         assembler = Assembler(spool.ledger, cfg.node.series_quiet_seconds, on_complete=lambda _job: self._notify_workers())
         self._spawn("assemble", assembler.run, self._stop)
         for i in range(cfg.node.workers):
             self._spawn(f"worker-{i + 1}", self._worker_loop)
-        self._spawn("dispatch", self._dispatch_loop)
+        for name in [*self._destinations, None]:  # one worker per destination; None: unconfigured ones
+            wake = threading.Event()
+            self._wake_dispatch.append(wake)
+            self._spawn(f"dispatch-{name or 'orphans'}", dispatcher.run_destination, name, self._stop, wake,
+                        self.options.dispatch_poll_seconds)
         self._spawn("housekeeping", self._housekeeping_loop)
         try:
             self.receiver.start()
         except BaseException:  # port taken, TLS material unusable: stop the stages again, then report
             self._stop.set()
             self._notify_workers()
-            self._wake_dispatch.set()
+            self._wake_all_dispatch()
             for thread in self._threads:
                 thread.join(5.0)
             spool.close()
@@ -180,7 +182,7 @@ class Server:
         log.info("receiver closed; stopping stages")
         self._stop.set()
         self._notify_workers()
-        self._wake_dispatch.set()
+        self._wake_all_dispatch()
         clean = True
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -233,9 +235,9 @@ class Server:
         with self._wake_workers:
             self._wake_workers.notify_all()
 
-    def _resident_guidance(self, model_name: str, modality: str | None) -> tuple[np.ndarray | None, str | None]:
-        assert self.models is not None
-        return self.models.guidance_for(model_name, modality)
+    def _wake_all_dispatch(self) -> None:
+        for wake in self._wake_dispatch:
+            wake.set()
 
     # -- workers -----------------------------------------------------------------------------
     def _worker_loop(self) -> None:
@@ -251,179 +253,53 @@ class Server:
                 self.process_job(job)
             except Exception as exc:  # one bad job must not stop the worker
                 log.exception("job %d failed", job.id)
-                self.spool.ledger.set_job(job.id, "failed", error=f"{exc.__class__.__name__}: {exc}"[:2000])
+                self.spool.ledger.set_job_state(job.id, JobState.FAILED, error=f"{exc.__class__.__name__}: {exc}"[:2000])
             log.info("job %d processed in %.2f s", job.id, time.perf_counter() - started)
-            self._wake_dispatch.set()
+            self._wake_all_dispatch()
 
-    def process_job(self, job: JobRecord) -> None:
-        """Route one complete series and produce its outputs and pending deliveries."""
-        assert self.spool is not None and self.models is not None and self._guidance_for is not None
+    def process_job(self, job: JobRecord) -> SeriesOutcome:
+        """Run one claimed job through the pipeline and record the outcome as one ledger transition."""
+        assert self.spool is not None and self.pipeline is not None
         ledger = self.spool.ledger
-        cfg = self.config
-        instances = ledger.instances(job.id)
-        if not instances:
-            ledger.set_job(job.id, "done", action="ignore", error="no instances")
-            return
-        keywords = route.routing_keywords(cfg) | {"Modality"}
-        tags = [self._routing_tags(job.id, inst.path, keywords) for inst in instances]
-        decision = route.decide(cfg, tags, job.calling_aet)
-        chosen = [instances[i] for i in decision.matched]
-        rest = [inst.id for i, inst in enumerate(instances) if i not in set(decision.matched)]
-        ledger.mark_routed(job.id, [inst.id for inst in chosen], rest)
-        log.info(
-            "job %d series %s: %s by %s (%d of %d instances) -> %s", job.id, job.series_uid, decision.action,
-            f"rule {decision.rule!r}" if decision.rule else "unmatched policy", len(chosen), len(instances),
-            ", ".join(decision.destinations) or "no destination",
-        )
-        if decision.rule is None:
-            ledger.record_unmatched(job, decision.action)
-        if decision.action == "ignore":
-            ledger.set_job(job.id, "done", action="ignore", rule=decision.rule)
-            return
-        if decision.action == "forward":
-            ledger.record_outputs(
-                job.id, [inst.path for inst in chosen], "forward", decision.destinations,
-                action="forward", rule=decision.rule, model=None,
-            )
-            return
-
-        assert decision.model is not None
-        try:
-            model = self.models.get(decision.model)
-        except ModelUnavailable as exc:
-            ledger.set_job(job.id, "failed", action="enhance", rule=decision.rule, model=decision.model, error=str(exc))
-            log.error("job %d failed: %s", job.id, exc)
-            return
-        modality = next((str(tags[i].get("Modality") or "") for i in decision.matched), "") or None
-        vector, guidance_id = self._guidance_for(decision.model, modality)
-        enhancer = self.models.enhancer_for(decision.model, modality)
-        if self._guidance_for == self._resident_guidance:
-            # The gated enhancer already carries this modality's guidance record (including a
-            # per-image nearest exemplar); passing the mean vector here would override that.
-            vector = None
-        from dicomnode import enhance  # imaging stack: imported by the first job that needs it
-
-        out_dir = self.spool.outgoing_dir(job.id)
-        result = enhance.enhance_series(
-            [inst.path for inst in chosen], enhancer, self.derive_settings(), out_dir,
-            guidance=vector, guidance_id=guidance_id, batch_size=model.batch_size,
-        )
-        failures = "; ".join(f"{Path(src).name}: {reason}" for src, reason in result.failed)
-        for src, reason in result.failed:  # a copy for inspection; nothing derived is sent from it
+        series = series_from_job(job, ledger.instances(job.id), routing_keywords(self.config))
+        outcome = self.pipeline.run(series, self.spool.outgoing_dir(job.id))
+        log.info("job %d series %s: %s by %s (%d of %d instances) -> %s", job.id, job.series_uid, outcome.action,
+                 f"rule {outcome.rule!r}" if outcome.rule else "unmatched policy", len(outcome.matched),
+                 len(series.instances), ", ".join(outcome.destinations) or "no destination")
+        for src, reason in outcome.failed:  # a copy for inspection; nothing derived is sent from it
             if Path(src).is_file():
                 self.spool.quarantine(Path(src), f"job {job.id}: {Path(src).name} not enhanced: {reason}", keep_source=True)
-        timing = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
-        if not result.outputs:
-            ledger.set_job(
-                job.id, "failed", action="enhance", rule=decision.rule, model=decision.model,
-                error=f"no instance could be enhanced: {failures}"[:2000],
-            )
-            log.error("job %d: no output (%s)", job.id, failures)
-            return
-        if result.failed:
-            log.warning("job %d: %d instances failed alone: %s", job.id, len(result.failed), failures)
-        ledger.record_outputs(
-            job.id, result.outputs, "derived", decision.destinations, action="enhance", rule=decision.rule,
-            model=decision.model,
-            error=f"{len(result.failed)} instances not enhanced: {failures}"[:2000] if result.failed else None,
-        )
-        log.info("job %d: %d outputs (%s)", job.id, len(result.outputs), timing)
-
-    @staticmethod
-    def _routing_tags(job_id: int, path: Path, keywords: set[str]) -> dict[str, Any]:
-        """Header tags for routing; an unreadable header routes as "no tags" and fails alone later."""
-        try:
-            return route.routing_tags(path, keywords)
-        except Exception as exc:  # the UIDs parsed on receive, yet the header is broken further on
-            log.warning("job %d: cannot read routing tags of %s: %s", job_id, path.name, exc)
-            return {}
-
-    def derive_settings(self) -> Any:
-        from dicomnode.derive import DeriveSettings
-
-        cfg = self.config
-        return DeriveSettings(
-            **cfg.derive.model_dump(), node_ae_title=cfg.node.ae_title, config_hash=cfg.config_hash
-        )
-
-    # -- dispatch ----------------------------------------------------------------------------
-    def _dispatch_loop(self) -> None:
-        assert self.spool is not None
-        ledger = self.spool.ledger
-        while not self._stop.is_set():
-            sent_any = self.dispatch_once()
-            for job_id, state in ledger.settle_jobs():
-                log.info("job %d %s", job_id, state)
-            if sent_any:
-                continue
-            due = ledger.next_due_at()
-            wait = self.options.dispatch_poll_seconds
-            if due is not None:
-                wait = min(wait, max(0.0, due - time.time()))
-            self._wake_dispatch.wait(wait)
-            self._wake_dispatch.clear()
-
-    def dispatch_once(self) -> bool:
-        """Send one batch per destination of the deliveries now due; False when nothing was due."""
-        from dicomnode import dispatch
-
-        assert self.spool is not None and self._destinations is not None
-        ledger = self.spool.ledger
-        policy = self.config.dispatch
-        due = ledger.due_deliveries(limit=policy.batch_size * max(1, len(self._destinations)))
-        if not due:
-            return False
-        by_dest: dict[str, list[DeliveryRecord]] = defaultdict(list)
-        for d in due:
-            if len(by_dest[d.destination]) < policy.batch_size:
-                by_dest[d.destination].append(d)
-        for name, batch in by_dest.items():
-            if self._stop.is_set():
-                break
-            destination = self._destinations.get(name)
-            if destination is None:
-                for d in batch:
-                    ledger.mark_failed(d.id, f"destination {name!r} is not configured", max_attempts=1, retry_in=0)
-                continue
-            outcomes = self._send(destination, [d.path for d in batch])
-            ok = [d.id for d in batch if outcomes.get(str(d.path), (False, ""))[0]]
-            ledger.mark_sent(ok)
-            retrying = dead = 0
-            for d in batch:
-                success, detail = outcomes.get(str(d.path), (False, "no outcome returned for this file"))
-                if success:
-                    continue
-                retry_in = dispatch.backoff_seconds(d.attempts + 1, policy)
-                state = ledger.mark_failed(d.id, detail, max_attempts=policy.max_attempts, retry_in=retry_in)
-                if state == "dead_letter":
-                    dead += 1
-                    log.error("delivery %d (job %d) to %s dead-lettered after %d attempts: %s",
-                              d.id, d.job_id, name, d.attempts + 1, detail)
-                else:
-                    retrying += 1
-            log.info("sent %d/%d to %s%s%s", len(ok), len(batch), name,
-                     f"; {retrying} retry later" if retrying else "", f"; {dead} dead-lettered" if dead else "")
-        return True
-
-    @staticmethod
-    def _send(destination: Any, paths: Sequence[Path]) -> dict[str, tuple[bool, str]]:
-        try:
-            outcomes = destination.send(list(paths))
-        except Exception as exc:  # the contract says send never raises; a bug there must not lose state
-            log.exception("destination %s raised", getattr(destination, "name", "?"))
-            return {str(p): (False, f"{exc.__class__.__name__}: {exc}") for p in paths}
-        result: dict[str, tuple[bool, str]] = {}
-        for o in outcomes:
-            status = f"status 0x{o.status:04X}: " if o.status is not None else ""
-            result[str(o.path)] = (bool(o.ok), f"{status}{o.detail}")
-        return result
+        if outcome.rule is None:
+            ledger.record_unmatched(job, outcome.action)
+        matched = {series.instances[i].ledger_id for i in outcome.matched}
+        routed = ([i for i in matched if i is not None],
+                  [inst.ledger_id for inst in series.instances if inst.ledger_id not in matched and inst.ledger_id is not None])
+        details = {"timings": {k: round(v, 3) for k, v in outcome.timings.items()}, **({"gate": outcome.gate} if outcome.gate else {}),
+                   **({"guidance_id": outcome.guidance_id} if outcome.guidance_id else {})}
+        common = {"action": outcome.action, "rule": outcome.rule, "model": outcome.model, "details": details, "routed": routed}
+        failures = "; ".join(f"{Path(src).name}: {reason}" for src, reason in outcome.failed)
+        if outcome.action == "ignore":
+            ledger.finish_job(job.id, JobState.DONE, **common)
+        elif outcome.error is not None:
+            ledger.finish_job(job.id, JobState.FAILED, error=outcome.error[:2000], **common)
+            log.error("job %d failed: %s", job.id, outcome.error[:500])
+        elif outcome.action == "forward":
+            ledger.finish_job(job.id, JobState.DERIVED, outputs=outcome.outputs, output_kind="forward",
+                              destinations=outcome.destinations, **common)
+        else:
+            if outcome.failed:
+                log.warning("job %d: %d instances failed alone: %s", job.id, len(outcome.failed), failures[:500])
+            ledger.finish_job(job.id, JobState.DERIVED, outputs=outcome.outputs, destinations=outcome.destinations,
+                              error=f"{len(outcome.failed)} instances not enhanced: {failures}"[:2000] if outcome.failed else None,
+                              **common)
+        return outcome
 
     # -- housekeeping ------------------------------------------------------------------------
     def _housekeeping_loop(self) -> None:
         assert self.spool is not None
         while not self._stop.is_set():
             try:
-                retention.sweep(self.config, self.spool)
+                retention.sweep(self.config.storage, self.spool)
             except Exception:
                 log.exception("retention sweep failed; retrying at the next interval")
             self._stop.wait(self.options.retention_interval_seconds)

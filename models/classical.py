@@ -7,6 +7,7 @@ Colour images are processed on their intensity only and the chroma is kept, so h
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter
 from skimage import exposure
 
+from models.color import apply_to_intensity
 from models.registry import Enhancer, ModelInfo
 
 VERSION = "1.0"
@@ -27,25 +29,6 @@ def _as_float(image: np.ndarray) -> np.ndarray:
     return np.clip(img, 0.0, 1.0)
 
 
-def _on_intensity(image: np.ndarray, op) -> np.ndarray:
-    """Apply ``op`` (a [0,1] -> [0,1] gray transform) to the intensity, keeping chroma for RGB."""
-    img = _as_float(image)
-    intensity = img if img.ndim == 2 else img.max(axis=2)  # HSV value: scaling RGB by new/old keeps hue
-    if float(intensity.max() - intensity.min()) < 1e-6:
-        # A uniform frame (blank, all black) has no contrast to enhance; the equalisers would map it
-        # to white (CLAHE) or mid-gray (histeq), so it passes through unchanged.
-        return img.astype(np.float32)
-    new = np.clip(op(intensity), 0, 1)
-    if img.ndim == 2:
-        return new.astype(np.float32)
-    dark = intensity <= 1e-6
-    gain = np.where(dark, 0.0, new / np.maximum(intensity, 1e-6))
-    out = img * gain[..., None]
-    # Black pixels have no hue to keep: they get the new intensity as neutral gray, as in gray images.
-    out = np.where(dark[..., None], new[..., None], out)
-    return np.clip(out, 0, 1).astype(np.float32)
-
-
 def clahe(image: np.ndarray, clip_limit: float = 0.01, kernel_fraction: float = 1 / 8) -> np.ndarray:
     """Contrast-limited adaptive histogram equalisation (scikit-image), tiles of 1/8 the image."""
 
@@ -56,12 +39,12 @@ def clahe(image: np.ndarray, clip_limit: float = 0.01, kernel_fraction: float = 
         kernel = max(8, int(min(gray.shape) * kernel_fraction))
         return exposure.equalize_adapthist(gray, kernel_size=kernel, clip_limit=clip_limit)
 
-    return _on_intensity(image, op)
+    return apply_to_intensity(_as_float(image), op)
 
 
 def histeq(image: np.ndarray, nbins: int = 256) -> np.ndarray:
     """Global histogram equalisation."""
-    return _on_intensity(image, lambda g: exposure.equalize_hist(g, nbins=nbins))
+    return apply_to_intensity(_as_float(image), lambda g: exposure.equalize_hist(g, nbins=nbins))
 
 
 def retinex(image: np.ndarray, sigmas: Sequence[float] = (0.02, 0.1, 0.3), clip_percent: float = 1.0) -> np.ndarray:
@@ -89,14 +72,14 @@ def retinex(image: np.ndarray, sigmas: Sequence[float] = (0.02, 0.1, 0.3), clip_
             return gray
         return (msr - lo) / (hi - lo)
 
-    return _on_intensity(image, op)
+    return apply_to_intensity(_as_float(image), op)
 
 
 class ClassicalEnhancer(Enhancer):
     """Adapter from a per-image function to the node's Enhancer interface."""
 
     def __init__(self, kind: str, name: str, func, params: Mapping[str, Any]):
-        self.info = ModelInfo(kind=kind, name=name, version=VERSION, weights_sha256=None, card={"params": dict(params)})
+        self.info = ModelInfo(kind=kind, name=name, version=VERSION, weights_sha256=None, options=dict(params))
         self._func = func
         self._params = dict(params)
 
@@ -118,7 +101,9 @@ def _builder(kind: str, name: str, func, allowed: set[str]):
                 raise ValueError("the output is not finite")
         except (TypeError, ValueError, ArithmeticError) as exc:
             raise ValueError(f"{kind}: invalid option value(s) {options}: {exc}") from exc
-        return ClassicalEnhancer(kind, name, func, options)
+        # The full parameter set, defaults included, so that provenance and derived UIDs name what ran.
+        defaults = {k: p.default for k, p in inspect.signature(func).parameters.items() if p.default is not p.empty}
+        return ClassicalEnhancer(kind, name, func, {**defaults, **options})
 
     return build
 

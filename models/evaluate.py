@@ -28,7 +28,7 @@ import numpy as np
 from models import metrics as M
 from models.metrics._common import LUMA_709
 from models.degrade import PRESETS, degrade, plan
-from models.registry import BUILDERS, Enhancer, build_model, load_checkpoint
+from models.registry import MODELS, Enhancer, build_model, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def _load(path: Path, size: int | None) -> np.ndarray:
     """float32 [0, 1] image, gray when all channels agree, longer side scaled down to ``size``."""
     from skimage.transform import resize
 
-    from models.train.data import load_image
+    from models.io import load_image
 
     img = load_image(path, 3)
     if np.array_equal(img[..., 0], img[..., 1]) and np.array_equal(img[..., 0], img[..., 2]):
@@ -175,7 +175,7 @@ def _match_to(img: np.ndarray, like: np.ndarray, *, order: int = 1) -> np.ndarra
 
 
 def _by_stem(folder: Path, stems: Sequence[str], what: str) -> dict[str, Path]:
-    from models.train.data import list_images
+    from models.io import list_images
 
     files = {p.stem: p for p in list_images(folder)}
     missing = [s for s in stems if s not in files]
@@ -188,7 +188,7 @@ def _by_stem(folder: Path, stems: Sequence[str], what: str) -> dict[str, Path]:
 
 
 def method_label(spec: str, enhancer: Enhancer) -> str:
-    if spec in BUILDERS:
+    if spec in MODELS:
         return spec
     return Path(spec).stem
 
@@ -196,11 +196,11 @@ def method_label(spec: str, enhancer: Enhancer) -> str:
 def load_method(spec: str, device: str = "auto") -> Enhancer:
     """A registry kind (``clahe``) or a weights file with its model card (``path/to/x.pt``)."""
     path = Path(spec)
-    if spec in BUILDERS and not path.exists():
+    if spec in MODELS and not path.exists():
         return build_model(spec, device=device)
     if path.suffix == ".pt" or path.exists():
         return load_checkpoint(path, device=device)
-    raise ValueError(f"method {spec!r} is neither a model kind ({', '.join(BUILDERS)}) nor an existing weights file")
+    raise ValueError(f"method {spec!r} is neither a model kind ({', '.join(MODELS)}) nor an existing weights file")
 
 
 def guidance_vector(enhancer: Enhancer, folder: Path | None, size: int | None, name: str) -> np.ndarray | None:
@@ -209,7 +209,7 @@ def guidance_vector(enhancer: Enhancer, folder: Path | None, size: int | None, n
         return None
     if folder is None:
         raise ValueError(f"method {name} is guided: pass --guidance DIR with high-quality images of the modality")
-    from models.train.data import list_images
+    from models.io import list_images
 
     images = [_load(p, size) for p in list_images(folder)]
     return np.asarray(enhancer.extract_guidance(images)).mean(axis=0)
@@ -375,7 +375,7 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     """Run every method over every input image, score them, and write the report files."""
     from tqdm import tqdm
 
-    from models.train.data import list_images
+    from models.io import list_images
 
     paths = list_images(cfg.input)
     stems = [p.stem for p in paths]
@@ -465,7 +465,7 @@ def _benchmark_clean_images(name: str, limit: int | None) -> list[tuple[str, np.
                 f"the CCM benchmark needs the vignetting-corrected CCMID images at {folder} (public sample data, "
                 "not shipped; set DICOMNODE_SHARED_DATA), or run --benchmark fundus, which needs nothing"
             )
-        from models.train.data import list_images
+        from models.io import list_images
 
         images = [(p.stem, _load(p, 384)) for p in list_images(folder)]
     elif name == "fundus":

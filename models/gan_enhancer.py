@@ -20,22 +20,25 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from models.color import apply_to_intensity, intensity
 from models.registry import Enhancer, ModelInfo, ModelLoadError, read_card
 
 log = logging.getLogger(__name__)
 
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-ALLOWED_OPTIONS = {"batch_size", "amp"}
+ALLOWED_OPTIONS = {"batch_size", "amp", "max_side"}
 
 
 class GANEnhancer(Enhancer):
     """Runs one generator on batches of [0, 1] frames."""
 
-    def __init__(self, net: nn.Module, channels: int, info: ModelInfo, device: str = "cpu", *, batch_size: int = 4, amp: bool = True):
+    def __init__(self, net: nn.Module, channels: int, info: ModelInfo, device: str = "cpu", *, batch_size: int = 4,
+                 amp: bool = True, max_side: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.max_side = max_side
         self.net = net.to(device).eval()
         self.channels = channels
         self.info = info
@@ -54,20 +57,29 @@ class GANEnhancer(Enhancer):
         if self.channels == 3:
             rgb = img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=2)
             return np.transpose(rgb, (2, 0, 1))
-        gray = img if img.ndim == 2 else img.max(axis=2)
+        gray = img if img.ndim == 2 else intensity(img)
         return gray[None]
 
     def _from_model(self, out: np.ndarray, img: np.ndarray) -> np.ndarray:
         """(C, H, W) model output -> frame in the input's layout."""
         if self.channels == 3:
             rgb = np.transpose(out, (1, 2, 0))
-            return rgb if img.ndim == 3 else rgb @ _LUMA
+            return rgb if img.ndim == 3 else intensity(rgb)
         new = out[0]
         if img.ndim == 2:
             return new
-        value = img.max(axis=2)
-        gain = np.where(value > 1e-6, new / np.maximum(value, 1e-6), 0.0)
-        return img * gain[..., None]
+        return apply_to_intensity(img, lambda _v: new)
+
+    def _generate(self, batch: torch.Tensor) -> torch.Tensor:
+        """The generator at the scale it learnt: a larger frame is shrunk to ``max_side`` and the
+        output/input ratio carried back to the full frame, whose own detail stays."""
+        h, w = batch.shape[-2:]
+        if self.max_side is None or max(h, w) <= self.max_side:
+            return self.net(batch)
+        scale = self.max_side / max(h, w)
+        small = F.interpolate(batch.float(), size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area")
+        ratio = (self.net(small).float() + 1e-3) / (small + 1e-3)
+        return (batch.float() * F.interpolate(ratio, size=(h, w), mode="bilinear", align_corners=False)).clamp(0, 1)
 
     @torch.inference_mode()
     def enhance(self, images: Sequence[np.ndarray], guidance: np.ndarray | None = None) -> list[np.ndarray]:
@@ -86,7 +98,7 @@ class GANEnhancer(Enhancer):
                 chunk = indices[start : start + self.batch_size]
                 batch = torch.from_numpy(np.stack([self._to_model(frames[i]) for i in chunk])).to(self.device)
                 with self._autocast():
-                    out = self.net(batch)
+                    out = self._generate(batch)
                 out = out.float().clamp(0, 1).cpu().numpy()
                 for j, i in enumerate(chunk):
                     results[i] = np.clip(self._from_model(out[j], frames[i]), 0, 1).astype(np.float32)
@@ -108,10 +120,10 @@ def _load(
     if weights is None:
         raise ModelLoadError(f"{kind}: needs trained weights (train them with `dicomnode train {kind}`)")
     card = read_card(weights)
-    if card.get("kind") != kind:
-        raise ModelLoadError(f"{weights}: model card is for kind {card.get('kind')!r}, not {kind!r}")
-    config = card.get("config")
-    if not isinstance(config, dict):
+    if card.kind != kind:
+        raise ModelLoadError(f"{weights}: model card is for kind {card.kind!r}, not {kind!r}")
+    config = dict(card.config)
+    if not config:
         raise ModelLoadError(f"{weights}: model card has no architecture config")
     try:
         net = make_net(config)
@@ -122,15 +134,20 @@ def _load(
         net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=True)
     except (RuntimeError, OSError, AttributeError) as exc:
         raise ModelLoadError(f"{weights}: weights do not match the {name} architecture of its card: {exc}") from exc
-    info = ModelInfo(kind=kind, name=name, version=str(card.get("version", "")), weights_sha256=card["weights_sha256"], card=card)
-    log.info("loaded %s weights sha256 %s on %s", name, card["weights_sha256"][:12], device)
-    try:
-        batch_size = int(options.get("batch_size", 4))
-        if batch_size < 1:
-            raise ValueError("must be >= 1")
-    except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"{kind}: option batch_size={options.get('batch_size')!r} {exc}") from exc
-    return GANEnhancer(net, int(config["channels"]), info, device, batch_size=batch_size, amp=bool(options.get("amp", True)))
+    values: dict[str, int | None] = {"batch_size": options.get("batch_size", 4), "max_side": options.get("max_side", card.working_max_side)}
+    for key, value in values.items():
+        try:
+            values[key] = None if value is None and key == "max_side" else int(value)  # type: ignore[arg-type]
+            if values[key] is not None and values[key] < 1:  # type: ignore[operator]
+                raise ValueError("must be >= 1")
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(f"{kind}: option {key}={value!r} {exc}") from exc
+    batch_size, max_side = int(values["batch_size"] or 1), values["max_side"]
+    info = ModelInfo(kind=kind, name=name, version=card.version, weights_sha256=card.weights_sha256, card=card,
+                     options={"max_side": max_side, "device": torch.device(device).type})
+    log.info("loaded %s weights sha256 %s on %s (working side %s)", name, str(card.weights_sha256)[:12], device, max_side or "native")
+    return GANEnhancer(net, int(config["channels"]), info, device, batch_size=batch_size, amp=bool(options.get("amp", True)),
+                       max_side=max_side)
 
 
 def build_stillgan(*, weights: Path | None, device: str, options: dict[str, Any]) -> GANEnhancer:

@@ -494,6 +494,29 @@ def build_discriminator(cfg: HQGNetConfig) -> PatchDiscriminator:
     return PatchDiscriminator(cfg.channels, cfg.disc_width, cfg.disc_layers)
 
 
+def _parts(cfg: HQGNetConfig) -> list[tuple[str, nn.Module, Any, bool]]:
+    """(name, module, run(module, size), counted at inference) for `dicomnode models info`."""
+    net = build_hqgnet(cfg).eval()
+    c = cfg.channels
+
+    def image(size: int) -> Tensor:
+        return torch.empty(1, c, size, size)
+
+    return [
+        ("G", net.g, lambda m, s: m(image(s)), True),
+        ("E_gen", net.gen, lambda m, s: m(image(s), torch.empty(1, cfg.guidance_dim)), True),
+        ("discriminator", build_discriminator(cfg), lambda m, s: m(image(s)), False),
+    ]
+
+
+def paper_parts(channels: int = 3) -> list[tuple[str, nn.Module, Any, bool]]:
+    return _parts(hqgnet_paper(channels))
+
+
+def lite_parts(channels: int = 1) -> list[tuple[str, nn.Module, Any, bool]]:
+    return _parts(hqgnet_lite(channels))
+
+
 @torch.no_grad()
 def clamp_rho_(module: nn.Module) -> None:
     """Clip every AdaLIN rho into [0, 1] in place; call after each optimiser step.

@@ -1,14 +1,23 @@
 """Registry builder for HQG-Net (``kind: hqgnet`` / ``hqgnet-lite``): trained weights -> Enhancer.
 
-The card's ``config`` rebuilds the network; its ``size`` is the training size, to which guidance
-images are fitted (shorter side resized, centre crop), since G learned its statistics there.
-Frames are enhanced at their own size (padded to a multiple of 32 inside the model), grouped by
-shape into batches on the model's device: fp32 on CPU; on CUDA autocast (bf16, else fp16) and
-channels_last, which is what the tensor cores want.
+The card's ``config`` rebuilds the network. The model runs at the scale it learnt: a frame larger
+than the card's ``working_max_side`` is enhanced on a copy shrunk to that longer side, and the
+model's correction (smooth per-pixel gain and offset fields, the affine head) is carried back to the
+full frame, whose own detail is kept. Guidance images are shown to G the way training did: crops of
+the training size at the working scale, inside the field of view, their embeddings averaged.
 
-Channel mismatch is resolved in colour space rather than refused: a gray model enhances the
-luma (BT.601 Y) of an RGB frame and keeps its chroma (Cb, Cr); an RGB model given a gray frame
-sees it repeated in three channels and returns the luma of its output.
+Options (``models.NAME.options`` in the node config; all but ``batch_size`` change pixels and so go
+into provenance and the derived UIDs):
+
+* ``batch_size``: frames per forward pass (default 4 on CPU, 16 on CUDA);
+* ``max_side``: the working resolution's longer side (default: the card's);
+* ``color_mode``: ``full`` (the model's colours) or ``luminance`` (the model's lightness with the
+  input's chroma, so hue and saturation cannot shift); default the card's ``color_mode`` or ``full``;
+* ``fov``: keep the black surround of fundus/endoscopy frames untouched (default: as trained).
+
+Channel mismatch is resolved rather than refused: a gray model enhances the intensity of an RGB
+frame and keeps its hue; an RGB model given a gray frame sees it in three channels and returns the
+intensity of its output. fp32 on CPU; on CUDA autocast (bf16, else fp16) and channels_last.
 """
 
 from __future__ import annotations
@@ -21,92 +30,110 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from models.registry import Enhancer, ModelInfo, ModelLoadError, read_card
+from models.color import apply_to_intensity, intensity, keep_chroma
+from models.fov import feather, fov_mask, has_surround
+from models.hqgnet import STRIDE, HQGNet, HQGNetConfig, apply_fields, build_hqgnet
+from models.io import fit_square, load_state_dict, resize_long_side
+from models.registry import Enhancer, ModelCard, ModelInfo, ModelLoadError, read_card
 
 log = logging.getLogger(__name__)
 
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def _rgb_to_ycbcr(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    y = img @ _LUMA
-    return y, (img[..., 2] - y) * 0.564, (img[..., 0] - y) * 0.713
-
-
-def _ycbcr_to_rgb(y: np.ndarray, cb: np.ndarray, cr: np.ndarray) -> np.ndarray:
-    r = y + 1.403 * cr
-    b = y + 1.773 * cb
-    g = (y - 0.299 * r - 0.114 * b) / 0.587
-    return np.clip(np.stack([r, g, b], axis=-1), 0, 1).astype(np.float32)
+OPTIONS = ("batch_size", "max_side", "color_mode", "fov")
+COLOR_MODES = ("full", "luminance")
+LARGE_FRAME = 4_000_000  # pixels: such frames go through the model one at a time
+GUIDANCE_CROPS = 4
 
 
 class HQGNetEnhancer(Enhancer):
     uses_guidance = True
 
-    def __init__(self, net, card: Mapping[str, Any], device: str, batch_size: int, weights_sha256: str | None):
+    def __init__(self, net: HQGNet, card: ModelCard, device: str, *, batch_size: int, max_side: int | None,
+                 color_mode: str, fov: bool):
         self.net = net
-        self.card = dict(card)
+        self.card = card
         self.device = device
         self.batch_size = batch_size
+        self.max_side = max_side
+        self.color_mode = color_mode
+        self.fov = fov
         self.channels = int(net.cfg.channels)
-        self.size = int(card.get("size") or 256)
+        self.size = int(card.size or 256)
         self.guidance_dim = int(net.cfg.guidance_dim)
         self._cuda = torch.device(device).type == "cuda"
         if self._cuda:
             self.net = self.net.to(memory_format=torch.channels_last)
             self._dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        self.info = ModelInfo(
-            kind=str(card.get("kind", "hqgnet")),
-            name=str(card.get("name", "HQG-Net")),
-            version=f"{card.get('version', '?')} ({net.cfg.name})",
-            weights_sha256=weights_sha256,
-            card=self.card,
-        )
+        # what decides the pixels (the device too: CUDA runs in bf16/fp16), named in provenance and derived UIDs
+        pixel_options = {"max_side": max_side, "color_mode": color_mode, "fov": fov, "device": torch.device(device).type}
+        self.info = ModelInfo(kind=card.kind, name=card.name or "HQG-Net", version=f"{card.version} ({net.cfg.name})",
+                              weights_sha256=card.weights_sha256, card=card, options=pixel_options)
 
     # -- helpers -----------------------------------------------------------------------------------
 
     def _autocast(self):
         return torch.autocast("cuda", dtype=self._dtype) if self._cuda else nullcontext()
 
-    def _to_model_channels(self, img: np.ndarray) -> np.ndarray:
+    def _tensor(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
+        arr = np.stack([f[None] if f.ndim == 2 else np.transpose(f, (2, 0, 1)) for f in frames])
+        t = torch.from_numpy(np.ascontiguousarray(np.clip(arr, 0, 1), dtype=np.float32)).to(self.device)
+        return t.contiguous(memory_format=torch.channels_last) if self._cuda else t
+
+    @staticmethod
+    def _array(t: torch.Tensor) -> list[np.ndarray]:
+        out = t.float().clamp(0, 1).cpu().numpy()
+        return [o[0] if o.shape[0] == 1 else np.transpose(o, (1, 2, 0)) for o in out]
+
+    def _model_view(self, img: np.ndarray) -> np.ndarray:
+        """A frame in the model's channels (for guidance; enhance handles the mismatch itself)."""
+        if self.channels == 1 and img.ndim == 3:
+            return intensity(img)
+        if self.channels == 3 and img.ndim == 2:
+            return np.repeat(img[..., None], 3, axis=2)
+        return img
+
+    @staticmethod
+    def _check(img: np.ndarray) -> np.ndarray:
         img = np.asarray(img, dtype=np.float32)
         if img.ndim == 3 and img.shape[2] == 1:
             img = img[..., 0]
         if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
             raise ValueError(f"frames must be (H, W) gray or (H, W, 3) RGB, got shape {img.shape}")
-        if self.channels == 1 and img.ndim == 3:
-            return img @ _LUMA
-        if self.channels == 3 and img.ndim == 2:
-            return np.repeat(img[..., None], 3, axis=2)
-        return img
+        return np.clip(img, 0.0, 1.0)
 
-    def _batch(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
-        arr = np.stack([f[None] if f.ndim == 2 else np.transpose(f, (2, 0, 1)) for f in frames])
-        t = torch.from_numpy(np.ascontiguousarray(np.clip(arr, 0, 1), dtype=np.float32)).to(self.device)
-        return t.contiguous(memory_format=torch.channels_last) if self._cuda else t
+    # -- guidance ----------------------------------------------------------------------------------
 
-    # -- Enhancer API ------------------------------------------------------------------------------
+    def _guidance_crops(self, img: np.ndarray) -> list[np.ndarray]:
+        """Crops of the training size at the working scale, preferring the field of view."""
+        if self.max_side is None:  # cards without a working scale: the whole image, shorter side = size
+            return [fit_square(img, self.size)]
+        work = resize_long_side(img, self.max_side)
+        s = self.size
+        if min(work.shape[:2]) < s:
+            return [fit_square(work, s)]
+        mask = fov_mask(work) if self.fov else np.ones(work.shape[:2], dtype=bool)
+        h, w = work.shape[:2]
+        ys = np.linspace(0, h - s, 3).round().astype(int)
+        xs = np.linspace(0, w - s, 3).round().astype(int)
+        windows = sorted(((float(mask[y : y + s, x : x + s].mean()), y, x) for y in ys for x in xs), reverse=True)
+        return [work[y : y + s, x : x + s] for _, y, x in windows[:GUIDANCE_CROPS]]
 
     def extract_guidance(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """v_z for each HQ image, fitted to the training size first: (N, 64) float32."""
-        from models.train.data import fit_square
-
+        """v_z for each HQ image (the mean over its crops): (N, guidance_dim) float32."""
         if len(images) == 0:
             raise ValueError("extract_guidance needs at least one HQ image")
-        frames = [fit_square(self._to_model_channels(img), self.size) for img in images]
-        out = []
+        rows = []
         with torch.inference_mode(), self._autocast():
-            for i in range(0, len(frames), self.batch_size):
-                out.append(self.net.extract_guidance(self._batch(frames[i : i + self.batch_size])).float().cpu())
-        return torch.cat(out).numpy().astype(np.float32)
+            for img in images:
+                crops = self._guidance_crops(self._model_view(self._check(img)))
+                rows.append(self.net.extract_guidance(self._tensor(crops)).float().mean(0).cpu())
+        return torch.stack(rows).numpy().astype(np.float32)
 
     def _guidance_tensor(self, guidance: np.ndarray | None) -> torch.Tensor:
         if guidance is None:
-            raise ValueError(
-                "HQG-Net needs a guidance vector: pass extract_guidance(HQ images) (the node caches one per modality); "
-                "the model card's hq_guidance_mean is a default computed over its HQ training images"
-            )
+            raise ValueError("HQG-Net needs a guidance vector: the node binds its modality's cached one "
+                             "(dicomnode guidance build), or pass extract_guidance(HQ images)")
         g = np.asarray(guidance, dtype=np.float32)
         if g.ndim == 1:
             g = g[None]
@@ -117,70 +144,113 @@ class HQGNetEnhancer(Enhancer):
         # Several vectors (e.g. from several HQ images) are averaged: the paper finds one image ~ many.
         return torch.from_numpy(g.mean(axis=0, keepdims=True)).to(self.device)
 
+    # -- enhancement -------------------------------------------------------------------------------
+
+    def _run(self, x: torch.Tensor, v_z: torch.Tensor) -> torch.Tensor:
+        if self.net.cfg.head == "affine":
+            return apply_fields(x, self.net.correction(x, v_z, max_side=self.max_side))
+        if self.max_side is not None and max(x.shape[-2:]) > self.max_side:
+            # image head: enhance the working-resolution copy, carry its output/input ratio back
+            scale = self.max_side / max(x.shape[-2:])
+            size = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
+            small = F.interpolate(x.float(), size=size, mode="area")
+            ratio = (self.net.enhance(small, v_z).float() + 1e-3) / (small + 1e-3)
+            return (x.float() * F.interpolate(ratio, size=x.shape[-2:], mode="bilinear", align_corners=False)).clamp(0, 1)
+        return self.net.enhance(x, v_z)
+
+    def _finish(self, original: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Colour mode and field of view, in the frame's own layout."""
+        if original.ndim == 3 and out.ndim == 3 and self.color_mode == "luminance":
+            out = keep_chroma(original, out)
+        if self.fov:
+            mask = fov_mask(original)
+            if has_surround(mask):
+                m = feather(mask)
+                m = m[..., None] if original.ndim == 3 else m
+                out = m * out + (1.0 - m) * original
+        return np.ascontiguousarray(np.clip(out, 0, 1), dtype=np.float32)
+
     def enhance(self, images: Sequence[np.ndarray], guidance: np.ndarray | None = None) -> list[np.ndarray]:
         v_z = self._guidance_tensor(guidance)
-        prepared: list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None, bool]] = []
-        for img in images:
-            img = np.asarray(img, dtype=np.float32)
-            rgb_in = img.ndim == 3 and img.shape[2] == 3
-            if self.channels == 1 and rgb_in:
-                y, cb, cr = _rgb_to_ycbcr(np.clip(img, 0, 1))
-                prepared.append((y.astype(np.float32), (cb, cr), True))
+        frames = [self._check(img) for img in images]
+        views: list[np.ndarray] = []
+        for img in frames:
+            if self.channels == 3 and img.ndim == 2:
+                views.append(np.repeat(img[..., None], 3, axis=2))
+            elif self.channels == 1 and img.ndim == 3:
+                views.append(intensity(img))
             else:
-                prepared.append((self._to_model_channels(img), None, rgb_in))
-        results: list[np.ndarray | None] = [None] * len(prepared)
+                views.append(img)
+        results: list[np.ndarray | None] = [None] * len(frames)
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (frame, _, _) in enumerate(prepared):
-            groups.setdefault(frame.shape, []).append(i)
+        for i, v in enumerate(views):
+            groups.setdefault(v.shape, []).append(i)
         with torch.inference_mode(), self._autocast():
             for shape, idx in groups.items():
-                for start in range(0, len(idx), self.batch_size):
-                    chunk = idx[start : start + self.batch_size]
-                    out = self.net.enhance(self._batch([prepared[i][0] for i in chunk]), v_z)
-                    out = out.float().clamp(0, 1).cpu().numpy()
-                    for j, i in enumerate(chunk):
-                        results[i] = out[j, 0] if self.channels == 1 else np.transpose(out[j], (1, 2, 0))
-        final: list[np.ndarray] = []
-        for (frame, chroma, rgb_in), out in zip(prepared, results):
+                step = 1 if shape[0] * shape[1] > LARGE_FRAME else self.batch_size
+                for start in range(0, len(idx), step):
+                    chunk = idx[start : start + step]
+                    for i, out in zip(chunk, self._array(self._run(self._tensor([views[i] for i in chunk]), v_z)), strict=True):
+                        results[i] = out
+        final = []
+        for img, out in zip(frames, results, strict=True):
             assert out is not None
-            if chroma is not None:  # gray model, RGB frame: enhanced luma + original chroma
-                out = _ycbcr_to_rgb(out, *chroma)
-            elif self.channels == 3 and not rgb_in:  # RGB model, gray frame: luma of the output
-                out = out @ _LUMA
-            final.append(np.ascontiguousarray(np.clip(out, 0, 1), dtype=np.float32))
+            if self.channels == 1 and img.ndim == 3:  # gray model, RGB frame: new intensity, hue kept
+                enhanced = out
+                out = apply_to_intensity(img, lambda _v, e=enhanced: e)
+            elif self.channels == 3 and img.ndim == 2:  # RGB model, gray frame
+                out = intensity(out)
+            final.append(self._finish(img, out))
         return final
 
 
-def build(*, weights: Path | None, device: str, options: Mapping[str, Any]) -> HQGNetEnhancer:
-    """Registry builder. Options: ``batch_size`` (frames per forward pass, default 4 on CPU, 16 on CUDA)."""
-    from models.hqgnet import HQGNetConfig, build_hqgnet
-    from models.train.common import load_state_dict
+def _option(options: Mapping[str, Any], card: ModelCard, device: torch.device) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ModelLoadError(f"unknown hqgnet options: {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+    try:
+        batch_size = int(options.get("batch_size", 16 if device.type == "cuda" else 4))
+        max_side = options.get("max_side", card.working_max_side)
+        max_side = None if max_side is None else int(max_side)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"hqgnet options must be numbers: {exc}") from exc
+    if batch_size < 1:
+        raise ModelLoadError(f"hqgnet option batch_size must be >= 1, got {batch_size}")
+    if max_side is not None and max_side < STRIDE:
+        raise ModelLoadError(f"hqgnet option max_side must be >= {STRIDE}, got {max_side}")
+    color_mode = str(options.get("color_mode", card.extra.get("color_mode", "full")))
+    if color_mode not in COLOR_MODES:
+        raise ModelLoadError(f"hqgnet option color_mode must be one of {', '.join(COLOR_MODES)}, got {color_mode!r}")
+    fov = options.get("fov", card.extra.get("fov", False))
+    if not isinstance(fov, bool):
+        raise ModelLoadError(f"hqgnet option fov must be true or false, got {fov!r}")
+    return {"batch_size": batch_size, "max_side": max_side, "color_mode": color_mode, "fov": fov}
 
+
+def build(*, weights: Path | None, device: str, options: Mapping[str, Any]) -> HQGNetEnhancer:
+    """Registry builder (see the module docstring for the options)."""
     if weights is None:
         raise ModelLoadError("hqgnet needs trained weights (model.weights): train them with `dicomnode train hqgnet`")
     card = read_card(weights)
-    if card.get("kind") not in ("hqgnet", "hqgnet-lite"):
-        raise ModelLoadError(f"{weights} holds a {card.get('kind')!r} model, not HQG-Net")
+    if card.kind not in ("hqgnet", "hqgnet-lite"):
+        raise ModelLoadError(f"{weights} holds a {card.kind!r} model, not HQG-Net")
     try:
-        cfg = HQGNetConfig.from_dict(dict(card["config"]))
-    except (KeyError, TypeError, ValueError) as exc:
+        cfg = HQGNetConfig.from_dict(dict(card.config))
+    except (TypeError, ValueError) as exc:
         raise ModelLoadError(f"model card of {weights} has no usable HQG-Net config: {exc}") from exc
     net = build_hqgnet(cfg)
     try:
-        state = load_state_dict(weights)
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(load_state_dict(weights), strict=True)
     except Exception as exc:  # torch raises RuntimeError/UnpicklingError/EOFError for bad files
         raise ModelLoadError(f"weights {weights} do not load into the HQG-Net its card describes: {exc}") from exc
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device} requested but no CUDA device is available")
+    opts = _option(options, card, dev)
     net = net.to(dev).eval()
-    unknown = sorted(set(options) - {"batch_size"})
-    if unknown:
-        raise ModelLoadError(f"unknown hqgnet options: {', '.join(unknown)} (known: batch_size)")
-    batch_size = int(options.get("batch_size", 16 if dev.type == "cuda" else 4))
-    if batch_size < 1:
-        raise ModelLoadError(f"hqgnet option batch_size must be >= 1, got {batch_size}")
-    log.info("loaded HQG-Net %s (%s config, %d channel(s), size %d) sha256 %s on %s",
-             card.get("version"), cfg.name, cfg.channels, int(card.get("size") or 0), str(card.get("weights_sha256"))[:12], device)
-    return HQGNetEnhancer(net, card, str(dev), batch_size, card.get("weights_sha256"))
+    log.info("loaded HQG-Net %s (%s config, %s head, %d channel(s), working side %s) sha256 %s on %s",
+             card.version, cfg.name, cfg.head, cfg.channels, opts["max_side"] or "native", str(card.weights_sha256)[:12], device)
+    return HQGNetEnhancer(net, card, str(dev), **opts)
+
+
+__all__ = ["HQGNetEnhancer", "build"]

@@ -1,13 +1,16 @@
-"""Model registry: ``kind`` -> builder, and the one interface the node uses to enhance images.
+"""The model registry: one :class:`ModelSpec` per kind, and the one interface the node enhances with.
 
-The node sees every model as an :class:`Enhancer`. Images cross this boundary as float32 arrays
-scaled to [0, 1], shaped (H, W) for gray or (H, W, 3) for RGB, one array per frame; the service
-does all DICOM value handling (rescale, VOI window, photometric interpretation) on its side.
+Every model kind is described once, here: how to build it (lazily, by import path, so loading CLAHE
+never imports torch), its parts for ``dicomnode models info``, its trainers for ``dicomnode train``,
+what it does to pixels (the derivation codes provenance names), and how to read model cards written
+by older versions (a card filter, instead of guessing from keys).
 
-Builders are named by import path and imported lazily, so loading a CLAHE model never imports
-torch. A trained model is a weights file plus a JSON model card beside it (``X.pt`` + ``X.json``);
-the card holds the architecture config and the weights' sha256, checked on load so that a corrupt
-or swapped file fails loudly at start-up.
+The node sees every model as an :class:`Enhancer`. Images cross this boundary as float32 arrays in
+[0, 1], (H, W) gray or (H, W, 3) RGB, one array per frame; the service does all DICOM value handling.
+
+A trained model is a weights file plus a JSON model card beside it (``X.pt`` + ``X.json``); the card
+(:class:`ModelCard`) holds the architecture and the weights' sha256, checked on load so that a
+corrupt or swapped file fails loudly at start-up.
 """
 
 from __future__ import annotations
@@ -16,27 +19,147 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-# kind -> "module:function". Each function has the signature of `build_model` below (minus `kind`).
-BUILDERS: Mapping[str, str] = {
-    "clahe": "models.classical:build_clahe",
-    "histeq": "models.classical:build_histeq",
-    "retinex": "models.classical:build_retinex",
-    "hqgnet": "models.hqgnet_enhancer:build",
-    "hqgnet-lite": "models.hqgnet_enhancer:build",
-    "stillgan": "models.gan_enhancer:build_stillgan",
-    "lamegan": "models.gan_enhancer:build_lamegan",
-}
+__all__ = [
+    "Enhancer",
+    "MODELS",
+    "ModelCard",
+    "ModelInfo",
+    "ModelLoadError",
+    "ModelSpec",
+    "build_model",
+    "card_path",
+    "load_checkpoint",
+    "read_card",
+    "resolve_device",
+    "sha256_file",
+    "spec",
+]
 
 
 class ModelLoadError(RuntimeError):
     """A model cannot be built: unknown kind, missing/corrupt weights, bad model card."""
+
+
+# CID 7203 (image derivation) code names; no AI-specific code exists in that group.
+SMOOTHING = "Smoothing"
+EDGE_ENHANCEMENT = "EdgeEnhancement"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the project knows about one model kind, in one place.
+
+    ``builder`` and ``parts`` are ``"module:function"`` paths imported on use. ``parts(channels)``
+    returns ``[(name, module, run(module, size), counted_at_inference)]`` for ``models info``.
+    ``trainers`` maps a ``dicomnode train`` sub-command to its training module. ``derivation`` names
+    the CID 7203 codes of what the model does to pixels. ``card_filter`` upgrades cards written by
+    older versions to the current layout before they are read.
+    """
+
+    kind: str
+    display_name: str
+    builder: str
+    derivation: tuple[str, ...]
+    parts: str | None = None
+    default_channels: int = 3
+    trainers: Mapping[str, str] = field(default_factory=dict)
+    published: tuple[float, float, str] | None = None  # (M params, G MACs, source) at 384^2
+    card_filter: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    aliases: tuple[str, ...] = ()
+
+
+def _hqgnet_card_filter(card: dict[str, Any]) -> dict[str, Any]:
+    """Cards from before a config field existed rebuild the network they were trained with."""
+    config = dict(card.get("config") or {})
+    config.setdefault("norm", "none")  # decoder normalisation came after the first cards
+    config.setdefault("head", "image")  # the affine-field head came after the first shipped weights
+    return {**card, "config": config}
+
+
+MODELS: dict[str, ModelSpec] = {}
+
+
+def register(model: ModelSpec) -> ModelSpec:
+    for name in (model.kind, *model.aliases):
+        if name in MODELS:
+            raise ValueError(f"model kind {name!r} registered twice")
+        MODELS[name] = model
+    return model
+
+
+register(ModelSpec("clahe", "CLAHE", "models.classical:build_clahe", (EDGE_ENHANCEMENT,)))
+register(ModelSpec("histeq", "histogram equalisation", "models.classical:build_histeq", (EDGE_ENHANCEMENT,)))
+register(ModelSpec("retinex", "multi-scale Retinex", "models.classical:build_retinex", (EDGE_ENHANCEMENT,)))
+register(ModelSpec(
+    "hqgnet", "HQG-Net", "models.hqgnet_enhancer:build", (SMOOTHING, EDGE_ENHANCEMENT),
+    parts="models.hqgnet:paper_parts", default_channels=3,
+    trainers={"pretrain-g": "models.train.pretrain_g", "hqgnet": "models.train.hqgnet"},
+    published=(66.42, 87.33, "HQG-Net paper, Table IV, 384x384"), card_filter=_hqgnet_card_filter,
+))
+register(ModelSpec(
+    "hqgnet-lite", "HQG-Net (lite)", "models.hqgnet_enhancer:build", (SMOOTHING, EDGE_ENHANCEMENT),
+    parts="models.hqgnet:lite_parts", default_channels=1, card_filter=_hqgnet_card_filter,
+))
+register(ModelSpec(
+    "stillgan", "StillGAN", "models.gan_enhancer:build_stillgan", (SMOOTHING, EDGE_ENHANCEMENT),
+    parts="models.stillgan:model_parts", trainers={"stillgan": "models.train.stillgan"},
+    published=(58.38, 94.73, "HQG-Net paper, Table IV, 384x384"),
+))
+register(ModelSpec(
+    "lamegan", "LaMEGAN", "models.gan_enhancer:build_lamegan", (SMOOTHING, EDGE_ENHANCEMENT),
+    parts="models.lamegan:model_parts", trainers={"lamegan": "models.train.lamegan"},
+))
+
+
+def spec(kind: str) -> ModelSpec:
+    try:
+        return MODELS[kind]
+    except KeyError:
+        raise ModelLoadError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(MODELS))}") from None
+
+
+def load_symbol(path: str) -> Any:
+    """``"module:function"`` -> the object."""
+    module_name, name = path.split(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
+# --------------------------------------------------------------------------------------------
+# model cards
+
+
+class ModelCard(BaseModel):
+    """The machine-readable card beside a weights file. Known fields are typed; training records
+    (data, losses, evaluation tables) ride along as extra fields and are kept as written."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str
+    name: str = ""
+    version: str = "?"
+    config: dict[str, Any] = {}
+    channels: int | None = None
+    size: int | None = None  # training crop size
+    working_max_side: int | None = None  # the longer side the model runs at (None: native)
+    weights_sha256: str | None = None
+    weights_bytes: int | None = None
+    weights_dtype: str | None = None
+    created: str | None = None
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=False)
 
 
 @dataclass(frozen=True)
@@ -47,7 +170,13 @@ class ModelInfo:
     name: str  # display name, e.g. "CLAHE", "HQG-Net"
     version: str  # model/code version
     weights_sha256: str | None = None  # None for models without weights
-    card: Mapping[str, Any] = field(default_factory=dict)  # the model card (empty for classical)
+    card: ModelCard | None = None  # None for classical models
+    options: Mapping[str, Any] = field(default_factory=dict)  # settings that change pixels (UIDs depend on them)
+
+    @property
+    def derivation(self) -> tuple[str, ...]:
+        """CID 7203 code names of what this model does to pixels."""
+        return spec(self.kind).derivation if self.kind in MODELS else (SMOOTHING, EDGE_ENHANCEMENT)
 
 
 class Enhancer(ABC):
@@ -56,7 +185,7 @@ class Enhancer(ABC):
     ``enhance`` takes a batch of frames (they may differ in size) and returns frames of the same
     shapes, float32 in [0, 1]. Models that use an HQ guidance vector (HQG-Net) set
     ``uses_guidance`` and implement ``extract_guidance``; the node caches one vector per modality
-    and passes it to every ``enhance`` call.
+    and binds it to the model.
     """
 
     info: ModelInfo
@@ -82,11 +211,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def card_path(weights: Path) -> Path:
     """The model card that belongs to a weights file: same stem, ``.json``."""
-    return weights.with_suffix(".json")
+    return Path(weights).with_suffix(".json")
 
 
-def read_card(weights: Path, *, verify: bool = True) -> dict[str, Any]:
-    """Load and check the model card beside ``weights``; raise ModelLoadError with the reason."""
+def read_card(weights: Path, *, verify: bool = True) -> ModelCard:
+    """Load and check the model card beside ``weights``; ModelLoadError with the reason."""
     weights = Path(weights)
     if not weights.is_file():
         raise ModelLoadError(f"weights file not found: {weights}")
@@ -94,18 +223,26 @@ def read_card(weights: Path, *, verify: bool = True) -> dict[str, Any]:
     if not cpath.is_file():
         raise ModelLoadError(f"model card not found beside the weights: {cpath}")
     try:
-        card = json.loads(cpath.read_text())
+        raw = json.loads(cpath.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelLoadError(f"model card {cpath} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict) or not raw.get("kind"):
+        raise ModelLoadError(f"model card {cpath} names no kind")
+    kind = str(raw["kind"])
+    if kind in MODELS and MODELS[kind].card_filter is not None:
+        raw = MODELS[kind].card_filter(raw)  # type: ignore[misc]
+    try:
+        card = ModelCard.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelLoadError(f"model card {cpath} is not a valid card: {exc.errors()[0]['msg']}") from exc
     if verify:
-        expected = card.get("weights_sha256")
-        if not expected:
+        if not card.weights_sha256:
             raise ModelLoadError(f"model card {cpath} has no weights_sha256")
         actual = sha256_file(weights)
-        if actual != expected:
+        if actual != card.weights_sha256:
             raise ModelLoadError(
                 f"weights file {weights} is corrupt or not the one its card describes: "
-                f"sha256 {actual[:12]}… != card {expected[:12]}…"
+                f"sha256 {actual[:12]}… != card {card.weights_sha256[:12]}…"
             )
     return card
 
@@ -115,33 +252,19 @@ def resolve_device(device: str) -> str:
     if device != "auto":
         return device
     try:
-        import torch
+        import torch  # noqa: PLC0415 - only when a device must be chosen; classical models never need it
     except ImportError:
         return "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def build_model(
-    kind: str,
-    *,
-    weights: Path | None = None,
-    device: str = "auto",
-    options: Mapping[str, Any] | None = None,
-) -> Enhancer:
+def build_model(kind: str, *, weights: Path | None = None, device: str = "auto", options: Mapping[str, Any] | None = None) -> Enhancer:
     """Build the enhancer for ``kind``; ``options`` are the kind-specific config keys."""
-    try:
-        target = BUILDERS[kind]
-    except KeyError:
-        raise ModelLoadError(f"unknown model kind {kind!r}; known kinds: {', '.join(sorted(BUILDERS))}") from None
-    module_name, func_name = target.split(":")
-    builder = getattr(importlib.import_module(module_name), func_name)
+    builder = load_symbol(spec(kind).builder)
     return builder(weights=Path(weights) if weights else None, device=resolve_device(device), options=dict(options or {}))
 
 
 def load_checkpoint(weights: Path | str, *, device: str = "auto", options: Mapping[str, Any] | None = None) -> Enhancer:
-    """Build whatever model a weights file's card describes (``card["kind"]``)."""
+    """Build whatever model a weights file's card describes (``card.kind``)."""
     card = read_card(Path(weights), verify=False)
-    kind = card.get("kind")
-    if not kind:
-        raise ModelLoadError(f"model card for {weights} names no kind")
-    return build_model(kind, weights=Path(weights), device=device, options=options)
+    return build_model(card.kind, weights=Path(weights), device=device, options=options)

@@ -212,7 +212,7 @@ def train(target: str, work: Path, *, g_steps: int, steps: int, size: int, confi
     g_weights = g_out / "g.pt"
     if not g_weights.is_file():
         run("models.train.pretrain_g", ["--manifest", root / "train.json", "--probe-manifest", root / "val.json",
-                                        "--config", config, "--size", size, "--iterations", g_steps, "--batch-size", 8,
+                                        "--config", config, "--size", size, "--iterations", g_steps, "--batch-size", 8, "--aux-weight", 0.1,
                                         "--out", g_out, "--name", "g", "--device", device, "--seed", seed,
                                         "--checkpoint-every", 100, "--val-every", 250, *_resume(g_out)])
     run("models.train.hqgnet", ["--manifest", root / "train.json", "--g", g_weights, "--config", config, "--size", size,

@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
+import os
+
 import pytest
+from hypothesis import settings
+
+import factories
+
+# Fuzz tests run derandomized (the same examples every run) so `make test` and CI cannot flake;
+# `make fuzz` runs them with fresh random examples and FUZZ_SCALE times as many (a longer local target).
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("fuzz", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+FUZZ_SCALE = max(1, int(os.environ.get("FUZZ_SCALE", "1")))
+
+
+def examples(n: int) -> int:
+    """A test's number of hypothesis examples, times FUZZ_SCALE (``make fuzz``)."""
+    return n * FUZZ_SCALE
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -28,6 +44,4 @@ def require_tools(*names: str) -> None:
 
 @pytest.fixture
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return factories.free_port()

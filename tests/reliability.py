@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,23 +20,13 @@ import numpy as np
 import pydicom
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
+
+from dicomnode.ledger import DeliveryState, JobState, Ledger, LedgerError
+from factories import Patient, ct_dataset, free_port, sop_uids, uid, write_series  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
 DICOMNODE = REPO / ".venv" / "bin" / "dicomnode"
-UID_ROOT = "1.2.826.0.1.3680043.10.1234."  # test-only UIDs, deterministic from a seed string
-
-
-def uid(seed: str) -> str:
-    return generate_uid(prefix=UID_ROOT, entropy_srcs=[seed])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
     """Wait until something accepts TCP connections on loopback ``port``."""
     deadline = time.monotonic() + timeout
@@ -50,83 +39,6 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = 
         except OSError:
             time.sleep(0.1)
     raise TimeoutError(f"nothing listening on port {port} after {timeout} s")
-
-
-# ----------------------------------------------------------------------------------------------- data
-@dataclass(frozen=True)
-class Patient:
-    name: str = "Testpatient^Alice"
-    patient_id: str = "PID-000001"
-    birth_date: str = "19700101"
-
-
-def ct_dataset(study: str, series: str, index: int, *, patient: Patient = Patient(), rows: int = 16,
-               cols: int = 16, modality: str = "CT", pixels: np.ndarray | None = None) -> Dataset:
-    """A small but complete CT image; UIDs derived from (study, series, index) so reruns are identical."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = uid(f"{study}/{series}/{index}")
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = uid(f"{study}")
-    ds.SeriesInstanceUID = uid(f"{study}/{series}")
-    ds.FrameOfReferenceUID = uid(f"{study}/for")
-    ds.PatientName = patient.name
-    ds.PatientID = patient.patient_id
-    ds.PatientBirthDate = patient.birth_date
-    ds.PatientSex = "O"
-    ds.StudyDate = "20240101"
-    ds.StudyTime = "120000"
-    ds.AccessionNumber = "ACC1"
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = "1"
-    ds.Modality = modality
-    ds.Manufacturer = "test"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = index + 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.ImagePositionPatient = [0, 0, float(index)]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [1, 1]
-    ds.SliceThickness = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = rows, cols
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
-    ds.WindowCenter, ds.WindowWidth = 40, 400
-    if pixels is None:
-        rng = np.random.default_rng(abs(hash((study, series, index))) % 2**32)
-        pixels = rng.integers(0, 4096, size=(rows, cols), dtype=np.uint16)
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
-    return ds
-
-
-def write_series(folder: Path, study: str, series: str, count: int, **kwargs: Any) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        ds = ct_dataset(study, series, i, **kwargs)
-        path = folder / f"{series}_{i:04d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def sop_uids(folder: Path) -> list[str]:
-    """SOPInstanceUID of every DICOM file under ``folder`` (duplicates kept, so callers can count them)."""
-    out = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            try:
-                out.append(str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID))
-            except Exception:  # noqa: BLE001 - temp files of a peer mid-write are not results
-                continue
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- TLS
@@ -436,38 +348,64 @@ def pacs_sources(folder: Path) -> set[str]:
 
 
 # ----------------------------------------------------------------------------------------------- ledger
-UNFINISHED_JOBS = ("collecting", "complete", "processing", "derived")
+UNFINISHED_JOBS = (JobState.COLLECTING, JobState.COMPLETE, JobState.PROCESSING, JobState.DERIVED)
 
 
 class LedgerView:
-    """Read-only look at a running node's ledger (SQLite WAL allows a reader beside the writer)."""
+    """Read-only look at a running node's ledger through its API (SQLite WAL allows a reader beside the writer)."""
 
     def __init__(self, root: Path):
         self.path = root / "ledger.sqlite3"
 
-    def _rows(self, sql: str, params: tuple = ()) -> list[tuple]:
-        if not self.path.exists():
-            return []
-        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+    def _ledger(self) -> Ledger | None:
         try:
-            return db.execute(sql, params).fetchall()
-        except sqlite3.OperationalError:  # schema not created yet
-            return []
-        finally:
-            db.close()
+            return Ledger(self.path, readonly=True)
+        except LedgerError:  # the node has not created it yet
+            return None
 
     def jobs(self) -> dict[str, int]:
-        return dict(self._rows("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+        ledger = self._ledger()
+        try:
+            return dict(ledger.counts()["jobs"]) if ledger else {}
+        finally:
+            if ledger:
+                ledger.close()
 
     def deliveries(self) -> dict[str, int]:
-        return dict(self._rows("SELECT state, COUNT(*) FROM deliveries GROUP BY state"))
+        ledger = self._ledger()
+        try:
+            return dict(ledger.counts()["deliveries"]) if ledger else {}
+        finally:
+            if ledger:
+                ledger.close()
+
+    def job_records(self):
+        ledger = self._ledger()
+        try:
+            return ledger.jobs() if ledger else []
+        finally:
+            if ledger:
+                ledger.close()
+
+    def delivery_records(self, state: DeliveryState | None = None):
+        ledger = self._ledger()
+        try:
+            return ledger.deliveries(state=state) if ledger else []
+        finally:
+            if ledger:
+                ledger.close()
 
     def instances(self) -> set[str]:
-        return {r[0] for r in self._rows("SELECT sop_uid FROM instances")}
+        ledger = self._ledger()
+        try:
+            return {i.sop_uid for i in ledger.all_instances()} if ledger else set()
+        finally:
+            if ledger:
+                ledger.close()
 
     def retried(self) -> int:
-        return self._rows("SELECT COUNT(*) FROM deliveries WHERE state='pending' AND attempts>0")[0][0]
+        return sum(1 for d in self.delivery_records(DeliveryState.PENDING) if d.attempts > 0)
 
     def settled(self) -> bool:
         jobs = self.jobs()
-        return not any(jobs.get(s) for s in UNFINISHED_JOBS) and not self.deliveries().get("pending")
+        return not any(jobs.get(str(s)) for s in UNFINISHED_JOBS) and not self.deliveries().get("pending")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicomnode.cli import main
+from dicomnode.cli.common import EXIT_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,14 +62,20 @@ logging: {level: INFO}
 @pytest.fixture
 def config_file(tmp_path: Path) -> Path:
     (tmp_path / "weights").mkdir()
-    (tmp_path / "weights" / "hqgnet_fundus.pt").write_bytes(b"weights")
+    weights = tmp_path / "weights" / "hqgnet_fundus.pt"
+    weights.write_bytes(b"weights")
+    card = {"kind": "hqgnet", "weights_sha256": hashlib.sha256(b"weights").hexdigest()}
+    weights.with_suffix(".json").write_text(json.dumps(card))
     path = tmp_path / "node.yaml"
     path.write_text(ISSUE_EXAMPLE)
     return path
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # commands exit with EXIT_CONFIG on an unusable config
+        code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -84,7 +94,7 @@ def test_check_config_lists_every_error_with_its_key(tmp_path: Path, capsys: pyt
             .replace("disk_low_watermark_percent: 85", "disk_low_watermark_percent: 95"))
     path.write_text(text)
     code, out, err = run(capsys, "check-config", str(path))
-    assert code == 1 and out == ""
+    assert code == EXIT_CONFIG and out == ""
     lines = err.splitlines()
     assert lines[0] == f"invalid config {path} (4 problems):"
     assert "  node.prot: unknown key 'prot' (did you mean 'port'?)" in lines[1]
@@ -97,23 +107,30 @@ def test_check_config_reports_missing_weights(tmp_path: Path, capsys: pytest.Cap
     path = tmp_path / "node.yaml"
     path.write_text(ISSUE_EXAMPLE)
     code, _, err = run(capsys, "check-config", str(path))
-    assert code == 1
+    assert code == EXIT_CONFIG
     assert f"models.hqg-fundus.weights: file not found: {tmp_path / 'weights' / 'hqgnet_fundus.pt'}" in err
+
+
+def test_check_config_reports_corrupt_weights(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (config_file.parent / "weights" / "hqgnet_fundus.pt").write_bytes(b"weights, changed")
+    code, _, err = run(capsys, "check-config", str(config_file))
+    assert code == EXIT_CONFIG and "models.hqg-fundus.weights: weights file" in err and "corrupt" in err
 
 
 def test_check_config_yaml_error_names_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("node:\n  port: 11112\n   ae_title: X\n")
     code, _, err = run(capsys, "check-config", str(path))
-    assert code == 1 and "line 3, column" in err
+    assert code == EXIT_CONFIG and "line 3, column" in err
 
 
-def test_check_config_needs_a_file(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "check-config")
-    assert code == 2 and "config FILE" in err
+def test_check_config_without_a_file_checks_the_embedded_default(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "check-config")
+    assert code == 0 and out.startswith("OK: ")
 
 
 def write(path: Path, series: str, index: int, **tags: Any) -> Path:
+    """A minimal image of ``series`` in one study (the four UIDs the node needs, nothing more)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -122,6 +139,7 @@ def write(path: Path, series: str, index: int, **tags: Any) -> Path:
     ds.file_meta = meta
     ds.SOPClassUID = SecondaryCaptureImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = "1.2.3"
     ds.SeriesInstanceUID = series
     ds.InstanceNumber = index
     for key, value in tags.items():
@@ -154,7 +172,7 @@ def test_route_dry_run_groups_by_series_and_names_matched_instances(
     assert "not matched (left alone): e2.dcm" in blocks[endo]
     assert "rule 'fundus' -> enhance with model 'hqg-fundus' -> pacs, archive" in blocks[fundus]
     assert "no rule matched -> unmatched policy: forward -> forward untouched -> archive" in blocks[ct]
-    assert f"skipped {study / 'notes.txt'}: not a DICOM file" in out
+    assert f"skipped {study / 'notes.txt'}: the node would refuse it" in out
     assert out.rstrip().endswith("6 files, 3 series: 2 enhance, 1 forward, 0 ignore; 1 skipped")
 
     # Another sender: the fundus rule (CallingAETitle FUNDUSCAM) no longer applies.
@@ -171,7 +189,7 @@ def test_route_ignore_rule_and_bad_config(config_file: Path, tmp_path: Path, cap
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules: []\n")
     code, _, err = run(capsys, "route", "--config", str(bad), str(scout))
-    assert code == 1 and "rules: at least one rule" in err
+    assert code == EXIT_CONFIG and "rules: at least one rule" in err
 
 
 def test_route_without_dicom_files_fails(config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dicomnode.assemble import Assembler
+from dicomnode.ledger import SeriesKey
 from dicomnode.spool import Spool
 
 
@@ -20,7 +21,7 @@ class Clock:
 
 def add(spool: Spool, series: str, sop: str, now: float) -> int:
     landed = spool.write_incoming(b"x")
-    job, _ = spool.accept(landed, study_uid="1.2", series_uid=series, sop_uid=sop, sop_class_uid="1.2.840",
+    job, _ = spool.accept(landed, SeriesKey("p", "1.2", series), sop_uid=sop, sop_class_uid="1.2.840",
                           calling_aet="A", now=now)
     return job
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from pydicom.uid import JPEGBaseline8Bit, MRImageStorage
 
-from dicomnode.receive import ReceiveSettings, Receiver
 from dicomnode.spool import Spool
 from conftest import require_tools
-from reliability import ct_dataset, encoded_body, free_port, raw_object, send_raw
+from factories import ct_dataset, free_port, start_receiver
+from reliability import encoded_body, raw_object, send_raw
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -26,9 +26,7 @@ MAX_OBJECT = 64 * 1024
 
 @pytest.fixture
 def scp(tmp_path: Path):
-    spool = Spool(tmp_path / "var")
-    receiver = Receiver(spool, ReceiveSettings(host="127.0.0.1", port=free_port(), max_object_bytes=MAX_OBJECT))
-    receiver.start()
+    receiver, spool = start_receiver(tmp_path / "var", max_object_bytes=MAX_OBJECT)
     yield receiver, spool
     receiver.stop()
     spool.close()
@@ -40,7 +38,7 @@ def _quarantined(spool: Spool) -> dict[str, str]:
 
 
 def _instances(spool: Spool) -> set[str]:
-    return {r["sop_uid"] for r in spool.ledger.query("SELECT sop_uid FROM instances")}
+    return {i.sop_uid for i in spool.ledger.all_instances()}
 
 
 def test_each_bad_input_gets_its_status(scp, tmp_path: Path) -> None:
@@ -155,7 +153,7 @@ def test_node_fails_bad_objects_as_jobs(tmp_path: Path) -> None:
             assert send_raw(node.port, [raw_object(ds) for ds in allbad], tmp_path / "allbad") == [0, 0]
             wait_until(lambda: ledger.settled() and ledger.jobs().get("done") == 1 and ledger.jobs().get("failed") == 1,
                        60, 0.2, "both jobs finished")
-            rows = {r[0]: (r[1], r[2]) for r in ledger._rows("SELECT series_uid, state, error FROM jobs")}
+            rows = {j.series_uid: (j.state, j.error) for j in ledger.job_records()}
             state, error = rows[good[0].SeriesInstanceUID]
             assert state == "done" and "3 instances not enhanced" in error  # each bad one failed alone...
             for bad in (truncated, no_pixels, jpeg):

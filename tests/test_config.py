@@ -11,8 +11,8 @@ import yaml
 
 from dicomnode.config import (
     ConfigError,
-    DicomDestinationConfig,
-    FolderDestinationConfig,
+    DicomSettings,
+    FolderSettings,
     NodeConfig,
     RegexMatch,
     load_config,
@@ -114,8 +114,8 @@ def test_example_config_parses_with_paths_relative_to_the_file(tmp_path: Path) -
     assert config.node.ae_title == "DICOMNODE"
     assert config.node.max_object_bytes == 2 * 1024**3
     assert config.storage.root == tmp_path / "var"
-    assert isinstance(config.destinations["pacs"], DicomDestinationConfig)
-    assert isinstance(config.destinations["archive"], FolderDestinationConfig)
+    assert isinstance(config.destinations["pacs"], DicomSettings)
+    assert isinstance(config.destinations["archive"], FolderSettings)
     assert config.destinations["archive"].folder == tmp_path / "var" / "outbox"
     assert config.models["hqg-fundus"].guidance["OP"] == tmp_path / "guidance" / "fundus_hq"
     assert [r.name for r in config.rules] == ["fundus", "endoscopy", "drop-localizers"]
@@ -343,3 +343,43 @@ def test_deep_copy_of_config_keeps_compiled_regex() -> None:
     clone = copy.deepcopy(config)
     assert clone.rules[1].match["SeriesDescription"].pattern.fullmatch("Gastroscopy")
     assert clone.config_hash == config.config_hash
+
+
+MINIMAL_SITE_CONFIG = """
+node: {ae_title: DICOMNODE, host: 0.0.0.0, port: 11112, series_quiet_seconds: 10}
+storage: {root: ./var}
+destinations:
+  pacs: {ae_title: PACS, host: 127.0.0.1, port: 11113}
+  archive: {folder: ./var/outbox}
+models:
+  classic: {kind: clahe}
+  fundus: {kind: hqgnet, weights: models/weights/FILE, device: auto}
+rules:
+  - name: eyes
+    match: {Modality: OP}
+    model: classic
+    destinations: [pacs, archive]
+"""
+
+
+def test_minimal_site_config_parses_and_names_the_missing_weights(tmp_path: Path) -> None:
+    cfg = parse_config(yaml.safe_load(MINIMAL_SITE_CONFIG), tmp_path)
+    assert cfg.node.port == 11112 and cfg.node.series_quiet_seconds == 10
+    assert cfg.rules[0].model == "classic" and cfg.rules[0].destinations == ["pacs", "archive"]
+    assert cfg.storage.root == tmp_path / "var"
+    missing = cfg.missing_files()
+    assert any("fundus" in key and "FILE" in reason for key, reason in missing), missing
+
+
+def test_builtin_paths_and_the_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode.config import load_config
+    from dicomnode.configtypes import builtin_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config()  # the embedded default: relative paths resolve against the working directory
+    assert cfg.storage.root == tmp_path / "var"
+    weights = {m.weights for m in cfg.models.values() if m.weights is not None}
+    assert weights and all(w.parent == builtin_dir() and w.is_file() for w in weights)
+    errors = errors_of({"models": {"m": {"kind": "hqgnet", "weights": "builtin:../../etc/passwd"}},
+                        "rules": [{"name": "r", "model": "m", "destinations": []}]})
+    assert_error(errors, "models.m.weights", "plain name of a shipped file")

@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomnode import __version__
+from dicomnode.config import DerivePolicy
 from dicomnode.derive import (
     MF_GRAYSCALE_BYTE_SC,
     MF_GRAYSCALE_WORD_SC,
@@ -25,11 +26,12 @@ from dicomnode.derive import (
     derived_uids,
     read_private,
 )
-from dicomnode.imaging import decode, to_stored
+from dicomnode.imaging import to_stored
+from factories import decode
 from models.registry import ModelInfo, build_model
-from tests.conftest import require_tools
+from conftest import require_tools
 
-SETTINGS = DeriveSettings(config_hash="c" * 64, node_ae_title="ENHANCER", institution_name="Test Hospital")
+SETTINGS = DeriveSettings(policy=DerivePolicy(institution_name="Test Hospital"), config_hash="c" * 64, node_ae_title="ENHANCER")
 HQG = ModelInfo(kind="hqgnet", name="HQG-Net", version="2.1", weights_sha256="ab" * 32)
 
 
@@ -104,7 +106,9 @@ def test_provenance_of_single_frame_ct(clahe):
     assert processing.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
     assert processing.Manufacturer == "dicomnode" and processing.ManufacturerModelName == "HQG-Net"
     assert list(processing.SoftwareVersions) == [f"dicomnode {__version__}", "HQG-Net 2.1", f"weights sha256:{'ab' * 8}"]
-    assert processing.ContributionDateTime and "HQG-Net" in processing.ContributionDescription
+    assert "ContributionDateTime" not in processing and "HQG-Net" in processing.ContributionDescription
+    # dates come from the source, never the clock: the same source gives the same bytes
+    assert out.ContentDate == src.ContentDate and "InstanceCreationDate" not in out and "DateOfSecondaryCapture" not in out
     assert processing.InstitutionName == "Test Hospital" and processing.StationName == "ENHANCER"
     acquisition = [i for i in out.ContributingEquipmentSequence if i.PurposeOfReferenceCodeSequence[0].CodeValue == "109101"]
     assert acquisition and acquisition[0].Manufacturer == src.Manufacturer
@@ -122,7 +126,9 @@ def test_provenance_of_single_frame_ct(clahe):
 
 def test_settings_change_marking(clahe):
     src = sample("MR_small.dcm")
-    settings = replace(SETTINGS, series_number_offset=5, series_description_suffix=" (AI)", content_qualification="PRODUCT")
+    policy = SETTINGS.policy.model_copy(update={"series_number_offset": 5, "series_description_suffix": " (AI)",
+                                                "content_qualification": "PRODUCT"})
+    settings = replace(SETTINGS, policy=policy)
     out = derive_sc(src, enhanced(src, clahe), clahe.info, settings, None)
     assert out.SeriesNumber == int(src.SeriesNumber) + 5
     assert out.SeriesDescription.endswith(" (AI)") and out.ContentQualification == "PRODUCT"
@@ -256,8 +262,8 @@ def test_from_config_reads_derive_section():
         Path("/tmp"),
     )
     settings = DeriveSettings.from_config(config)
-    assert settings.series_number_offset == 42 and settings.node_ae_title == "NODE7"
-    assert settings.institution_name == "Somewhere" and settings.config_hash == config.config_hash
+    assert settings.policy.series_number_offset == 42 and settings.node_ae_title == "NODE7"
+    assert settings.policy.institution_name == "Somewhere" and settings.config_hash == config.config_hash
 
 
 def _validate(path: Path) -> list[str]:

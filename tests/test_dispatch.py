@@ -30,15 +30,13 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
+from conftest import require_tools
 from dicomnode.config import DispatchPolicy, parse_config
-from dicomnode.dispatch import (
-    DicomDestination,
-    FolderDestination,
-    SendOutcome,
-    backoff_seconds,
-    make_destinations,
-)
-from tests.conftest import require_tools
+from dicomnode.destinations import SendOutcome
+from dicomnode.destinations.dicom import MAX_CONTEXTS, DicomDestination, FileMeta, context_groups, presentation_contexts
+from dicomnode.destinations.folder import FolderDestination
+from dicomnode.dispatch import backoff_seconds
+from dicomnode.server import make_destinations
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
@@ -305,14 +303,12 @@ def test_tls_destination_stores_and_wrong_ca_fails(tmp_path: Path, free_port: in
 
 
 def test_large_mixed_batches_are_split_to_fit_the_context_limit() -> None:
-    from dicomnode.dispatch import MAX_CONTEXTS, _context_groups, _contexts, _FileInfo
-
-    infos = [(i, _FileInfo(Path(f"{i}.dcm"), UID(f"1.2.3.{i % 60}"), UID(f"1.2.4.{i}"),
-                           RLELossless if i % 2 else ExplicitVRLittleEndian)) for i in range(200)]
-    groups = _context_groups(infos)
+    infos = [(i, FileMeta(Path(f"{i}.dcm"), UID(f"1.2.3.{i % 60}"), UID(f"1.2.4.{i}"),
+                          RLELossless if i % 2 else ExplicitVRLittleEndian)) for i in range(200)]
+    groups = context_groups(infos)
     assert [item for group in groups for item in group] == infos  # order kept, nothing lost
     assert len(groups) > 1
-    assert all(len(_contexts([info for _, info in group])) <= MAX_CONTEXTS for group in groups)
+    assert all(len(presentation_contexts([info for _, info in group])) <= MAX_CONTEXTS for group in groups)
 
 
 # --------------------------------------------------------------------------- folder

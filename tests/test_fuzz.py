@@ -15,9 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicomnode.receive import ReceiveSettings, Receiver, read_uids
-from dicomnode.spool import Spool
-from reliability import ct_dataset, encoded_body, free_port, raw_object, send_raw
+from conftest import examples
+from dicomnode.part10 import read_uids, scan_uids
+from dicomnode.uids import is_valid_uid
+from factories import ct_dataset, start_receiver
+from reliability import encoded_body, raw_object, send_raw
 
 # pydicom warns about every invalid UI/VR value a mutation creates: expected here, not news
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -71,7 +73,7 @@ def _file(tmp: Path, body: bytes) -> Path:
     return path
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=4))
 def test_header_parser_never_crashes(tmp_path: Path, mutations: list) -> None:
     path = _file(tmp_path, mutate(SEED_BODY, mutations))
@@ -80,6 +82,8 @@ def test_header_parser_never_crashes(tmp_path: Path, mutations: list) -> None:
     except ValueError as exc:
         assert str(exc)  # a reason a human can read in quarantine/
         return
+    patient = uids.pop("PatientID")
+    assert isinstance(patient, str)
     assert set(uids) == {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
     assert all(UID.fullmatch(v) and len(v) <= 64 for v in uids.values())
 
@@ -95,9 +99,7 @@ def test_parser_rejects_the_obvious(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def running_scp(tmp_path_factory: pytest.TempPathFactory):
     """The node's real Receiver (in-process, loopback) on a fresh spool."""
-    spool = Spool(tmp_path_factory.mktemp("fuzz-spool"))
-    receiver = Receiver(spool, ReceiveSettings(host="127.0.0.1", port=free_port(), max_object_bytes=1 << 20))
-    receiver.start()
+    receiver, spool = start_receiver(tmp_path_factory.mktemp("fuzz-spool"), max_object_bytes=1 << 20)
     yield receiver, spool
     receiver.stop()
     spool.close()
@@ -108,12 +110,12 @@ def _acceptable(status: int | None) -> bool:
                                    or 0xC000 <= status <= 0xCFFF)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(batch=st.lists(st.lists(MUTATION, min_size=1, max_size=3), min_size=1, max_size=3))
 def test_running_scp_survives_mutated_datasets(running_scp, tmp_path_factory, batch: list) -> None:
     receiver, spool = running_scp
     before_q = len(list(spool.quarantine_dir.glob("*.reason.txt")))
-    before_n = len(spool.ledger.query("SELECT id FROM instances"))
+    before_n = len(spool.ledger.all_instances())
     objects = [raw_object(SEED, mutate(SEED_BODY, m)) for m in batch]
     statuses = send_raw(receiver.port, objects, tmp_path_factory.mktemp("raw"))
     # the SCP answered each object with a status in the documented ranges (None: aborted mid-way)
@@ -121,10 +123,10 @@ def test_running_scp_survives_mutated_datasets(running_scp, tmp_path_factory, ba
     quarantined = len(list(spool.quarantine_dir.glob("*.reason.txt"))) - before_q
     not_understood = sum(1 for s in statuses if s is not None and (0xA900 <= s <= 0xA9FF or s >= 0xC000))
     assert quarantined == not_understood  # bytes it could not understand are kept, with the reason
-    rows = spool.ledger.query("SELECT sop_uid, path FROM instances")
+    rows = spool.ledger.all_instances()
     if 0 in statuses:  # accepted = filed under the command's SOP Instance UID, and on disk
-        assert SEED.SOPInstanceUID in {r["sop_uid"] for r in rows}
-        assert all(Path(r["path"]).is_file() for r in rows)
+        assert SEED.SOPInstanceUID in {r.sop_uid for r in rows}
+        assert all(r.path.is_file() for r in rows)
     assert len(rows) >= before_n
     # and the node still serves: a clean object goes through on a new association
     clean = send_raw(receiver.port, [raw_object(SEED)], tmp_path_factory.mktemp("clean"))
@@ -158,48 +160,60 @@ def _pydicom_uids(path: Path) -> dict[str, str] | None:
         return None
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=4))
 def test_fast_uid_scan_agrees_with_pydicom(tmp_path: Path, mutations: list) -> None:
     """The SCP's byte-level UID scanner never raises and never files an object under UIDs pydicom
     would not read from the same bytes (it may only decline and leave the verdict to pydicom)."""
-    from dicomnode.receive import scan_uids
-
     path = _file(tmp_path, mutate(SEED_BODY, mutations))
     fast = scan_uids(path.read_bytes()[:64 * 1024])
     if fast is None:
         return
-    assert set(fast) == {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"}
+    assert set(fast) == {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID"}
     slow = _pydicom_uids(path)
     if slow is not None:
-        assert fast == slow
+        assert {k: fast[k] for k in slow} == slow
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(head=st.binary(max_size=400))
 def test_fast_uid_scan_on_arbitrary_bytes(head: bytes) -> None:
-    from dicomnode.receive import scan_uids
-
+    """Random bytes never raise; whatever the scanner answers holds four well-formed UIDs."""
     prefix = b"\0" * 128 + b"DICM"
-    assert scan_uids(prefix + head) is None or isinstance(scan_uids(prefix + head), dict)
-    assert scan_uids(head) is None or head[128:132] == b"DICM"
+    found = scan_uids(prefix + head)
+    if found is not None:
+        uids = [found[k] for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")]
+        assert all(is_valid_uid(u) for u in uids), found
+    if head[128:132] != b"DICM":
+        assert scan_uids(head) is None  # no Part 10 preamble: always left to pydicom
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def clahe_pipeline(tmp_path_factory):
+    from dicomnode.config import parse_config
+    from dicomnode.pipeline import Pipeline
+    from dicomnode.resident import ResidentModels
+    from factories import config_data
+
+    root = tmp_path_factory.mktemp("pipe")
+    config = parse_config(config_data(root / "var", 11112, {"out": {"folder": str(root / "out")}},
+                                      rules=[{"name": "all", "model": "clahe", "destinations": ["out"]}]), root)
+    return Pipeline(config, ResidentModels.load(config))
+
+
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=3))
-def test_enhancement_path_fails_mutated_instances_alone(tmp_path_factory, mutations: list) -> None:
-    """Whatever a mutated instance does to the decoder, enhance_series accounts for every source
-    (written or failed with a reason) and the good instance beside it is still enhanced."""
-    from dicomnode.derive import DeriveSettings
-    from dicomnode.enhance import enhance_series
-    from models.registry import build_model
+def test_enhancement_path_fails_mutated_instances_alone(tmp_path_factory, clahe_pipeline, mutations: list) -> None:
+    """Whatever a mutated instance does to the decoder or to derive (whatever the exception), the pipeline
+    accounts for every source (written or failed with a reason) and the good instance beside it is enhanced."""
+    from dicomnode.domain import Instance, Series
 
     work = tmp_path_factory.mktemp("enh")
     bad = _file(work, mutate(SEED_BODY, mutations))
     good = work / "good.dcm"
     ct_dataset("fuzz", "s1", 1, rows=4, cols=4).save_as(good, enforce_file_format=True)
-    result = enhance_series([bad, good], build_model("clahe", weights=None, device="cpu", options={}),
-                            DeriveSettings(), work / "out", batch_size=2)
-    failed = {Path(src) for src, _reason in result.failed}
-    assert len(result.outputs) + len(failed) == 2
-    assert good not in failed and all(reason for _src, reason in result.failed)
+    series = Series("p", "1.2", "1.2.3", (Instance(bad, {"Modality": "CT"}), Instance(good, {"Modality": "CT"})))
+    outcome = clahe_pipeline.run(series, work / "out", batch_size=2)
+    failed = {Path(src) for src, _reason in outcome.failed}
+    assert len(outcome.outputs) + len(failed) == 2
+    assert good not in failed and all(reason for _src, reason in outcome.failed)

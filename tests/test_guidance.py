@@ -11,7 +11,8 @@ import pytest
 from skimage.io import imsave
 
 from dicomnode import guidance as gd
-from models.registry import Enhancer, ModelInfo, sha256_file
+from models.guidance import GUIDANCE_METHODS, PSNR_TIE_DB, extract_vectors
+from models.registry import Enhancer, ModelCard, ModelInfo, sha256_file
 
 
 class StatsGuided(Enhancer):
@@ -22,7 +23,7 @@ class StatsGuided(Enhancer):
 
     def __init__(self, weights: Path):
         self.info = ModelInfo(kind="stats", name="Stats", version="1", weights_sha256=sha256_file(weights),
-                              card={"config": {"channels": 1, "size": 32}})
+                              card=ModelCard(kind="stats", channels=1, size=32))
         self.g_calls = 0
 
     def extract_guidance(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -74,7 +75,7 @@ def test_build_save_load_roundtrip(tmp_path: Path, model: StatsGuided) -> None:
 def test_single_is_the_medoid_reference(tmp_path: Path, model: StatsGuided) -> None:
     refs = _write_refs(tmp_path / "hq", 5)
     g = gd.build(model, "m", refs, method="single")
-    vectors = gd.extract_vectors(model, gd.load_references(refs, 1, 32))
+    vectors = extract_vectors(model, gd.load_references(refs, 1))
     assert any(np.allclose(g.vector, v) for v in vectors)
 
 
@@ -134,10 +135,10 @@ def test_measure_methods_records_figures_and_choice(tmp_path: Path, model: Stats
     lq = [np.clip(0.3 * h + 0.1, 0, 1).astype(np.float32) for h in hq]  # low contrast, dark
     g = gd.build(model, "m", refs, method="auto", heldout=(lq, hq))
     m = g.measurements
-    assert set(m["methods"]) == set(gd.GUIDANCE_METHODS) and m["n_heldout"] == 3
+    assert set(m["methods"]) == set(GUIDANCE_METHODS) and m["n_heldout"] == 3
     assert g.method == m["chosen"]
     best = max(r["psnr"] for r in m["methods"].values())
-    assert m["methods"][g.method]["psnr"] >= best - gd.PSNR_TIE_DB
+    assert m["methods"][g.method]["psnr"] >= best - PSNR_TIE_DB
     assert m["methods"][g.method]["psnr"] > m["input"]["psnr"]  # guidance restores the contrast
     assert "PSNR" in gd.describe(g)
 

@@ -12,8 +12,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from dicomnode.imaging import PixelDecodeError, decode, iter_frames, pixel_info, to_stored
-from tests.conftest import require_tools
+from dicomnode.imaging import PixelDecodeError, iter_frames, pixel_info, to_stored
+from factories import decode
+from conftest import require_tools
 
 
 def sample(name: str) -> pydicom.Dataset:
@@ -72,9 +73,11 @@ def gray_dataset(pixels: np.ndarray, **attrs) -> Dataset:
     ],
 )
 def test_decode_shapes_and_range(name, nframes, shape, color, out_bits):
-    img = decode(sample(name))
+    ds = sample(name)
+    info = pixel_info(ds)
+    img = decode(ds)
     assert len(img.frames) == nframes
-    assert img.color is color and img.out_bits == out_bits
+    assert info.color is color and info.out_bits == out_bits
     for frame in img.frames:
         assert frame.shape == shape and frame.dtype == np.float32
         assert 0.0 <= float(frame.min()) and float(frame.max()) <= 1.0

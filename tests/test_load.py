@@ -17,16 +17,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from conftest import require_tools
-from dicomnode.receive import ReceiveSettings, Receiver
-from dicomnode.spool import Spool
-from reliability import ct_dataset, free_port, raw_object, send_raw
-
-
-def _receiver(tmp_path: Path, **settings) -> tuple[Receiver, Spool]:
-    spool = Spool(tmp_path / "var")
-    receiver = Receiver(spool, ReceiveSettings(host="127.0.0.1", port=free_port(), **settings))
-    receiver.start()
-    return receiver, spool
+from factories import ct_dataset, start_receiver
+from reliability import free_port, raw_object, send_raw
 
 
 def test_disk_watermark_on_the_real_disk(tmp_path: Path) -> None:
@@ -37,30 +29,30 @@ def test_disk_watermark_on_the_real_disk(tmp_path: Path) -> None:
     ds = ct_dataset("disk", "s1", 0)
 
     # high watermark below the current usage: full, every store refused with A700, nothing kept
-    receiver, spool = _receiver(tmp_path / "full", disk_high_watermark_percent=percent - 1.5,
-                                disk_low_watermark_percent=percent - 2.0)
+    receiver, spool = start_receiver(tmp_path / "full" / "var", storage={"disk_high_watermark_percent": percent - 1.5,
+                                                                         "disk_low_watermark_percent": percent - 2.0})
     try:
         statuses = send_raw(receiver.port, [raw_object(ds)] * 2, tmp_path / "raw1")
         assert statuses == [0xA700, 0xA700]
-        assert not spool.ledger.query("SELECT id FROM instances")
+        assert not spool.ledger.all_instances()
         assert not list(spool.incoming.iterdir())  # refused before writing anything
     finally:
         receiver.stop()
         spool.close()
 
     # high watermark above it: accepted
-    receiver, spool = _receiver(tmp_path / "room", disk_high_watermark_percent=min(percent + 1.5, 100.0),
-                                disk_low_watermark_percent=percent + 1.0)
+    receiver, spool = start_receiver(tmp_path / "room" / "var", storage={"disk_high_watermark_percent": min(percent + 1.5, 100.0),
+                                                                         "disk_low_watermark_percent": percent + 1.0})
     try:
         assert send_raw(receiver.port, [raw_object(ds)], tmp_path / "raw2") == [0]
-        assert len(spool.ledger.query("SELECT id FROM instances")) == 1
+        assert len(spool.ledger.all_instances()) == 1
     finally:
         receiver.stop()
         spool.close()
 
 
 def test_bounded_associations(tmp_path: Path) -> None:
-    receiver, spool = _receiver(tmp_path, max_associations=2)
+    receiver, spool = start_receiver(tmp_path / "var", max_associations=2)
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(Verification)
     held = []
@@ -87,7 +79,7 @@ def test_bounded_associations(tmp_path: Path) -> None:
 
 def test_parallel_senders_into_the_receiver(tmp_path: Path) -> None:
     """4 pynetdicom senders at once into the Receiver: every acknowledged instance is in the ledger."""
-    receiver, spool = _receiver(tmp_path)
+    receiver, spool = start_receiver(tmp_path / "var")
     statuses: dict[int, list[int | None]] = {}
     expected = set()
 
@@ -104,8 +96,8 @@ def test_parallel_senders_into_the_receiver(tmp_path: Path) -> None:
         for t in threads:
             t.join(60)
         assert all(s == [0] * 10 for s in statuses.values()), statuses
-        assert {r["sop_uid"] for r in spool.ledger.query("SELECT sop_uid FROM instances")} == expected
-        assert len(spool.ledger.query("SELECT DISTINCT job_id FROM instances")) == 4
+        assert {r.sop_uid for r in spool.ledger.all_instances()} == expected
+        assert len({r.job_id for r in spool.ledger.all_instances()}) == 4
     finally:
         receiver.stop()
         spool.close()
@@ -117,15 +109,19 @@ _RSS_PROBE = r"""
 import resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from reliability import write_series
-from dicomnode.derive import DeriveSettings
-from dicomnode.enhance import enhance_series
-from models.registry import build_model
+from factories import config_data, write_series
+from dicomnode.assemble import series_from_files
+from dicomnode.config import parse_config
+from dicomnode.pipeline import Pipeline
+from dicomnode.resident import ResidentModels
+from dicomnode.route import routing_keywords
 n, size, work = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 paths = write_series(work / "in", "rss", f"n{{n}}", n, rows=size, cols=size)
-model = build_model("clahe", weights=None, device="cpu", options={{}})
+config = parse_config(config_data(work / "var", 11112, {{"o": {{"folder": str(work / "o")}}}}), work)
+pipeline = Pipeline(config, ResidentModels.load(config))
+(series,), _ = series_from_files(paths, routing_keywords(config))
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-result = enhance_series(paths, model, DeriveSettings(), work / "out", batch_size=4)
+result = pipeline.run(series, work / "out", batch_size=4)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 assert len(result.outputs) == n, result.failed
 print(base, peak)

@@ -35,7 +35,7 @@ from reliability import (
     wait_until,
     write_series,
 )
-from tests.conftest import require_tools
+from conftest import require_tools
 
 SC_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
@@ -189,8 +189,8 @@ def test_partial_match_unmatched_series_and_scp_answers_while_a_model_works(
         first = str(pydicom.dcmread(ct[0]).SOPInstanceUID)
         assert pydicom.dcmread(output).SourceImageSequence[0].ReferencedSOPInstanceUID == first
         (unmatched,) = ledger.unmatched_series()
-        assert unmatched["series_uid"] == str(pydicom.dcmread(mr[0]).SeriesInstanceUID)
-        assert unmatched["action"] == "ignore"
+        assert unmatched.series_uid == str(pydicom.dcmread(mr[0]).SeriesInstanceUID)
+        assert unmatched.action == "ignore"
     finally:
         assert server.stop()
     config_path = tmp_path / "node.yaml"
@@ -200,7 +200,7 @@ def test_partial_match_unmatched_series_and_scp_answers_while_a_model_works(
     }))
     assert node_cli.main(["status", "--config", str(config_path)]) == 0
     text = capsys.readouterr().out
-    assert "done 2" in text and "unmatched series: 1" in text and unmatched["series_uid"] in text
+    assert "done 2" in text and "unmatched series: 1" in text and unmatched.series_uid in text
     assert node_cli.main(["resend", "--config", str(config_path), "--all-dead"]) == 0
     assert capsys.readouterr().out.startswith("0 dead-lettered deliveries")
 

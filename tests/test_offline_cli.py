@@ -11,6 +11,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicomnode.cli import main
+from dicomnode.cli.common import EXIT_CONFIG
 from dicomnode.derive import read_private
 
 CONFIG = """
@@ -76,7 +77,7 @@ def test_enhance_follows_the_rules(study: Path, config_file: Path, tmp_path: Pat
     assert "rule 'ct' -> model 'contrast': 3 of 3 enhanced" in stdout
     assert "rule 'us-forward' -> forward untouched" in stdout
     assert "no rule matched -> ignore" in stdout  # the MR series
-    assert "README.txt: not a DICOM file" in stdout
+    assert "README.txt: the node would refuse it" in stdout  # as `route` and the live node say
     assert "3 written" in stdout and "0 failed" in stdout
 
 
@@ -107,5 +108,7 @@ def test_bad_arguments_are_named(study: Path, config_file: Path, tmp_path: Path,
     assert "input not found" in capsys.readouterr().err
     bad = tmp_path / "bad.yaml"
     bad.write_text(CONFIG.replace("kind: clahe", "kind: clahee"))
-    assert main(["enhance", "--config", str(bad), "--out", str(tmp_path / "o"), str(study)]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["enhance", "--config", str(bad), "--out", str(tmp_path / "o"), str(study)])
+    assert exited.value.code == EXIT_CONFIG
     assert "clahee" in capsys.readouterr().err

@@ -15,9 +15,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
-from dicomnode.receive import DiskGuard, Receiver, ReceiveSettings, read_uids, transfer_syntaxes
+from dicomnode.config import NodeSettings, StorageConfig
+from dicomnode.part10 import read_uids, scan_uids
+from dicomnode.receive import DiskGuard, Receiver, transfer_syntaxes
 from dicomnode.spool import Spool
-from tests.conftest import require_tools
+from conftest import require_tools
 
 NODE_AET = "TESTNODE"
 
@@ -67,12 +69,12 @@ def node(tmp_path: Path, free_port: int) -> Iterator[tuple[Receiver, Spool, Usag
     require_tools("dcmsend", "echoscu")
     spool = Spool(tmp_path / "var")
     usage = Usage()
-    settings = ReceiveSettings(
-        ae_title=NODE_AET, host="127.0.0.1", port=free_port, allowed_calling_aets=("SCANNER", "ECHOSCU"),
+    settings = NodeSettings(
+        ae_title=NODE_AET, host="127.0.0.1", port=free_port, allowed_calling_aets=["SCANNER", "ECHOSCU"],
         max_object_bytes=200_000,
     )
     guard = DiskGuard(spool.root, 90.0, 85.0, usage=usage, interval=0.0)
-    receiver = Receiver(spool, settings, disk_guard=guard)
+    receiver = Receiver(spool, settings, StorageConfig(root=spool.root), disk_guard=guard)
     receiver.start()
     yield receiver, spool, usage
     receiver.stop(timeout=5)
@@ -101,7 +103,6 @@ def test_echo_store_duplicates_and_calling_aet(node: tuple[Receiver, Spool, Usag
     for inst, src in zip(sorted(stored, key=lambda i: i.sop_uid), sorted(files, key=lambda f: dcmread(f).SOPInstanceUID)):
         # bytes as sent: same dataset, nothing decoded or rewritten
         assert dcmread(inst.path).PixelData == dcmread(src).PixelData
-    assert receiver.stats.stored == 4
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the garbage it reads
@@ -181,32 +182,35 @@ def test_read_uids_names_the_problem(tmp_path: Path) -> None:
     assert read_uids(ct)["SOPClassUID"] == CTImageStorage
 
 
-def test_chunks_move_into_the_spool_when_the_temp_dir_is_another_mount(
-    tmp_path: Path, free_port: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A temp dir that cannot be renamed into the spool (EXDEV) is replaced by spool/incoming/chunks."""
-    import errno
+def test_chunked_receive_streams_into_the_spool_not_tmp(tmp_path: Path, free_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the node's process settings, objects stream into spool/incoming/chunks and are renamed into the job."""
     import tempfile
 
-    import dicomnode.receive as receive
+    from dicomnode.netconfig import configure
 
-    real_replace = receive.os.replace
-
-    def cross_device(src: object, dst: object) -> None:
-        if "dicomnode-probe-" in str(src):
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(receive.os, "replace", cross_device)
+    require_tools("dcmsend")
     monkeypatch.setattr(tempfile, "tempdir", tempfile.gettempdir())  # restored after the test
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", _config.STORE_RECV_CHUNKED_DATASET)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
     spool = Spool(tmp_path / "var")
-    receiver = Receiver(spool, ReceiveSettings(ae_title=NODE_AET, host="127.0.0.1", port=free_port))
+    configure(spool.chunks)
+    receiver = Receiver(spool, NodeSettings(ae_title=NODE_AET, host="127.0.0.1", port=free_port), StorageConfig(root=spool.root))
+    seen: list[Path] = []
+    real_land = receiver._land
+
+    def spy(event):  # the path pynetdicom streamed into, seen from the public Event API
+        seen.append(event.dataset_path)
+        return real_land(event)
+
+    monkeypatch.setattr(receiver, "_land", spy)
     receiver.start()
     try:
-        assert tempfile.gettempdir() == str(spool.incoming / "chunks")
         (ct,) = ct_series(tmp_path / "in", 1)
         assert "with status SUCCESS  : 1" in dcmsend(receiver.port, ct)
-        assert list((spool.incoming / "chunks").iterdir()) == []
+        assert seen and seen[0].parent == spool.chunks
+        assert list(spool.chunks.iterdir()) == []  # renamed into the job folder, nothing left behind
+        (job,) = spool.ledger.jobs()
+        assert len(spool.ledger.instances(job.id)) == 1
     finally:
         receiver.stop(timeout=5)
         spool.close()
@@ -217,8 +221,7 @@ def test_fast_uid_scan_agrees_with_pydicom_or_defers() -> None:
     """scan_uids answers only when pydicom would give the same four UIDs; otherwise it returns None."""
     from pydicom.data import get_testdata_files
 
-    from dicomnode.receive import _UID_TAGS, scan_uids
-
+    uid_tags = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
     answered = 0
     for name in get_testdata_files("*"):
         path = Path(name)
@@ -228,8 +231,9 @@ def test_fast_uid_scan_agrees_with_pydicom_or_defers() -> None:
         fast = scan_uids(head)
         if fast is None:
             continue
-        ds = dcmread(path, stop_before_pixels=True, specific_tags=list(_UID_TAGS))
-        assert fast == {t: str(ds.get(t)).strip() for t in _UID_TAGS}, path.name
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=[*uid_tags, "PatientID"])
+        assert {t: fast[t] for t in uid_tags} == {t: str(ds.get(t)).strip() for t in uid_tags}, path.name
+        assert fast["PatientID"] == str(ds.get("PatientID", "") or "").strip(), path.name
         answered += 1
         for cut in (140, 400, len(head) // 3):  # a head cut short never yields a partial answer
             partial = scan_uids(head[:cut])

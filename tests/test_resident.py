@@ -43,9 +43,10 @@ def test_corrupt_weights_fail_that_model_only(tmp_path: Path, caplog: pytest.Log
         resident.get("bad")
     assert any("bad" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
     # the good model serves
-    out = resident.enhancer_for("good", "OP").enhance([np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)])
+    bound = resident.bind("good", "OP")
+    out = bound.enhancer.enhance([np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)])
     assert out[0].shape == (8, 8)
-    assert resident.guidance_for("good", "OP") == (None, None)
+    assert bound.guidance_id is None  # CLAHE takes no guidance
 
 
 def test_missing_weights_fail_clearly(tmp_path: Path) -> None:
@@ -58,7 +59,7 @@ def test_missing_weights_fail_clearly(tmp_path: Path) -> None:
 
 def test_models_are_loaded_once_and_shared(tmp_path: Path) -> None:
     resident = ResidentModels.load(_config(tmp_path, {"a": {"kind": "clahe"}}))
-    e1, e2 = resident.enhancer_for("a", "OP"), resident.enhancer_for("a", "XC")
+    e1, e2 = resident.bind("a", "OP").enhancer, resident.bind("a", "XC").enhancer
     assert e1.inner is e2.inner is resident.get("a").enhancer
     assert resident.get("a").device == "cpu" or resident.get("a").device.startswith("cuda")
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
+from dicomnode.config import StorageConfig
 from dicomnode.retention import DAY, sweep
+from dicomnode.ledger import JobState, SeriesKey
 from dicomnode.spool import Spool
 from reliability import ct_dataset, uid
 
 
-def _config(delivered: float | None = 7.0, failed: float | None = 30.0) -> SimpleNamespace:
-    return SimpleNamespace(storage=SimpleNamespace(retention_days_delivered=delivered, retention_days_failed=failed))
+def _config(delivered: float | None = 7.0, failed: float | None = 30.0) -> StorageConfig:
+    return StorageConfig(root=Path("/unused"), retention_days_delivered=delivered, retention_days_failed=failed)
 
 
 def _job(spool: Spool, series: str, state: str, count: int = 2) -> int:
@@ -24,13 +25,13 @@ def _job(spool: Spool, series: str, state: str, count: int = 2) -> int:
     for i in range(count):
         ds = ct_dataset("retention", series, i)
         landed = spool.write_incoming(b"DICM-test-bytes-" + str(i).encode())
-        job_id, _ = spool.accept(landed, study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+        job_id, _ = spool.accept(landed, SeriesKey("p", ds.StudyInstanceUID, ds.SeriesInstanceUID),
                                  sop_uid=ds.SOPInstanceUID, sop_class_uid=ds.SOPClassUID, calling_aet="MOD")
     if state == "collecting":
         return job_id
     out = spool.outgoing_dir(job_id) / f"{uid(series + '/out')}.dcm"
     out.write_bytes(b"derived")
-    spool.ledger.record_outputs(job_id, [out], "derived", ["pacs"], action="enhance", rule="r", model="m")
+    spool.ledger.finish_job(job_id, JobState.DERIVED, action="enhance", rule="r", model="m", outputs=[out], destinations=["pacs"])
     if state in ("done", "failed"):
         delivery = spool.ledger.deliveries(job_id)[0]
         if state == "done":
@@ -39,7 +40,7 @@ def _job(spool: Spool, series: str, state: str, count: int = 2) -> int:
             spool.ledger.mark_failed(delivery.id, "peer down", max_attempts=1, retry_in=0)
         assert spool.ledger.settle_jobs() == [(job_id, state)]
     elif state != "derived":
-        spool.ledger.set_job(job_id, state)
+        spool.ledger.set_job_state(job_id, JobState(state))
     return job_id
 
 
@@ -78,7 +79,7 @@ def test_sweep_by_age_and_state(spool: Spool) -> None:
     for state in ("collecting", "processing", "derived"):
         assert len(_files(spool, jobs[state])) >= 2, state
     # the ledger keeps the history, marked purged
-    rows = {r["id"]: r["purged"] for r in spool.ledger.query("SELECT id, purged FROM jobs")}
+    rows = {j.id: j.purged for j in spool.ledger.jobs()}
     assert rows[jobs["done"]] == 1 and rows[jobs["failed"]] == 1 and rows[jobs["derived"]] == 0
     assert spool.ledger.job(jobs["done"]).state == "done"
 

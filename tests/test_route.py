@@ -13,7 +13,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicomnode.config import NodeConfig, parse_config
-from dicomnode.route import CALLING_AET, RouteDecision, decide, routing_keywords, routing_tags
+from dicomnode.headers import read_tags as routing_tags
+from dicomnode.route import CALLING_AET, RouteDecision, decide, routing_keywords
 
 
 def make_config(rules: list[dict[str, Any]], unmatched: dict[str, Any] | None = None) -> NodeConfig:

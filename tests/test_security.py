@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
@@ -128,7 +129,7 @@ def test_pynetdicom_scu_stores_to_tls_storescp(certs: Certs, tmp_path: Path) -> 
     paths = write_series(tmp_path / "in", "tls", "s1", 2)
     with StoreSCP(tmp_path / "pacs", certs=certs) as pacs:
         ae = AE(ae_title="DICOMNODE")
-        ae.add_requested_context(CTImageStorage)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)  # the files' own transfer syntax
         tls = client_tls_args({"ca": certs.ca, "cert": certs.client_cert, "key": certs.client_key}, "127.0.0.1")
         assoc = ae.associate("127.0.0.1", pacs.port, ae_title="PACS", tls_args=tls)
         assert assoc.is_established
@@ -145,13 +146,9 @@ def test_pynetdicom_scu_stores_to_tls_storescp(certs: Certs, tmp_path: Path) -> 
 
 # ------------------------------------------------------------------- the node's Receiver (fast)
 def _receiver(tmp_path: Path, **settings):
-    from dicomnode.receive import ReceiveSettings, Receiver
-    from dicomnode.spool import Spool
+    from factories import start_receiver
 
-    spool = Spool(tmp_path / "var")
-    receiver = Receiver(spool, ReceiveSettings(host="127.0.0.1", port=free_port(), **settings))
-    receiver.start()
-    return receiver, spool
+    return start_receiver(tmp_path / "var", **settings)
 
 
 def storescu(port: int, paths: list[Path], *, tls: list[str]) -> subprocess.CompletedProcess:
@@ -161,7 +158,7 @@ def storescu(port: int, paths: list[Path], *, tls: list[str]) -> subprocess.Comp
 
 def test_calling_and_called_ae_checks(tmp_path: Path) -> None:
     require_tools("echoscu", "dcmsend")
-    receiver, spool = _receiver(tmp_path, ae_title="DICOMNODE", allowed_calling_aets=("CT01", "MR01"))
+    receiver, spool = _receiver(tmp_path, ae_title="DICOMNODE", allowed_calling_aets=["CT01", "MR01"])
     try:
         port = receiver.port
         assert echoscu(port, aet="CT01").returncode == 0
@@ -171,9 +168,9 @@ def test_calling_and_called_ae_checks(tmp_path: Path) -> None:
         assert echoscu(port, aet="CT01", aec="WRONGNODE").returncode != 0  # called AE must be ours
         paths = write_series(tmp_path / "in", "access", "s1", 2)
         assert dcmsend(port, paths, aet="INTRUDER").returncode != 0
-        assert not spool.ledger.query("SELECT id FROM instances")  # nothing stored from a stranger
+        assert not spool.ledger.all_instances()  # nothing stored from a stranger
         assert dcmsend(port, paths, aet="CT01").returncode == 0
-        assert len(spool.ledger.query("SELECT id FROM instances")) == 2
+        assert len(spool.ledger.all_instances()) == 2
     finally:
         receiver.stop()
         spool.close()
@@ -205,7 +202,7 @@ def test_node_receiver_over_tls(certs: Certs, tmp_path: Path) -> None:
         paths = write_series(tmp_path / "in", "tls", "s1", 3)
         sent = storescu(port, paths, tls=client)  # dcmtk's dcmsend has no TLS; storescu does
         assert sent.returncode == 0, sent.stderr
-        assert len(spool.ledger.query("SELECT id FROM instances")) == 3
+        assert len(spool.ledger.all_instances()) == 3
     finally:
         receiver.stop()
         spool.close()

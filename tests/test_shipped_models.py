@@ -13,13 +13,15 @@ import pytest
 
 from dicomnode import guidance as gd
 from dicomnode.config import parse_config
-from dicomnode.demo import _base_dataset, _with_pixels, _write, demo_config, free_port, send
+from dicomnode.configtypes import builtin_dir
 from dicomnode.resident import ResidentModels
+from dicomnode.tools.demo import demo_config, send
+from factories import free_port, image_dataset, write
+from models.guidance import GUIDANCE_METHODS
+from models.io import load_image
 from models.registry import read_card
 
-REPO = Path(__file__).resolve().parents[1]
-WEIGHTS = REPO / "models" / "weights"
-DEFAULT_CONFIG = REPO / "deploy" / "config" / "default.yaml"
+WEIGHTS = builtin_dir()
 SHIPPED = {"hqgnet-ccm": ("default",), "hqgnet-color": ("default", "OP", "ES", "XC")}
 SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 
@@ -30,29 +32,28 @@ def test_cards_weights_and_guidance_are_consistent() -> None:
         weights = WEIGHTS / f"{name}.pt"
         card = read_card(weights)  # verifies the sha256
         total += weights.stat().st_size
-        assert card["kind"] == "hqgnet" and card["config"]["name"] == "lite"
-        shipped = card["shipped"]
+        assert card.kind == "hqgnet" and card.config["name"] == "lite"
+        shipped = card.extra["shipped"]
         assert shipped["evaluation"]["table"] and "input" in shipped["evaluation"]["table"]
-        assert shipped["guidance_measurement"]["chosen"] in gd.GUIDANCE_METHODS
+        assert shipped["guidance_measurement"]["chosen"] in GUIDANCE_METHODS
         assert (WEIGHTS / f"{name}.md").is_file()
         for modality in modalities:
             g = gd.load(WEIGHTS / f"{name}.guidance-{modality}.json")
-            gd.check_weights(g, card["weights_sha256"], name)
-            assert g.modality == modality and g.vector.shape == (card["config"]["guidance_dim"],)
+            gd.check_weights(g, card.weights_sha256, name)
+            assert g.modality == modality and g.vector.shape == (card.config["guidance_dim"],)
             assert shipped["guidance"][modality]["id"] == g.id
     assert total < 50e6, f"shipped weights are {total / 1e6:.1f} MB (limit 50 MB)"
 
 
 def test_default_config_loads_both_models_with_guidance(tmp_path: Path) -> None:
-    cfg = demo_config(DEFAULT_CONFIG, tmp_path / "var", tmp_path / "out", free_port())
+    cfg = demo_config(None, tmp_path / "var", tmp_path / "out", free_port())
     resident = ResidentModels.load(cfg)
     assert resident.failures == {}
     assert set(SHIPPED) <= set(resident.models)
-    vector, gid = resident.guidance_for("hqgnet-color", "OP")
-    assert vector is not None and gid == gd.load(WEIGHTS / "hqgnet-color.guidance-OP.json").id
-    _, gid_other = resident.guidance_for("hqgnet-color", "SM")  # unknown modality -> default
-    assert gid_other == gd.load(WEIGHTS / "hqgnet-color.guidance-default.json").id
-    assert resident.guidance_for("hqgnet-ccm", "OP")[1] == gd.load(WEIGHTS / "hqgnet-ccm.guidance-default.json").id
+    bound = resident.bind("hqgnet-color", "OP")
+    assert bound.guidance_id == gd.load(WEIGHTS / "hqgnet-color.guidance-OP.json").id
+    assert resident.bind("hqgnet-color", "SM").guidance_id == gd.load(WEIGHTS / "hqgnet-color.guidance-default.json").id
+    assert resident.bind("hqgnet-ccm", "OP").guidance_id == gd.load(WEIGHTS / "hqgnet-ccm.guidance-default.json").id
 
 
 def test_corrupt_shipped_weights_fail_start_up_clearly(tmp_path: Path) -> None:
@@ -77,15 +78,9 @@ def test_corrupt_shipped_weights_fail_start_up_clearly(tmp_path: Path) -> None:
 
 def _series(folder: Path, img: np.ndarray, count: int) -> list[Path]:
     """One series of ``count`` instances with the pixels of ``img``, described as confocal microscopy."""
-    from pydicom.uid import generate_uid
-
-    study, series = generate_uid(), generate_uid()
-    paths = []
-    for i in range(count):
-        ds = _base_dataset(study, series, "OP", 1, "Corneal confocal microscopy")
-        ds.InstanceNumber = i + 1
-        paths.append(_write(_with_pixels(ds, img), folder / f"i{i}.dcm"))
-    return paths
+    pixels = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    return [write(image_dataset(pixels, study=folder.name, series="ccm", index=i, modality="OP",
+                                description="Corneal confocal microscopy"), folder / f"i{i}.dcm") for i in range(count)]
 
 
 @pytest.mark.slow
@@ -95,11 +90,10 @@ def test_series_through_the_node_is_enhanced_better_and_deterministic(tmp_path: 
 
     from dicomnode.server import Server, ServerOptions
     from models.metrics import illumination_uniformity, niqe
-    from models.train.data import load_image
 
     raw = load_image(shared_data / "ccm" / "raw" / "zxOD174.jpg", 1)
     out = tmp_path / "out"
-    cfg = demo_config(DEFAULT_CONFIG, tmp_path / "var", out, free_port())
+    cfg = demo_config(None, tmp_path / "var", out, free_port())
     server = Server(cfg, options=ServerOptions(drain_seconds=10, dispatch_poll_seconds=0.1))
     server.start()
     try:

@@ -1,4 +1,5 @@
-"""Ledger states, duplicate handling, follow-up jobs, delivery retries and restart recovery."""
+"""Spool folders and the ledger: states, duplicate handling, follow-up jobs, one patient per series,
+delivery retries and restart recovery (all through the ledger's API)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.spool import Spool, write_atomic
+from dicomnode.durable import write_bytes
+from dicomnode.ledger import DeliveryState, JobState, SeriesKey
+from dicomnode.spool import Spool
 
 
 @pytest.fixture
@@ -18,12 +21,11 @@ def spool(tmp_path: Path) -> Spool:
     sp.close()
 
 
-def land(spool: Spool, sop: str, series: str = "1.2.3.4", payload: bytes = b"x", now: float = 100.0) -> tuple[int, Path]:
+def land(spool: Spool, sop: str, series: str = "1.2.3.4", payload: bytes = b"x", now: float = 100.0,
+         patient: str = "p1", study: str = "1.2.3") -> tuple[int, Path]:
     landed = spool.write_incoming(payload)
-    return spool.accept(
-        landed, study_uid="1.2.3", series_uid=series, sop_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
-        calling_aet="SCANNER", now=now,
-    )
+    return spool.accept(landed, SeriesKey(patient, study, series), sop_uid=sop,
+                        sop_class_uid="1.2.840.10008.5.1.4.1.1.7", calling_aet="SCANNER", now=now)
 
 
 def test_folders_and_files_are_private(spool: Spool) -> None:
@@ -49,8 +51,19 @@ def test_duplicate_sop_replaces_and_late_instance_opens_follow_up(spool: Spool) 
     follow, _ = land(spool, "1.2.3.4.1", now=106.0)
     assert follow != job
     assert spool.ledger.job(follow).follow_up_of == job
-    assert spool.ledger.job(job).state == "complete"
+    assert spool.ledger.job(job).state == JobState.COMPLETE
     assert len(spool.ledger.instances(job)) == 2  # the earlier job keeps its own copy
+
+
+def test_one_series_uid_from_two_patients_or_studies_never_shares_a_job(spool: Spool) -> None:
+    """A faulty UID generator reuses a SeriesInstanceUID: each (patient, study, series) is its own job."""
+    a, _ = land(spool, "1.2.3.4.1", patient="alice")
+    b, _ = land(spool, "1.2.3.4.2", patient="bob")
+    c, _ = land(spool, "1.2.3.4.3", patient="alice", study="9.9.9")
+    d, _ = land(spool, "1.2.3.4.4", patient="alice")
+    assert len({a, b, c}) == 3 and d == a
+    assert [i.sop_uid for i in spool.ledger.instances(a)] == ["1.2.3.4.1", "1.2.3.4.4"]
+    assert spool.ledger.series_conflicts(SeriesKey("alice", "1.2.3", "1.2.3.4")) == [b, c]
 
 
 def test_claim_is_exclusive_and_recover_redoes_processing(spool: Spool) -> None:
@@ -63,9 +76,10 @@ def test_claim_is_exclusive_and_recover_redoes_processing(spool: Spool) -> None:
     for t in threads:
         t.join()
     assert [c.id for c in claimed if c is not None] == [job]
-    assert spool.ledger.job(job).state == "processing"
+    assert spool.ledger.job(job).state == JobState.PROCESSING
+    assert spool.ledger.job(job).attempts == 1
     assert spool.ledger.recover() == [job]
-    assert spool.ledger.job(job).state == "complete"
+    assert spool.ledger.job(job).state == JobState.COMPLETE
 
 
 def test_delivery_retry_dead_letter_and_resend(spool: Spool, tmp_path: Path) -> None:
@@ -73,31 +87,32 @@ def test_delivery_retry_dead_letter_and_resend(spool: Spool, tmp_path: Path) -> 
     spool.ledger.complete_quiet_jobs(0.0, now=200.0)
     spool.ledger.claim_job()
     out = spool.outgoing_dir(job) / "1.2.9.dcm"
-    write_atomic(out, b"derived")
-    created = spool.ledger.record_outputs(job, [out], "derived", ["pacs", "archive"], action="enhance", rule="r", model="m")
-    assert created == 2 and spool.ledger.job(job).state == "derived"
+    write_bytes(out, b"derived")
+    finish = dict(action="enhance", rule="r", model="m", outputs=[out], destinations=["pacs", "archive"])
+    created = spool.ledger.finish_job(job, JobState.DERIVED, **finish)
+    assert created == 2 and spool.ledger.job(job).state == JobState.DERIVED
     # recording again (a redo after a crash) adds nothing
-    assert spool.ledger.record_outputs(job, [out], "derived", ["pacs", "archive"], action="enhance", rule="r", model="m") == 0
+    assert spool.ledger.finish_job(job, JobState.DERIVED, **finish) == 0
 
     due = spool.ledger.due_deliveries()
     assert {d.destination for d in due} == {"pacs", "archive"}
     archive = next(d for d in due if d.destination == "archive")
     pacs = next(d for d in due if d.destination == "pacs")
     spool.ledger.mark_sent([archive.id])
-    assert spool.ledger.mark_failed(pacs.id, "0xA700 refused", max_attempts=2, retry_in=60) == "pending"
+    assert spool.ledger.mark_failed(pacs.id, "0xA700 refused", max_attempts=2, retry_in=60) == DeliveryState.PENDING
     assert [d.id for d in spool.ledger.due_deliveries()] == []  # backing off
     assert spool.ledger.settle_jobs() == []  # still pending
-    assert spool.ledger.mark_failed(pacs.id, "association rejected", max_attempts=2, retry_in=60) == "dead_letter"
-    assert spool.ledger.settle_jobs() == [(job, "failed")]
-    dead = spool.ledger.deliveries(state="dead_letter")
+    assert spool.ledger.mark_failed(pacs.id, "association rejected", max_attempts=2, retry_in=60) == DeliveryState.DEAD_LETTER
+    assert spool.ledger.settle_jobs() == [(job, JobState.FAILED)]
+    dead = spool.ledger.deliveries(state=DeliveryState.DEAD_LETTER)
     assert [(d.destination, d.attempts, d.last_error) for d in dead] == [("pacs", 2, "association rejected")]
 
     assert spool.ledger.resend(job) == 1
-    assert spool.ledger.job(job).state == "derived"
+    assert spool.ledger.job(job).state == JobState.DERIVED
     (again,) = spool.ledger.due_deliveries()
     assert again.attempts == 0 and again.destination == "pacs"
     spool.ledger.mark_sent([again.id])
-    assert spool.ledger.settle_jobs() == [(job, "done")]
+    assert spool.ledger.settle_jobs() == [(job, JobState.DONE)]
     assert spool.ledger.counts()["deliveries"] == {"sent": 2}
 
 
@@ -112,7 +127,7 @@ def test_ledger_survives_reopen(tmp_path: Path) -> None:
     job, _ = land(sp, "1.2.3.4.1")
     sp.close()
     sp2 = Spool(tmp_path / "var")
-    assert sp2.ledger.job(job).state == "collecting"
+    assert sp2.ledger.job(job).state == JobState.COLLECTING
     sp2.close()
 
 
@@ -122,13 +137,13 @@ def test_restart_makes_backed_off_deliveries_due_and_routing_is_recorded(spool: 
     spool.ledger.complete_quiet_jobs(0.0, now=200.0)
     claimed = spool.ledger.claim_job()
     first, second = spool.ledger.instances(job)
-    spool.ledger.mark_routed(job, [first.id], [second.id])
-    assert [i.routed for i in spool.ledger.instances(job)] == ["matched", "not_matched"]
     spool.ledger.record_unmatched(claimed, "forward")
     (row,) = spool.ledger.unmatched_series()
-    assert (row["series_uid"], row["calling_aet"], row["action"]) == ("1.2.3.4", "SCANNER", "forward")
+    assert (row.series_uid, row.calling_aet, row.action) == ("1.2.3.4", "SCANNER", "forward")
 
-    spool.ledger.record_outputs(job, [first.path], "forward", ["pacs"], action="forward", rule=None, model=None)
+    spool.ledger.finish_job(job, JobState.DERIVED, action="forward", outputs=[first.path], output_kind="forward",
+                            destinations=["pacs"], routed=([first.id], [second.id]))
+    assert [i.routed for i in spool.ledger.instances(job)] == ["matched", "not_matched"]
     (d,) = spool.ledger.due_deliveries()
     spool.ledger.mark_failed(d.id, "down", max_attempts=5, retry_in=3600)
     assert spool.ledger.due_deliveries() == []
@@ -138,5 +153,5 @@ def test_restart_makes_backed_off_deliveries_due_and_routing_is_recorded(spool: 
 
 def test_unknown_job_state_is_refused(spool: Spool) -> None:
     job, _ = land(spool, "1.2.3.4.1")
-    with pytest.raises(ValueError, match="unknown job state"):
-        spool.ledger.set_job(job, "finished")
+    with pytest.raises(ValueError, match="finished"):
+        spool.ledger.set_job_state(job, "finished")  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ def test_checkpoint_resume_restores_weights_optimizer_and_step(tmp_path):
 def test_export_writes_card_with_hash_and_detects_corruption(tmp_path):
     net = torch.nn.Conv2d(1, 2, 3)
     card = export_weights(tmp_path / "m.pt", net.state_dict(), {"kind": "x", "name": "X", "version": "1", "config": {}}, half=True)
-    assert read_card(tmp_path / "m.pt")["weights_sha256"] == card["weights_sha256"]
+    assert read_card(tmp_path / "m.pt").weights_sha256 == card["weights_sha256"]
     sd = load_state_dict(tmp_path / "m.pt")
     assert sd["weight"].dtype == torch.float32
     assert torch.allclose(sd["weight"], net.weight.detach(), atol=1e-3)

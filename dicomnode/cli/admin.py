@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from dicomnode.config import ConfigError, NodeConfig, load_config
-from dicomnode.cli.common import count, expand_paths
+from dicomnode.cli.common import EXIT_CONFIG, config_or_exit, config_problems, count, expand_paths
+from dicomnode.assemble import series_from_files
+from dicomnode.route import CALLING_AET, decide, routing_keywords
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "check-config",
         help="validate a config file; list every problem with its key",
         description="Validate a config file. Prints 'OK: N rules, M models, K destinations', or every "
-        "problem with its key path (exit status 1). Missing model weights and TLS files count as problems.",
+        "problem with its key path (exit status 2). Missing or corrupt model weights and missing TLS files count as problems.",
     )
     check.add_argument("file", nargs="?", type=Path, metavar="FILE", help="the YAML config file")
     check.add_argument("--config", dest="config_opt", type=Path, metavar="FILE", help="same as FILE")
@@ -34,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "each series, the rule the node would pick, its model and destinations, and which instances "
         "it matched. Reads headers only; sends nothing.",
     )
-    route.add_argument("--config", required=True, type=Path, metavar="FILE", help="the YAML config file")
+    route.add_argument("--config", type=Path, default=None, metavar="FILE", help="the YAML config file (default: the embedded default)")
     route.add_argument("--calling-aet", default="", metavar="AET",
                        help="AE title of the sender, for rules that match CallingAETitle (default: none)")
     route.add_argument("paths", nargs="+", type=Path, metavar="FILE.dcm", help="DICOM files or folders")
@@ -44,80 +43,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # --------------------------------------------------------------------------- check-config
 
 
-def _load(path: Path) -> tuple[NodeConfig | None, list[str]]:
-    """The config, or the lines describing why it cannot be used."""
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        return None, str(exc).splitlines()
-    missing = config.missing_files()
-    if missing:
-        lines = [f"invalid config {path} ({len(missing)} problem{'s' if len(missing) != 1 else ''}):"]
-        lines += [f"  {key}: {reason}" for key, reason in missing]
-        return None, lines
-    return config, []
-
-
 def check_config_main(args: argparse.Namespace) -> int:
-    path = args.file or args.config_opt
-    if path is None:
-        print("dicomnode check-config: give the config FILE", file=sys.stderr)
-        return 2
-    config, problems = _load(path)
+    path = args.file or args.config_opt  # None: the embedded default
+    config, problems = config_problems(path, files=True)
     if config is None:
         print("\n".join(problems), file=sys.stderr)
-        return 1
+        return EXIT_CONFIG
     print(f"OK: {count(len(config.rules), 'rule')}, {count(len(config.models), 'model')}, "
           f"{count(len(config.destinations), 'destination')}")
     return 0
 
 
-
 # --------------------------------------------------------------------------- route (dry run)
 
 
-@dataclass
-class _Series:
-    uid: str
-    paths: list[Path] = field(default_factory=list)
-    tags: list[dict[str, Any]] = field(default_factory=list)
-
-
-
 def route_main(args: argparse.Namespace) -> int:
-    from pydicom.errors import InvalidDicomError
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415 - progress bars only for this command
 
-    from dicomnode.route import CALLING_AET, decide, routing_keywords, routing_tags
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    config = config_or_exit(args.config)
     keywords = routing_keywords(config)
     if CALLING_AET in keywords and not args.calling_aet:
         print(f"note: some rules match {CALLING_AET}; without --calling-aet the sender is taken as empty")
     files = list(expand_paths(args.paths))
-    series: dict[str, _Series] = {}
-    skipped: list[tuple[Path, str]] = []
-    for path in tqdm(files, desc="reading headers", unit="file", disable=None, leave=False):
-        try:
-            tags = routing_tags(path, keywords)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            skipped.append((path, "not a DICOM file" if isinstance(exc, InvalidDicomError) else str(exc)))
-            continue
-        uid = str(tags.get("SeriesInstanceUID") or "(no SeriesInstanceUID)")
-        entry = series.setdefault(uid, _Series(uid))
-        entry.paths.append(path)
-        entry.tags.append(tags)
-
+    series, skipped = series_from_files(tqdm(files, desc="reading headers", unit="file", disable=None, leave=False),
+                                        keywords, args.calling_aet)
     actions: dict[str, int] = {"enhance": 0, "forward": 0, "ignore": 0}
-    for entry in series.values():
-        decision = decide(config, entry.tags, args.calling_aet)
+    for entry in series:
+        decision = decide(config, [i.tags for i in entry.instances], entry.calling_aet)
         actions[decision.action] += 1
-        modality = entry.tags[0].get("Modality") or "?"
-        print(f"Series {entry.uid} (Modality {modality}, {count(len(entry.paths), 'instance')})")
+        print(f"Series {entry.series_uid} (Modality {entry.modality or '?'}, {count(len(entry.instances), 'instance')})")
         if decision.rule is None:
             what = f"no rule matched -> unmatched policy: {config.unmatched.action}"
         else:
@@ -133,9 +87,9 @@ def route_main(args: argparse.Namespace) -> int:
         print(f"  {what}")
         if decision.rule is not None:
             matched = set(decision.matched)
-            names = [p.name for i, p in enumerate(entry.paths) if i in matched]
-            others = [p.name for i, p in enumerate(entry.paths) if i not in matched]
-            print(f"  matched {len(names)} of {len(entry.paths)}: {', '.join(names)}")
+            names = [inst.path.name for i, inst in enumerate(entry.instances) if i in matched]
+            others = [inst.path.name for i, inst in enumerate(entry.instances) if i not in matched]
+            print(f"  matched {len(names)} of {len(entry.instances)}: {', '.join(names)}")
             if others:
                 print(f"  not matched (left alone): {', '.join(others)}")
     for path, reason in skipped:

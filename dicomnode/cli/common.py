@@ -1,9 +1,54 @@
-"""Small helpers shared by the command modules (file arguments, plural-aware counts)."""
+"""Small helpers shared by the command modules: loading the config, file arguments, plural-aware counts."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from dicomnode.config import ConfigError, NodeConfig, load_config
+from models.registry import ModelLoadError, read_card
+
+EXIT_CONFIG = 2  # every command exits with this when its config file is invalid or unreadable
+
+__all__ = ["EXIT_CONFIG", "config_or_exit", "config_problems", "count", "expand_paths"]
+
+
+def config_problems(path: Path | None, *, files: bool = True) -> tuple[NodeConfig | None, list[str]]:
+    """The config (``None``: the embedded default), or the lines that say why it cannot be used
+    (with ``files``: missing or corrupt weights and missing TLS files too)."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        return None, str(exc).splitlines()
+    missing = (config.missing_files() + _weights_problems(config)) if files else []
+    if missing:
+        lines = [f"invalid config {path or 'embedded default'} ({len(missing)} problem{'s' if len(missing) != 1 else ''}):"]
+        lines += [f"  {key}: {reason}" for key, reason in missing]
+        return None, lines
+    return config, []
+
+
+def _weights_problems(config: NodeConfig) -> list[tuple[str, str]]:
+    """Weights whose card is missing, unreadable or does not match the file (sha256), as (key, reason)."""
+    problems = []
+    for name, model in config.models.items():
+        if model.weights is None or not Path(model.weights).exists():
+            continue  # missing files are reported by missing_files()
+        try:
+            read_card(Path(model.weights), verify=True)
+        except ModelLoadError as exc:
+            problems.append((f"models.{name}.weights", str(exc)))
+    return problems
+
+
+def config_or_exit(path: Path | None, *, files: bool = False) -> NodeConfig:
+    """Load ``path`` or print every problem and exit with :data:`EXIT_CONFIG`."""
+    config, problems = config_problems(path, files=files)
+    if config is None:
+        print("\n".join(problems), file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return config
 
 
 def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:

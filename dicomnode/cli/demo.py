@@ -12,18 +12,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="start a node, send it sample studies over DICOM, write before/after HTML",
         description="Starts the node in this process (temporary storage, a free port, the shipped models and the rules "
-        "of deploy/config/default.yaml), sends sample studies built from images inside the installed packages "
+        "of the embedded default configuration), sends sample studies built from images inside the installed packages "
         "(retina photograph as OP, pydicom CT and MR, a synthetic corneal confocal image) over DICOM C-STORE, "
         "waits for the enhanced series and writes OUT/index.html with before/after images and metrics.",
     )
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for index.html, PNGs and the enhanced DICOM files (default demo-out)")
+    p.add_argument("--out", type=Path, default=Path("demo-out"), help="folder for index.html, PNGs and the enhanced DICOM files, relative to the working directory (default demo-out)")
     p.add_argument("--config", type=Path, default=None, help="take models and rules from this config instead of the default")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the enhanced series (default 600)")
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dicomnode.demo import run_demo
+    from dicomnode.tools.demo import run_demo  # noqa: PLC0415 - the node and its models load only for this command
 
     try:
         result = run_demo(args.out, config_path=args.config, timeout=args.timeout)

@@ -6,6 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
+from dicomnode import guidance as gd
+from dicomnode.cli.common import config_or_exit
+from models.degrade import degrade_many
+from models.registry import ModelLoadError, build_model, load_checkpoint
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("guidance", help="build or show HQ guidance caches (HQG-Net)")
@@ -30,72 +38,63 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--heldout-hq", type=Path, help="clean targets of --heldout-lq")
     b.add_argument("--heldout-synthetic", type=float, default=0.0, metavar="FRACTION",
                    help="hold out this fraction of --hq, degrade it synthetically and measure on it (e.g. 0.3)")
-    b.add_argument("--size", type=int, help="image size G sees (default: the model's training size)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     b.add_argument("--out", type=Path, help="cache file to write (default with --config: under storage.root/guidance/)")
     b.set_defaults(func=cmd_build)
 
     s = sub.add_parser("show", help="list guidance caches and their measurements")
-    s.add_argument("paths", nargs="*", type=Path, help="cache files (default: all under the config's storage root)")
-    s.add_argument("--config", type=Path, help="node configuration: show storage.root/guidance/")
+    s.add_argument("paths", nargs="*", type=Path, help="cache files (default: those the config uses and the node built)")
+    s.add_argument("--config", type=Path, help="node configuration (default: the embedded default)")
     s.set_defaults(func=cmd_show)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
 
 
-def _paired(lq_dir: Path, hq_dir: Path, channels: int, size: int):
-    from dicomnode.guidance import GuidanceError, load_references, reference_files
-
-    lq = {p.stem: p for p in reference_files(lq_dir)}
-    hq = {p.stem: p for p in reference_files(hq_dir)}
+def _paired(lq_dir: Path, hq_dir: Path, channels: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    lq = {p.stem: p for p in gd.reference_files(lq_dir)}
+    hq = {p.stem: p for p in gd.reference_files(hq_dir)}
     common = sorted(set(lq) & set(hq))
     if not common:
-        raise GuidanceError(f"no file names in common between {lq_dir} and {hq_dir}")
-    return (load_references([lq[k] for k in common], channels, size), load_references([hq[k] for k in common], channels, size))
+        raise gd.GuidanceError(f"no file names in common between {lq_dir} and {hq_dir}")
+    return gd.load_references([lq[k] for k in common], channels), gd.load_references([hq[k] for k in common], channels)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from dicomnode import guidance as gd
-    from models.registry import ModelLoadError, build_model, load_checkpoint
-
     try:
         if args.config:
             if not args.model:
                 print("guidance build: --config needs --model NAME", file=sys.stderr)
                 return 2
-            from dicomnode.config import load_config
-
-            config = load_config(args.config)
+            config = config_or_exit(args.config)
             if args.model not in config.models:
                 print(f"guidance build: model {args.model!r} is not in {args.config} (models: {', '.join(config.models)})", file=sys.stderr)
                 return 2
             mc = config.models[args.model]
             enhancer = build_model(mc.kind, weights=mc.weights, device=args.device if args.device != "auto" else mc.device, options=mc.options)
-            storage_root = Path(config.storage.root)
+            storage_root: Path | None = Path(config.storage.root)
             name = args.model
         else:
             enhancer = load_checkpoint(args.weights, device=args.device)
             storage_root = None
             name = args.model or Path(args.weights).stem
         refs = gd.reference_files(args.hq)
-        channels = gd.model_channels(enhancer) or gd._infer_channels(refs)
-        size = args.size or gd.model_size(enhancer)
+        card = enhancer.info.card
+        channels = int(card.channels) if card is not None and card.channels in (1, 3) else 3
         heldout = None
         if args.heldout_lq or args.heldout_hq:
             if not (args.heldout_lq and args.heldout_hq):
                 print("guidance build: --heldout-lq and --heldout-hq go together", file=sys.stderr)
                 return 2
-            heldout = _paired(args.heldout_lq, args.heldout_hq, channels, size)
+            heldout = _paired(args.heldout_lq, args.heldout_hq, channels)
         elif args.heldout_synthetic > 0:
             refs, held = gd.split_refs(refs, args.heldout_synthetic)
             if not held:
                 print("guidance build: --heldout-synthetic needs at least 2 reference images", file=sys.stderr)
                 return 2
-            heldout = gd.synthetic_heldout(gd.load_references(held, channels, size))
+            clean = gd.load_references(held, channels)
+            heldout = (list(degrade_many(clean, "mixed", seed=0)), clean)
         bar = tqdm(total=3 if heldout else 2, desc="guidance", unit="step")
         g = gd.build(enhancer, name, refs, modality=args.modality, method=args.method, heldout=heldout,
-                     channels=channels, size=size, progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
+                     progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
         out = args.out or (gd.cache_path(storage_root, name, args.modality, g.weights_sha256, g.refs_sha256) if storage_root else None)
         if out is None:
             print("guidance build: --weights needs --out FILE", file=sys.stderr)
@@ -111,25 +110,28 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _configured(config_path: Path | None) -> list[tuple[str, Path]]:
+    """(label, cache file) for every guidance the config names, plus caches the node built under storage.root."""
+    config = config_or_exit(config_path)
+    found: list[tuple[str, Path]] = []
+    for name, model in config.models.items():
+        for modality, source in model.guidance.items():
+            if Path(source).is_file():
+                found.append((f"model {name}, modality {modality} (configured file)", Path(source)))
+    found += [(f"built by the node under {config.storage.root}", p) for p in gd.list_cached(Path(config.storage.root))]
+    return found
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    from dicomnode import guidance as gd
-
-    paths = list(args.paths)
-    if not paths:
-        if not args.config:
-            print("guidance show: give cache files or --config", file=sys.stderr)
-            return 2
-        from dicomnode.config import load_config
-
-        paths = gd.list_cached(Path(load_config(args.config).storage.root))
-        if not paths:
-            print("no guidance caches yet (dicomnode guidance build …, or start the node)")
-            return 0
+    entries = [(str(p), Path(p)) for p in args.paths] or _configured(args.config)
+    if not entries:
+        print("no guidance caches configured or built (dicomnode guidance build …, or start the node)")
+        return 0
     status = 0
-    for p in paths:
+    for label, p in entries:
         try:
             print(gd.describe(gd.load(p)))
-            print(f"  file: {p}")
+            print(f"  {label}: {p}")
         except gd.GuidanceError as exc:
             print(f"{p}: {exc}", file=sys.stderr)
             status = 1

@@ -18,49 +18,39 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from dicomnode.config import ConfigError, NodeConfig, load_config
-from dicomnode.spool import JOB_STATES, Spool
+from dicomnode.cli.common import EXIT_CONFIG, config_or_exit
+from dicomnode.config import NodeConfig
+from dicomnode.ledger import DeliveryState, JobState, Ledger
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser("serve", help="run the DICOM node (C-STORE in, enhanced series out)")
-    serve.add_argument("--config", required=True, type=Path, help="node configuration (YAML)")
+    serve.add_argument("--config", type=Path, default=None, help="node configuration (YAML; default: the embedded default)")
     serve.set_defaults(func=cmd_serve)
 
     status = subparsers.add_parser("status", help="jobs by state, pending/dead-letter deliveries, unmatched series")
-    status.add_argument("--config", required=True, type=Path, help="node configuration (YAML)")
+    status.add_argument("--config", type=Path, default=None, help="node configuration (YAML; default: the embedded default)")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--limit", type=int, default=20, help="rows to list per section (default 20)")
     status.set_defaults(func=cmd_status)
 
     resend = subparsers.add_parser("resend", help="move dead-lettered deliveries back to pending")
-    resend.add_argument("--config", required=True, type=Path, help="node configuration (YAML)")
+    resend.add_argument("--config", type=Path, default=None, help="node configuration (YAML; default: the embedded default)")
     which = resend.add_mutually_exclusive_group(required=True)
     which.add_argument("--job", type=int, help="only this job's dead letters")
     which.add_argument("--all-dead", action="store_true", help="every dead letter")
     resend.set_defaults(func=cmd_resend)
 
 
-def _load(path: Path) -> NodeConfig:
-    try:
-        return load_config(path)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
-    except OSError as exc:
-        print(f"error: cannot read config {path}: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
-
-
-def _open_spool(config: NodeConfig) -> Spool:
-    root = Path(config.storage.root)
-    if not (root / "ledger.sqlite3").exists():
-        print(f"error: no ledger at {root / 'ledger.sqlite3'} (has `dicomnode serve` run with this config?)",
-              file=sys.stderr)
+def _open_ledger(config: NodeConfig) -> Ledger:
+    """The node's ledger, read-only: status works beside a running node and never creates a spool."""
+    path = Path(config.storage.root) / "ledger.sqlite3"
+    if not path.exists():
+        print(f"error: no ledger at {path} (has `dicomnode serve` run with this config?)", file=sys.stderr)
         raise SystemExit(1)
-    return Spool(root)
+    return Ledger(path, readonly=True)
 
 
 def setup_logging(config: NodeConfig, verbose: int = 0) -> None:
@@ -88,13 +78,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Everything the node writes holds patient data: private to the service user (the ledger's
     # WAL files, derived objects, logs), whatever umask the shell had.
     os.umask(0o077)
-    config = _load(args.config)
+    config = config_or_exit(args.config)
     setup_logging(config, getattr(args, "verbose", 0))
     missing = config.missing_files()
     if missing:
         for key, reason in missing:
             log.error("%s: %s", key, reason)
-        return 2
+        return EXIT_CONFIG
     from dicomnode.security import TLSConfigError
     from dicomnode.server import Server  # heavy imports (torch via models) only for serve
     from dicomnode.spool import SpoolError
@@ -103,19 +93,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return Server(config).serve_forever()
     except (TLSConfigError, SpoolError) as exc:
         log.error("cannot start: %s", exc)
-        return 2
+        return EXIT_CONFIG
     except OSError as exc:  # e.g. the port is taken or needs privileges
         log.error("cannot start: listening on %s:%d failed: %s", config.node.host, config.node.port, exc)
         return 2
 
 
-def collect_status(spool: Spool, limit: int = 20) -> dict[str, Any]:
-    ledger = spool.ledger
+def collect_status(ledger: Ledger, limit: int = 20) -> dict[str, Any]:
     counts = ledger.counts()
-    jobs = {state: counts["jobs"].get(state, 0) for state in JOB_STATES}
-    pending = ledger.deliveries(state="pending")
-    dead = ledger.deliveries(state="dead_letter")
-    failed_jobs = ledger.jobs("failed")
+    jobs = {str(state): counts["jobs"].get(str(state), 0) for state in JobState}
+    pending = ledger.deliveries(state=DeliveryState.PENDING)
+    dead = ledger.deliveries(state=DeliveryState.DEAD_LETTER)
+    failed_jobs = ledger.jobs(JobState.FAILED)
     unmatched = ledger.unmatched_series()
 
     def delivery(d: Any) -> dict[str, Any]:
@@ -123,11 +112,11 @@ def collect_status(spool: Spool, limit: int = 20) -> dict[str, Any]:
                 "sop_file": Path(d.path).name, "next_attempt_at": d.next_attempt_at, "last_error": d.last_error}
 
     return {
-        "spool": str(spool.root),
+        "spool": str(ledger.path.parent),
         "jobs": jobs,
         "deliveries": {
             "pending": len(pending),
-            "sent": counts["deliveries"].get("sent", 0),
+            "sent": counts["deliveries"].get(str(DeliveryState.SENT), 0),
             "dead_letter": len(dead),
             "pending_by_destination": dict(Counter(d.destination for d in pending)),
             "dead_letter_by_destination": dict(Counter(d.destination for d in dead)),
@@ -139,8 +128,8 @@ def collect_status(spool: Spool, limit: int = 20) -> dict[str, Any]:
             for j in failed_jobs[-limit:]
         ],
         "unmatched_series": [
-            {"job": r["job_id"], "study_uid": r["study_uid"], "series_uid": r["series_uid"],
-             "calling_aet": r["calling_aet"], "action": r["action"]}
+            {"job": r.job_id, "study_uid": r.study_uid, "series_uid": r.series_uid, "calling_aet": r.calling_aet,
+             "action": r.action}
             for r in unmatched[-limit:]
         ],
         "unmatched_total": len(unmatched),
@@ -152,12 +141,12 @@ def _when(ts: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    spool = _open_spool(config)
+    config = config_or_exit(args.config)
+    ledger = _open_ledger(config)
     try:
-        info = collect_status(spool, args.limit)
+        info = collect_status(ledger, args.limit)
     finally:
-        spool.close()
+        ledger.close()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -190,15 +179,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    spool = _open_spool(config)
+    config = config_or_exit(args.config)
+    path = Path(config.storage.root) / "ledger.sqlite3"
+    if not path.exists():
+        print(f"error: no ledger at {path} (has `dicomnode serve` run with this config?)", file=sys.stderr)
+        return 1
+    ledger = Ledger(path)
     try:
-        if args.job is not None and spool.ledger.job(args.job) is None:
+        if args.job is not None and ledger.job(args.job) is None:
             print(f"error: no job {args.job} in the ledger", file=sys.stderr)
             return 1
-        count = spool.ledger.resend(args.job if not args.all_dead else None)
+        count = ledger.resend(args.job if not args.all_dead else None)
     finally:
-        spool.close()
+        ledger.close()
     scope = f"job {args.job}" if args.job is not None else "all jobs"
     print(f"{count} dead-lettered deliveries of {scope} back to pending; a running node sends them within seconds")
     return 0

@@ -9,18 +9,21 @@ from __future__ import annotations
 import argparse
 import importlib
 
-TRAINERS: dict[str, str] = {
-    "pretrain-g": "models.train.pretrain_g",
-    "hqgnet": "models.train.hqgnet",
-    "stillgan": "models.train.stillgan",
-    "lamegan": "models.train.lamegan",
-}
+from models.registry import MODELS
+
+
+def trainers() -> dict[str, str]:
+    """`dicomnode train` sub-command -> training module, from each model kind's ModelSpec."""
+    found: dict[str, str] = {}
+    for spec in MODELS.values():
+        found.update(spec.trainers)
+    return found
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train an enhancement model from image or DICOM folders")
     sub = parser.add_subparsers(dest="trainer", metavar="MODEL")
-    for name, module_name in TRAINERS.items():
+    for name, module_name in trainers().items():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.io import load_image, load_state_dict  # noqa: F401  (load_state_dict re-exported for trainers)
 from models.registry import card_path, sha256_file
 
 
@@ -201,12 +202,6 @@ def export_weights(path: Path, state_dict: Mapping[str, torch.Tensor], card: Map
     return full
 
 
-def load_state_dict(path: Path, map_location: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Load exported weights as fp32 tensors (shipped files may be fp16)."""
-    sd = torch.load(path, map_location=map_location, weights_only=True)
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
-
-
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -222,8 +217,6 @@ class Timer:
 
 def infer_channels(paths: Iterable[Path]) -> int:
     """3 when any of the first images is colour, else 1."""
-    from models.train.data import load_image
-
     for p in list(paths)[:4]:
         img = load_image(p, channels=3)
         if np.abs(img[..., 0] - img[..., 1]).max() > 1e-3 or np.abs(img[..., 1] - img[..., 2]).max() > 1e-3:

@@ -197,6 +197,13 @@ class DomainBatches:
         z, mz = hq.sample(self.rng, batch)
         return name, y, my, z, mz
 
+    def labeled_images(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of crops from every set and each crop's set index (domain-major: d0/hq, d0/lq, d1/hq, ...)."""
+        sets = [s for pair in self.sets.values() for s in pair]
+        picks = self.rng.integers(len(sets), size=batch)
+        images = torch.stack([sets[int(k)].sample(self.rng, 1)[0][0] for k in picks])
+        return images, torch.as_tensor(picks, dtype=torch.long)
+
     def any_images(self, batch: int) -> torch.Tensor:
         """A batch of crops from every set (LQ and HQ of all domains), for G's auto-encoder."""
         sets = [s for pair in self.sets.values() for s in pair]

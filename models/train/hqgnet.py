@@ -35,7 +35,7 @@ from models.hqgnet import (
     enhancement_loss,
 )
 from models.losses.gan import discriminator_loss
-from models.registry import ModelLoadError, read_card
+from models.registry import ModelCard, ModelLoadError, read_card
 from models.segmenter import SmallUNet, UNetConfig, segmentation_loss
 from models.train.common import (
     Checkpointer,
@@ -83,15 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, size=192, iterations=2000, batch_size=4, lr=1e-4)
 
 
-def load_pretrained_g(net: HQGNet, path: Path) -> dict[str, Any]:
+def load_pretrained_g(net: HQGNet, path: Path) -> ModelCard:
     """Load G weights exported by pretrain-g into ``net.g``; SystemExit naming any mismatch."""
     try:
         card = read_card(path)
     except ModelLoadError as exc:
         raise SystemExit(f"--g: {exc}") from None
-    if card.get("kind") != "hqgnet-g":
-        raise SystemExit(f"--g: {path} is a {card.get('kind')!r} model, not G weights from `dicomnode train pretrain-g`")
-    theirs = HQGNetConfig.from_dict(card["config"]).g_signature()
+    if card.kind != "hqgnet-g":
+        raise SystemExit(f"--g: {path} is a {card.kind!r} model, not G weights from `dicomnode train pretrain-g`")
+    theirs = HQGNetConfig.from_dict(dict(card.config)).g_signature()
     ours = net.cfg.g_signature()
     if theirs != ours:
         diff = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
@@ -114,8 +114,9 @@ def init_from_torchvision(backbone: torch.nn.Module, path: Path, flag: str) -> N
 
 
 def resumed_config(path: Path, preset: HQGNetConfig) -> HQGNetConfig:
-    """The architecture a checkpoint was trained with, so --resume continues that network even when the
-    preset changed since (checkpoints from before configs were stored lack the decoder normalisation)."""
+    """The architecture a checkpoint was trained with (stored in it), so --resume continues that network
+    even when the preset changed since. Checkpoints that stored none predate the decoder normalisation
+    and the affine head: they are read the way the registry's card filter reads old cards."""
     if not path.is_file():
         return preset  # Checkpointer.load reports the missing checkpoint
     state = torch.load(path, map_location="cpu", weights_only=False)
@@ -123,8 +124,7 @@ def resumed_config(path: Path, preset: HQGNetConfig) -> HQGNetConfig:
     if stored:
         cfg = HQGNetConfig.from_dict(dict(stored))
     else:
-        keys = state.get("modules", {}).get("net", {})
-        cfg = replace(preset, norm="group" if any(k.startswith("gen.post.") for k in keys) else "none")
+        cfg = replace(preset, norm="none", head="image")
     if cfg != preset:
         log.warning("--resume: continuing the architecture stored in %s (%s), not the current %r preset", path, cfg.to_dict(), preset.name)
     return cfg
@@ -333,11 +333,12 @@ def main(args: argparse.Namespace) -> int:
         "config": cfg.to_dict(),
         "channels": channels,
         "size": args.size,
-        **({"working_max_side": int(source.manifest["max_side"])} if isinstance(source, _Manifest) else {}),
+        **({"working_max_side": int(source.manifest["max_side"]), "fov": bool(source.manifest.get("fov", False))}
+           if isinstance(source, _Manifest) else {}),
         "modality": args.modality,
         "training_data": {
             **source.description,
-            "g_weights": {"path": str(args.g), "sha256": g_card["weights_sha256"]} if g_card else None,
+            "g_weights": {"path": str(args.g), "sha256": g_card.weights_sha256} if g_card else None,
             "encoder_init": str(args.encoder_weights) if args.encoder_weights else None,
         },
         "loss_weights": {"lambda1": weights.lambda1, "lambda2": weights.lambda2, **({"lambda3": weights.lambda3} if bilevel else {})},

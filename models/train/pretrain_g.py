@@ -75,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lq", type=Path, default=None, help="folder of low-quality images or DICOM files (mixed in for robustness)")
     parser.add_argument("--manifest", type=Path, default=None, help="instead of --hq/--lq: a training manifest (models.train.data.read_manifest); "
                         "crops of every domain's HQ and LQ images at the working scale")
+    parser.add_argument("--aux-weight", type=float, default=0.0,
+                        help="with --manifest: weight of an auxiliary linear classifier on v_z that names each crop's "
+                             "(modality, HQ/LQ) set, so the embedding separates them (0 = the paper's plain auto-encoder)")
     parser.add_argument("--probe-manifest", type=Path, default=None,
                         help="a manifest of images G is not trained on: nearest-centroid accuracy of its embedding for modality and "
                              "HQ-vs-LQ is measured on them and written into the card")
@@ -99,9 +102,10 @@ def main(args: argparse.Namespace) -> int:
         channels = int(manifest["channels"])
         description = {"manifest": str(args.manifest), "max_side": int(manifest["max_side"]), "domains": domains.counts()}
         val = domains.any_images(4)
+        class_names = [f"{d}/{role}" for d in domains.sets for role in ("hq", "lq")]
 
-        def next_batch() -> Tensor:
-            return domains.any_images(args.batch_size)
+        def next_batch() -> tuple[Tensor, Tensor | None]:
+            return domains.labeled_images(args.batch_size)
     else:
         if args.hq is None or args.lq is None:
             raise SystemExit("give --hq and --lq folders, or --manifest")
@@ -115,8 +119,10 @@ def main(args: argparse.Namespace) -> int:
         batches = infinite(data, args.batch_size, seed=args.seed)
         description = {"hq": dataset_description(args.hq, len(hq_paths)), "lq": dataset_description(args.lq, len(lq_paths))}
 
-        def next_batch() -> Tensor:
-            return next(batches)
+        class_names = []
+
+        def next_batch() -> tuple[Tensor, Tensor | None]:
+            return next(batches), None
     cfg = config_by_name(args.config, channels)
 
     ae = GuidanceAutoEncoder(cfg, args.size)
@@ -125,13 +131,15 @@ def main(args: argparse.Namespace) -> int:
 
         init_from_torchvision(ae.g.backbone, args.init_weights, "--init-weights")
     ae = ae.to(device)
-    opt = torch.optim.Adam(ae.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    aux = torch.nn.Linear(cfg.guidance_dim, len(class_names)).to(device) if args.aux_weight > 0 and class_names else None
+    opt = torch.optim.Adam(list(ae.parameters()) + (list(aux.parameters()) if aux is not None else []),
+                           lr=args.lr, betas=(0.9, 0.999))
     prec = Precision(device, args.amp)
     ckpt = Checkpointer(args.out)
     losslog = LossLog(args.out / "log.csv")
     step = 0
     if args.resume:
-        step, _ = ckpt.load({"ae": ae}, {"opt": opt})
+        step, extra = _resume(ckpt, ae, aux, opt)
     log.info("pretrain-g: %s config, %d channel(s), %s, %.2f M params, %s", cfg.name, channels, description, count_parameters(ae.g) / 1e6, device)
 
     timer = Timer()
@@ -141,10 +149,15 @@ def main(args: argparse.Namespace) -> int:
     ae.train()
     with tqdm(total=args.iterations, initial=step, desc="pretrain-g", unit="step", disable=None) as bar:
         while step < args.iterations:
-            x = next_batch().to(device, non_blocking=True)
+            x, labels = next_batch()
+            x = x.to(device, non_blocking=True)
             with prec.autocast():
-                recon = ae(x)
+                v_z = ae.g(x)
+                recon = ae.decoder(v_z)
             losses = reconstruction_loss(recon, x)
+            if aux is not None and labels is not None:
+                losses["aux"] = F.cross_entropy(aux(v_z.float()), labels.to(device))
+                losses["loss"] = losses["loss"] + args.aux_weight * losses["aux"]
             prec.step(losses["loss"], opt)
             step += 1
             values = {k: float(v.detach()) for k, v in losses.items()}
@@ -159,7 +172,8 @@ def main(args: argparse.Namespace) -> int:
                     save_sample_grid(args.out / "samples" / f"step_{step:06d}.png", [val, ae(val.to(device)).cpu()], ["input", "reconstruction"])
                 ae.train()
             if step % args.checkpoint_every == 0 or step == args.iterations:
-                ckpt.save(step, {"ae": ae}, {"opt": opt})
+                ckpt.save(step, {"ae": ae, **({"aux": aux} if aux is not None else {})}, {"opt": opt},
+                          extra={"aux": aux is not None})
 
     final = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
     probe = None
@@ -183,6 +197,7 @@ def main(args: argparse.Namespace) -> int:
         "hardware": hardware_description(device),
         "final_losses": final,
         "probe": probe,
+        "aux_classifier": {"weight": args.aux_weight, "classes": class_names} if aux is not None else None,
         "command": " ".join(sys.argv),
     }
     path = args.out / f"{name}.pt"
@@ -190,6 +205,17 @@ def main(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k} {v:.4f}" for k, v in final.items())
     print(f"pretrain-g: {step} steps in {timer.seconds:.0f} s; last-50 mean {summary}; G weights -> {path}")
     return 0
+
+
+def _resume(ckpt: Checkpointer, ae: GuidanceAutoEncoder, aux: torch.nn.Module | None, opt: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Continue a run; a plain auto-encoder checkpoint may continue with the auxiliary classifier added
+    (its optimiser restarts then, since the parameter set changed)."""
+    state = torch.load(ckpt.path, map_location="cpu", weights_only=False) if ckpt.path.is_file() else None
+    if state is not None and aux is not None and "aux" not in state["modules"]:
+        ae.load_state_dict(state["modules"]["ae"])
+        log.info("pretrain-g: continuing the auto-encoder of %s with the auxiliary classifier from step %d", ckpt.path, state["step"])
+        return int(state["step"]), {}
+    return ckpt.load({"ae": ae, **({"aux": aux} if aux is not None else {})}, {"opt": opt})
 
 
 @torch.no_grad()

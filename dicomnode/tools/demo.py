@@ -1,7 +1,7 @@
 """`dicomnode demo`: the whole node, end to end, on images that ship inside the installed packages.
 
-It starts the node in this process (temporary storage, a free port, the shipped models and
-rules of ``deploy/config/default.yaml``), builds sample studies at run time (scikit-image's retina
+It starts the node in this process (temporary storage, a free port, the models and rules of the
+embedded default configuration, or of ``--config``), builds sample studies at run time (scikit-image's retina
 photograph as OP, pydicom's bundled CT and MR files, a synthetic corneal confocal image drawn with
 numpy), sends them over real DICOM (pynetdicom C-STORE), waits for the enhanced Secondary Capture
 series to arrive in the results folder, and writes an HTML page with before/after images and
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import logging
+import socket
 import shutil
 import tempfile
 import time
@@ -23,8 +24,22 @@ from typing import Any
 
 import numpy as np
 import pydicom
+import yaml
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pynetdicom import AE
+from scipy.ndimage import gaussian_filter, zoom
+from skimage import data as skdata
+from skimage.io import imsave
+from skimage.transform import resize
+from tqdm import tqdm
+
+from dicomnode.config import DEFAULT_CONFIG, NodeConfig, parse_config
+from dicomnode.imaging import iter_frames, pixel_info
+from dicomnode.ledger import JobState
+from dicomnode.server import Server, ServerOptions
+from models import metrics as M
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +83,6 @@ def synthetic_ccm(size: int = 384, seed: int = 0) -> np.ndarray:
         d = np.abs(u - offset - amp * np.sin(freq * v + phase))
         img += rng.uniform(0.5, 0.9) * np.exp(-(d**2) / (2 * width**2))
     cells = rng.random((size // 8, size // 8)).astype(np.float32)
-    from scipy.ndimage import gaussian_filter, zoom
-
     img += 0.12 * gaussian_filter(zoom(cells, 8, order=1), 2.0)  # epithelial texture
     r2 = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (size / 2) ** 2
     img *= np.exp(-0.9 * r2)  # vignetting
@@ -80,9 +93,6 @@ def synthetic_ccm(size: int = 384, seed: int = 0) -> np.ndarray:
 
 def degraded_retina(size: int = 512) -> np.ndarray:
     """scikit-image's retina photograph, downscaled, darkened and unevenly lit (a poor acquisition)."""
-    from skimage import data as skdata
-    from skimage.transform import resize
-
     img = resize(skdata.retina().astype(np.float32) / 255.0, (size, size, 3), anti_aliasing=True).astype(np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     light = 0.2 + 0.8 * np.exp(-(((xx - 0.3) ** 2 + (yy - 0.3) ** 2) / 0.08))  # uneven illumination
@@ -132,8 +142,6 @@ def _write(ds: Dataset, path: Path) -> Path:
 
 def build_samples(folder: Path) -> list[Sample]:
     """Write the sample series into ``folder``; one study, one series per sample."""
-    from pydicom.data import get_testdata_file
-
     study = generate_uid()
     samples: list[Sample] = []
 
@@ -172,54 +180,20 @@ def build_samples(folder: Path) -> list[Sample]:
 # --------------------------------------------------------------------------------------------
 # the node, the sender, the page
 
-REPO_DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "config" / "default.yaml"
-
-
-def _shipped_weights_dir() -> Path:
-    import models
-
-    return Path(models.__file__).resolve().parent / "weights"
-
-
-def builtin_config_data() -> dict[str, Any]:
-    """The default rules with the shipped models, for installs without the repository's deploy/ folder."""
-    w = _shipped_weights_dir()
-    return {
-        "models": {
-            "hqgnet-color": {"kind": "hqgnet", "weights": str(w / "hqgnet-color.pt")},
-            "hqgnet-ccm": {"kind": "hqgnet", "weights": str(w / "hqgnet-ccm.pt")},
-        },
-        "rules": [
-            {"name": "ccm", "match": {"SeriesDescription": {"regex": "(?i).*(confocal|CCM|cornea).*"}}, "model": "hqgnet-ccm"},
-            {"name": "fundus-photography", "match": {"Modality": "OP"}, "model": "hqgnet-color"},
-            {"name": "endoscopy-photos", "match": {"Modality": ["ES", "XC"]}, "model": "hqgnet-color"},
-        ],
-    }
-
-
-def demo_config(config_path: Path | None, storage: Path, results: Path, port: int) -> Any:
-    """The models and rules of ``config_path`` (default: deploy/config/default.yaml, else the built-in
-    equivalent) with demo plumbing: loopback, ``port``, temporary storage, one results folder."""
-    import yaml
-
-    from dicomnode.config import parse_config
-
-    path = config_path or (REPO_DEFAULT_CONFIG if REPO_DEFAULT_CONFIG.is_file() else None)
-    if path is not None:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        base = Path(path).resolve().parent
-    else:
-        data, base = builtin_config_data(), Path.cwd()
-    rules = []
-    for rule in data.get("rules") or []:
-        rules.append({**rule, "destinations": ["results"]})
+def demo_config(config_path: Path | None, storage: Path, results: Path, port: int) -> NodeConfig:
+    """The models and rules of ``config_path`` (default: the embedded default) with demo plumbing:
+    loopback, ``port``, temporary storage, one results folder. ``storage`` and ``results`` are absolute."""
+    source = config_path or DEFAULT_CONFIG
+    data = yaml.safe_load(Path(source).read_text()) or {}
+    base = Path(config_path).resolve().parent if config_path else Path.cwd()
+    rules = [{**rule, "destinations": ["results"]} for rule in data.get("rules") or []]
     node = dict(data.get("node") or {})
     node.update({"ae_title": node.get("ae_title", "DICOMNODE"), "host": "127.0.0.1", "port": port,
                  "series_quiet_seconds": 1.0, "allowed_calling_aets": [], "tls": None})
     demo = {
         "node": node,
-        "storage": {"root": str(storage)},
-        "destinations": {"results": {"folder": str(results)}},
+        "storage": {"root": str(Path(storage).resolve())},
+        "destinations": {"results": {"folder": str(Path(results).resolve())}},
         "models": data.get("models") or {},
         "rules": rules,
         "unmatched": {"action": "ignore", "destinations": []},
@@ -230,8 +204,6 @@ def demo_config(config_path: Path | None, storage: Path, results: Path, port: in
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -239,8 +211,6 @@ def free_port() -> int:
 
 def send(files: Sequence[Path], host: str, port: int, called_ae: str, calling_ae: str = DEMO_AE) -> list[int]:
     """C-STORE ``files`` over one association; returns the status of each (-1: no response)."""
-    from pynetdicom import AE
-
     datasets = [pydicom.dcmread(f) for f in files]
     ae = AE(ae_title=calling_ae)
     for sop in sorted({str(ds.SOPClassUID) for ds in datasets}):
@@ -286,15 +256,13 @@ class DemoResult:
 
 
 def _frame(path: Path) -> np.ndarray:
-    from models.train.data import _dicom_frames
-
-    return _dicom_frames(path)[0]
+    """The first frame as the node sees it (the same decoding as enhancement)."""
+    ds = pydicom.dcmread(path)
+    frame, _voi = next(iter_frames(ds, pixel_info(ds)))
+    return frame
 
 
 def _png(img: np.ndarray, path: Path, max_side: int = 512) -> str:
-    from skimage.io import imsave
-    from skimage.transform import resize
-
     h, w = img.shape[:2]
     scale = max_side / max(h, w)
     if scale < 1:
@@ -305,9 +273,7 @@ def _png(img: np.ndarray, path: Path, max_side: int = 512) -> str:
 
 
 def image_metrics(img: np.ndarray, reference: np.ndarray | None = None) -> dict[str, float]:
-    """No-reference quality (D's metrics) and, against ``reference`` (the input), structure kept."""
-    from models import metrics as M
-
+    """No-reference quality and, against ``reference`` (the input), structure kept."""
     measures: dict[str, Callable[[], float]] = {
         "NIQE ↓": lambda: M.niqe(img), "AG ↑": lambda: M.average_gradient(img), "EN ↑": lambda: M.entropy(img),
         "illumination ↓": lambda: M.illumination_uniformity(img),
@@ -335,8 +301,8 @@ def _wait(server: Any, n_series: int, expected_outputs: int, results: Path, time
         if outputs > seen:
             progress(outputs - seen)
             seen = outputs
-        finished = [s for s in states.values() if s in ("done", "failed")]
-        if len(finished) >= n_series and (outputs >= expected_outputs or any(s == "failed" for s in states.values())):
+        finished = [s for s in states.values() if s in (JobState.DONE, JobState.FAILED, JobState.GATED)]
+        if len(finished) >= n_series and (outputs >= expected_outputs or any(s != JobState.DONE for s in finished)):
             return states
         time.sleep(0.25)
     raise TimeoutError(f"the node did not finish within {timeout:.0f} s (jobs: {states}, outputs {outputs}/{expected_outputs})")
@@ -344,12 +310,8 @@ def _wait(server: Any, n_series: int, expected_outputs: int, results: Path, time
 
 def run_demo(out: Path, *, config_path: Path | None = None, timeout: float = 600.0, show_progress: bool = True) -> DemoResult:
     """Start the node, send the samples, wait for the enhanced series, write ``out/index.html``."""
-    from tqdm import tqdm
-
-    from dicomnode.server import Server, ServerOptions
-
     t0 = time.perf_counter()
-    out = Path(out)
+    out = Path(out).resolve()  # relative to where the command runs, never to the config's folder
     out.mkdir(parents=True, exist_ok=True)
     results = out / "dicom"
     if results.exists():

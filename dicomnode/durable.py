@@ -1,0 +1,89 @@
+"""Durable writes: a file is either absent or complete, and stays so across a crash or a power cut.
+
+Every stage that hands a file to the next (receive -> spool, enhance -> outgoing, dispatch -> a
+folder destination, guidance caches) writes through here: a temporary name in the same folder,
+fsync of the data, an atomic rename, then fsync of the folder so the rename itself is on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+__all__ = ["DIR_MODE", "FILE_MODE", "copy_file", "fsync_dir", "fsync_file", "make_dir", "move", "write_bytes", "write_with"]
+
+
+def make_dir(path: Path, mode: int = DIR_MODE) -> Path:
+    path.mkdir(mode=mode, parents=True, exist_ok=True)
+    return path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames and new entries in ``folder`` durable (POSIX: the entry lives in the directory)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories; nothing more can be done there
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_with(path: Path, writer: Callable[[BinaryIO], None], mode: int = FILE_MODE) -> Path:
+    """Write ``path`` by calling ``writer(fh)`` on a temporary file, then fsync, rename and fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_bytes(path: Path, data: bytes | memoryview, mode: int = FILE_MODE) -> Path:
+    return write_with(path, lambda fh: fh.write(data), mode)
+
+
+def copy_file(src: Path, dst: Path, mode: int = FILE_MODE) -> Path:
+    """Copy ``src`` to ``dst`` durably (streamed, never read whole)."""
+    def writer(fh: BinaryIO) -> None:
+        with open(src, "rb") as source:
+            shutil.copyfileobj(source, fh, 1 << 20)
+
+    return write_with(dst, writer, mode)
+
+
+def move(src: Path, dst: Path, mode: int | None = FILE_MODE) -> Path:
+    """Rename ``src`` to ``dst`` (same file system) and make both folders' entries durable."""
+    os.replace(src, dst)
+    if mode is not None:
+        os.chmod(dst, mode)
+    fsync_dir(Path(dst).parent)
+    if Path(src).parent != Path(dst).parent:
+        fsync_dir(Path(src).parent)
+    return Path(dst)

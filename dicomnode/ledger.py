@@ -1,0 +1,589 @@
+"""The SQLite ledger: every state change of instances, jobs and deliveries; the only module with SQL.
+
+The ledger is the single source of truth for a restart: whatever it says is unfinished (a job not
+processed, an output not delivered) is picked up again by the next ``serve``.
+
+Job states (:class:`JobState`): ``collecting`` (instances still arriving) -> ``complete`` (series
+quiet) -> ``processing`` -> ``derived`` (outputs recorded, deliveries pending) -> ``done`` | ``failed``
+| ``gated`` (outputs held back by the quality gate). Delivery states (:class:`DeliveryState`):
+``pending`` -> ``sent`` | ``dead_letter`` (``resend`` puts them back to pending).
+
+A job is one series of one patient in one study: (patient key, StudyInstanceUID, SeriesInstanceUID).
+The patient key is a hash of the PatientID, so the ledger holds no patient identifier; a faulty
+modality that reuses a series UID for two patients gets two jobs, never one merged series.
+
+SQLite runs in WAL mode with one connection per thread, so the SCP threads, the workers and the
+dispatcher never share a connection; write transactions are short and ``BEGIN IMMEDIATE`` so two
+writers queue instead of failing half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dicomnode.durable import FILE_MODE
+
+__all__ = [
+    "DeliveryRecord",
+    "DeliveryState",
+    "InstanceRecord",
+    "JobRecord",
+    "JobState",
+    "Ledger",
+    "LedgerError",
+    "SeriesKey",
+    "UnmatchedRecord",
+]
+
+
+class JobState(StrEnum):
+    COLLECTING = "collecting"
+    COMPLETE = "complete"
+    PROCESSING = "processing"
+    DERIVED = "derived"
+    DONE = "done"
+    FAILED = "failed"
+    GATED = "gated"
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEAD_LETTER = "dead_letter"
+
+
+class LedgerError(RuntimeError):
+    """The ledger cannot be used (not writable, corrupt)."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    calling_aet TEXT NOT NULL DEFAULT '',
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_received_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    action TEXT,
+    rule TEXT,
+    model TEXT,
+    error TEXT,
+    follow_up_of INTEGER,
+    purged INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_series ON jobs(series_uid, state);
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    series_uid TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    routed TEXT,
+    UNIQUE(job_id, sop_uid)
+);
+CREATE TABLE IF NOT EXISTS outputs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    path TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    UNIQUE(job_id, path)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    output_id INTEGER NOT NULL REFERENCES outputs(id),
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    UNIQUE(output_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS unmatched (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    calling_aet TEXT NOT NULL,
+    action TEXT NOT NULL,
+    recorded_at REAL NOT NULL
+);
+"""
+# Columns added after the first release: (table, column, declaration). Added on open when missing.
+_MIGRATIONS: tuple[tuple[str, str, str], ...] = (
+    ("jobs", "patient_key", "TEXT NOT NULL DEFAULT ''"),
+    ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "details", "TEXT"),
+    ("deliveries", "sending_since", "REAL"),
+)
+
+
+@dataclass(frozen=True)
+class SeriesKey:
+    """What makes a series one job: the patient (a hash of PatientID), the study and the series UID."""
+
+    patient_key: str
+    study_uid: str
+    series_uid: str
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    id: int
+    job_id: int
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    path: Path
+    size: int
+    received_at: float
+    routed: str | None
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    series_uid: str
+    study_uid: str
+    calling_aet: str
+    state: JobState
+    created_at: float
+    last_received_at: float
+    updated_at: float
+    action: str | None
+    rule: str | None
+    model: str | None
+    error: str | None
+    follow_up_of: int | None
+    purged: int = 0
+    patient_key: str = ""
+    attempts: int = 0
+    details: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryRecord:
+    id: int
+    output_id: int
+    job_id: int
+    destination: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+    path: Path
+    sending_since: float | None = None
+
+
+@dataclass(frozen=True)
+class UnmatchedRecord:
+    job_id: int
+    series_uid: str
+    study_uid: str
+    calling_aet: str
+    action: str
+    recorded_at: float
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    d = dict(row)
+    d["state"] = JobState(d["state"])
+    d["details"] = json.loads(d["details"]) if d.get("details") else None
+    return JobRecord(**d)
+
+
+def _delivery(row: sqlite3.Row) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=row["id"], output_id=row["output_id"], job_id=row["job_id"], destination=row["destination"],
+        state=DeliveryState(row["state"]), attempts=row["attempts"], next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"], path=Path(row["path"]), sending_since=row["sending_since"],
+    )
+
+
+def _instance(row: sqlite3.Row) -> InstanceRecord:
+    return InstanceRecord(**{**dict(row), "path": Path(row["path"])})
+
+
+class Ledger:
+    """SQLite ledger, one connection per thread (sqlite3 connections are not shareable).
+
+    ``readonly`` opens an existing ledger for inspection (status, tests) without taking write locks.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.readonly = readonly
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._all: list[sqlite3.Connection] = []
+        if readonly:
+            if not self.path.is_file():
+                raise LedgerError(f"no ledger at {self.path}")
+            self._conn()
+            return
+        new = not self.path.exists()
+        db = self._conn()
+        if new:
+            os.chmod(self.path, FILE_MODE)
+        try:
+            db.executescript(_SCHEMA)
+            self._migrate(db)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"ledger {self.path} cannot be used: {exc}") from exc
+
+    @staticmethod
+    def _migrate(db: sqlite3.Connection) -> None:
+        for table, column, declaration in _MIGRATIONS:
+            have = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+    def _conn(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            try:
+                if self.readonly:
+                    db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30.0,
+                                         isolation_level=None, check_same_thread=False)
+                else:
+                    db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.execute("PRAGMA foreign_keys=ON")
+            except sqlite3.DatabaseError as exc:
+                raise LedgerError(f"ledger {self.path} cannot be opened: {exc}") from exc
+            db.row_factory = sqlite3.Row
+            self._local.db = db
+            with self._lock:
+                self._all.append(db)
+        return db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction taken up front (BEGIN IMMEDIATE): commit on success, roll back on error."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        else:
+            db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if self.readonly and "no such table" in str(exc):
+                return []  # a node that has not created its schema yet: nothing to show
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            for db in self._all:
+                try:
+                    db.close()
+                except sqlite3.ProgrammingError:
+                    pass  # created in another thread that already ended
+            self._all.clear()
+        self._local = threading.local()
+
+    # -- receive -----------------------------------------------------------------------------
+    def add_instance(
+        self, key: SeriesKey, *, sop_uid: str, sop_class_uid: str, calling_aet: str, size: int,
+        place: Callable[[int], Path], now: float | None = None,
+    ) -> tuple[int, Path]:
+        """Record one received instance in its series' collecting job; returns (job id, final path).
+
+        ``place(job_id)`` moves the landed file into the job's folder and returns its path; it runs
+        inside the transaction, so the row and the file agree. A SOPInstanceUID already in the open
+        job replaces the earlier copy. Instances arriving once the series' job has moved on start (or
+        join) a follow-up job for that series.
+        """
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE series_uid=? AND study_uid=? AND patient_key=? AND state=?"
+                " ORDER BY id DESC LIMIT 1",
+                (key.series_uid, key.study_uid, key.patient_key, JobState.COLLECTING),
+            ).fetchone()
+            if row is None:
+                prev = db.execute(
+                    "SELECT MAX(id) FROM jobs WHERE series_uid=? AND study_uid=? AND patient_key=?",
+                    (key.series_uid, key.study_uid, key.patient_key),
+                ).fetchone()[0]
+                job_id = db.execute(
+                    "INSERT INTO jobs(series_uid, study_uid, patient_key, calling_aet, state, created_at,"
+                    " last_received_at, updated_at, follow_up_of) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (key.series_uid, key.study_uid, key.patient_key, calling_aet, JobState.COLLECTING, now, now, now, prev),
+                ).lastrowid
+            else:
+                job_id = row[0]
+                db.execute("UPDATE jobs SET last_received_at=?, updated_at=? WHERE id=?", (now, now, job_id))
+            final = place(int(job_id))
+            db.execute(
+                "INSERT INTO instances(job_id, series_uid, sop_uid, sop_class_uid, path, size, received_at)"
+                " VALUES (?,?,?,?,?,?,?) ON CONFLICT(job_id, sop_uid) DO UPDATE SET"
+                " sop_class_uid=excluded.sop_class_uid, path=excluded.path, size=excluded.size,"
+                " received_at=excluded.received_at",
+                (job_id, key.series_uid, sop_uid, sop_class_uid, str(final), size, now),
+            )
+        return int(job_id), final
+
+    def series_conflicts(self, key: SeriesKey) -> list[int]:
+        """Jobs with this series UID but another patient or study (a faulty UID generator)."""
+        return [r[0] for r in self._query(
+            "SELECT id FROM jobs WHERE series_uid=? AND (study_uid!=? OR patient_key!=?) ORDER BY id",
+            (key.series_uid, key.study_uid, key.patient_key))]
+
+    # -- jobs --------------------------------------------------------------------------------
+    def job(self, job_id: int) -> JobRecord | None:
+        rows = self._query("SELECT * FROM jobs WHERE id=?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(self, state: JobState | str | None = None, *, limit: int | None = None, newest_first: bool = False) -> list[JobRecord]:
+        sql = "SELECT * FROM jobs" + (" WHERE state=?" if state is not None else "")
+        sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = self._query(sql, (str(state),) if state is not None else ())
+        return [_job(r) for r in rows]
+
+    def instances(self, job_id: int) -> list[InstanceRecord]:
+        return [_instance(r) for r in self._query("SELECT * FROM instances WHERE job_id=? ORDER BY id", (job_id,))]
+
+    def all_instances(self) -> list[InstanceRecord]:
+        return [_instance(r) for r in self._query("SELECT * FROM instances ORDER BY id")]
+
+    def complete_quiet_jobs(self, quiet_seconds: float, now: float | None = None) -> list[int]:
+        """collecting -> complete for every series without a new instance for ``quiet_seconds``."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM jobs WHERE state=? AND last_received_at <= ? ORDER BY id",
+                (JobState.COLLECTING, now - quiet_seconds))]
+            for job_id in ids:
+                db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=?", (JobState.COMPLETE, now, job_id))
+        return ids
+
+    def claim_job(self) -> JobRecord | None:
+        """complete -> processing for the oldest complete job (attempts + 1); None when there is none.
+
+        The state check inside the write transaction means two workers never claim one job.
+        """
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (JobState.COMPLETE,)).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET state=?, attempts=attempts+1, updated_at=? WHERE id=?",
+                       (JobState.PROCESSING, now, row["id"]))
+        job = _job(row)
+        return JobRecord(**{**job.__dict__, "state": JobState.PROCESSING, "updated_at": now, "attempts": job.attempts + 1})
+
+    def finish_job(self, job_id: int, state: JobState, *, action: str | None = None, rule: str | None = None,
+                   model: str | None = None, error: str | None = None, details: dict[str, Any] | None = None,
+                   outputs: Sequence[Path] = (), output_kind: str = "derived", destinations: Sequence[str] = (),
+                   routed: tuple[Iterable[int], Iterable[int]] | None = None) -> int:
+        """One transition for a processed job: routing marks, outputs with their pending deliveries, new state.
+
+        Re-recording the same outputs (a job redone after a crash) keeps the rows that exist, so a
+        delivery already sent is not sent again. Returns the number of deliveries created.
+        """
+        now = time.time()
+        created = 0
+        with self._transaction() as db:
+            if routed is not None:
+                matched, unmatched = routed
+                db.executemany("UPDATE instances SET routed='matched' WHERE id=?", [(i,) for i in matched])
+                db.executemany("UPDATE instances SET routed='not_matched' WHERE id=?", [(i,) for i in unmatched])
+            for path in outputs:
+                db.execute("INSERT OR IGNORE INTO outputs(job_id, path, kind) VALUES (?,?,?)", (job_id, str(path), output_kind))
+                output_id = db.execute("SELECT id FROM outputs WHERE job_id=? AND path=?", (job_id, str(path))).fetchone()[0]
+                for dest in destinations:
+                    cur = db.execute(
+                        "INSERT OR IGNORE INTO deliveries(output_id, job_id, destination, state, attempts,"
+                        " next_attempt_at, updated_at) VALUES (?,?,?,?,0,?,?)",
+                        (output_id, job_id, dest, DeliveryState.PENDING, now, now),
+                    )
+                    created += cur.rowcount
+            db.execute(
+                "UPDATE jobs SET state=?, action=?, rule=?, model=?, error=?, details=?, updated_at=? WHERE id=?",
+                (JobState(state), action, rule, model, error, json.dumps(details) if details else None, now, job_id),
+            )
+        return created
+
+    def set_job_state(self, job_id: int, state: JobState, *, error: str | None = None) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET state=?, error=?, updated_at=? WHERE id=?", (JobState(state), error, time.time(), job_id))
+
+    def record_unmatched(self, job: JobRecord, action: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO unmatched(job_id, series_uid, study_uid, calling_aet, action, recorded_at)"
+                " VALUES (?,?,?,?,?,?)",
+                (job.id, job.series_uid, job.study_uid, job.calling_aet, action, time.time()),
+            )
+
+    def outputs(self, job_id: int) -> list[Path]:
+        return [Path(r[0]) for r in self._query("SELECT path FROM outputs WHERE job_id=? ORDER BY id", (job_id,))]
+
+    def reprocess(self, job_id: int) -> bool:
+        """A finished job (done, failed, gated) back to ``complete`` with its attempts reset; False if not finished."""
+        with self._transaction() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state=?, attempts=0, error=NULL, updated_at=? WHERE id=? AND state IN (?,?,?)",
+                (JobState.COMPLETE, time.time(), job_id, JobState.DONE, JobState.FAILED, JobState.GATED))
+            return cur.rowcount == 1
+
+    # -- deliveries --------------------------------------------------------------------------
+    def due_deliveries(self, now: float | None = None, limit: int = 50, destination: str | None = None) -> list[DeliveryRecord]:
+        """Pending deliveries whose next attempt is due (one destination's, or all grouped by destination)."""
+        now = time.time() if now is None else now
+        sql = ("SELECT d.*, o.path AS path FROM deliveries d JOIN outputs o ON o.id = d.output_id"
+               " WHERE d.state=? AND d.next_attempt_at <= ?")
+        params: list[object] = [DeliveryState.PENDING, now]
+        if destination is not None:
+            sql += " AND d.destination=?"
+            params.append(destination)
+        rows = self._query(sql + " ORDER BY d.destination, d.id LIMIT ?", (*params, limit))
+        return [_delivery(r) for r in rows]
+
+    def deliveries(self, job_id: int | None = None, state: DeliveryState | str | None = None) -> list[DeliveryRecord]:
+        sql = "SELECT d.*, o.path AS path FROM deliveries d JOIN outputs o ON o.id = d.output_id WHERE 1=1"
+        params: list[object] = []
+        if job_id is not None:
+            sql += " AND d.job_id=?"
+            params.append(job_id)
+        if state is not None:
+            sql += " AND d.state=?"
+            params.append(str(state))
+        return [_delivery(r) for r in self._query(sql + " ORDER BY d.id", params)]
+
+    def next_due_at(self, destination: str | None = None) -> float | None:
+        sql = "SELECT MIN(next_attempt_at) FROM deliveries WHERE state=?"
+        params: list[object] = [DeliveryState.PENDING]
+        if destination is not None:
+            sql += " AND destination=?"
+            params.append(destination)
+        row = self._query(sql, params)
+        return row[0][0] if row else None
+
+    def mark_sending(self, delivery_ids: Sequence[int], since: float | None = None) -> None:
+        """Note that a batch is on its way (shown by status; cleared by mark_sent/mark_failed)."""
+        since = time.time() if since is None else since
+        with self._transaction() as db:
+            db.executemany("UPDATE deliveries SET sending_since=? WHERE id=?", [(since, d) for d in delivery_ids])
+
+    def mark_sent(self, delivery_ids: Sequence[int]) -> None:
+        now = time.time()
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE deliveries SET state=?, attempts=attempts+1, last_error=NULL, sending_since=NULL, updated_at=?"
+                " WHERE id=?", [(DeliveryState.SENT, now, d) for d in delivery_ids])
+
+    def mark_failed(self, delivery_id: int, error: str, *, max_attempts: int, retry_in: float) -> DeliveryState:
+        """One failed attempt: back to pending after ``retry_in`` s, or dead_letter at ``max_attempts``."""
+        now = time.time()
+        with self._transaction() as db:
+            attempts = db.execute("SELECT attempts FROM deliveries WHERE id=?", (delivery_id,)).fetchone()[0] + 1
+            state = DeliveryState.DEAD_LETTER if attempts >= max_attempts else DeliveryState.PENDING
+            db.execute(
+                "UPDATE deliveries SET state=?, attempts=?, next_attempt_at=?, last_error=?, sending_since=NULL,"
+                " updated_at=? WHERE id=?", (state, attempts, now + retry_in, error[:2000], now, delivery_id))
+        return state
+
+    def settle_jobs(self) -> list[tuple[int, JobState]]:
+        """derived -> done when every delivery is sent, -> failed when none is pending but some are dead.
+
+        Returns the jobs that changed, as (id, new state).
+        """
+        now = time.time()
+        changed: list[tuple[int, JobState]] = []
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT j.id, SUM(d.state=?) AS pending, SUM(d.state=?) AS dead"
+                " FROM jobs j LEFT JOIN deliveries d ON d.job_id=j.id WHERE j.state=? GROUP BY j.id",
+                (DeliveryState.PENDING, DeliveryState.DEAD_LETTER, JobState.DERIVED)).fetchall()
+            for r in rows:
+                pending, dead = r["pending"] or 0, r["dead"] or 0
+                if pending:
+                    continue
+                if dead:
+                    db.execute("UPDATE jobs SET state=?, error=?, updated_at=? WHERE id=?",
+                               (JobState.FAILED, f"{dead} deliveries dead-lettered", now, r["id"]))
+                    changed.append((r["id"], JobState.FAILED))
+                else:
+                    db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=?", (JobState.DONE, now, r["id"]))
+                    changed.append((r["id"], JobState.DONE))
+        return changed
+
+    def resend(self, job_id: int | None = None) -> int:
+        """dead_letter -> pending (attempts reset) for one job or all; their jobs go back to derived."""
+        now = time.time()
+        with self._transaction() as db:
+            where = "state=?" + (" AND job_id=?" if job_id is not None else "")
+            params: tuple[object, ...] = (DeliveryState.DEAD_LETTER, *((job_id,) if job_id is not None else ()))
+            jobs = [r[0] for r in db.execute(f"SELECT DISTINCT job_id FROM deliveries WHERE {where}", params)]
+            count = db.execute(
+                f"UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?, updated_at=? WHERE {where}",
+                (DeliveryState.PENDING, now, now, *params)).rowcount
+            db.executemany(
+                "UPDATE jobs SET state=?, error=NULL, updated_at=? WHERE id=? AND state IN (?,?)",
+                [(JobState.DERIVED, now, j, JobState.FAILED, JobState.DONE) for j in jobs])
+        return count
+
+    # -- restart and status ------------------------------------------------------------------
+    def recover(self) -> list[int]:
+        """After a crash or drain: jobs caught in ``processing`` go back to ``complete`` to be redone.
+
+        Redoing is safe: derived UIDs are deterministic and outputs are written atomically, so a
+        redo overwrites with identical objects instead of adding new ones.
+        """
+        with self._transaction() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state=?", (JobState.PROCESSING,))]
+            db.execute("UPDATE jobs SET state=?, updated_at=? WHERE state=?", (JobState.COMPLETE, time.time(), JobState.PROCESSING))
+            db.execute("UPDATE deliveries SET sending_since=NULL WHERE sending_since IS NOT NULL")
+        return ids
+
+    def retry_pending_now(self) -> int:
+        """Make every pending delivery due now: a restart is usually what follows fixing a peer."""
+        now = time.time()
+        with self._transaction() as db:
+            return db.execute("UPDATE deliveries SET next_attempt_at=? WHERE state=? AND next_attempt_at > ?",
+                              (now, DeliveryState.PENDING, now)).rowcount
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        jobs = {r[0]: r[1] for r in self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+        deliveries = {r[0]: r[1] for r in self._query("SELECT state, COUNT(*) FROM deliveries GROUP BY state")}
+        return {"jobs": jobs, "deliveries": deliveries}
+
+    def unmatched_series(self) -> list[UnmatchedRecord]:
+        return [UnmatchedRecord(**dict(r)) for r in self._query("SELECT * FROM unmatched ORDER BY recorded_at")]
+
+    def expired_jobs(self, state: JobState, older_than: float) -> list[int]:
+        """Finished jobs whose files are past retention and not purged yet."""
+        return [r[0] for r in self._query("SELECT id FROM jobs WHERE state=? AND updated_at < ? AND purged=0",
+                                          (JobState(state), older_than))]
+
+    def mark_purged(self, job_id: int) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET purged=1 WHERE id=?", (job_id,))
