@@ -6,7 +6,7 @@ CONFIG ?=
 APT_PACKAGES := dcmtk dicom3tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps run test test-fast test-slow bench weights clean
+.PHONY: setup system-deps run lint test test-fast test-slow fuzz bench weights clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -30,10 +30,20 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/dicomnode serve $(if $(CONFIG),--config $(CONFIG))
 
-# Fast unit tests first, then the end-to-end tests marked slow (real dcmtk peers, training runs).
-test: setup
+# Architecture contracts (import-linter: what may import what) and ruff, then the fast unit tests,
+# then the end-to-end tests marked slow (real dcmtk peers, training runs).
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest -q -m slow
+
+# A longer fuzz run than `make test` (fresh random examples, FUZZ_SCALE x as many); for local use.
+FUZZ_SCALE ?= 20
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz FUZZ_SCALE=$(FUZZ_SCALE) $(BIN)/python -m pytest -q tests/test_fuzz.py
 
 test-fast: setup
 	$(BIN)/python -m pytest -q
@@ -41,11 +51,11 @@ test-fast: setup
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
 
-# Re-train the shipped HQG-Net-lite weights (models/weights/) from ../shared/data: data prep, G, HQG-Net,
-# baselines, guidance, evaluation, model cards. MINUTES = HQG-Net budget per model on this machine.
-MINUTES ?= 15
+# Re-train the shipped HQG-Net-lite weights (models/weights/) from ../shared/data/train with the release
+# recipe (scripts/release_weights.py; resumable: run it again to continue). STEPS = HQG-Net iterations.
+STEPS ?= 12000
 weights: setup
-	$(BIN)/python -m models.train.shipped all --minutes $(MINUTES)
+	for t in ccm color; do $(BIN)/python scripts/release_weights.py all --target $$t --steps $(STEPS) || exit 1; done
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -6,7 +6,7 @@ Run by hand (prints figures; not a test):
 
 Cases: one association per batch vs one per file (the reason ``send`` takes batches), files sent as
 stored vs decompressed because the PACS refuses their compression, and the atomic folder writer.
-storescp and the SCU both run with TCP_NODELAY=1 (dcmtk leaves Nagle on otherwise, REFERENCE §5).
+storescp and the SCU both run with TCP_NODELAY=1 (dcmtk leaves Nagle on otherwise).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -36,8 +37,9 @@ from pydicom.uid import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dicomnode.derive import DeriveSettings  # noqa: E402
-from dicomnode.enhance import enhance_series  # noqa: E402
+from dicomnode.domain import Instance, Series  # noqa: E402
+from dicomnode.pipeline import Pipeline  # noqa: E402
+from dicomnode.resident import ResidentModels  # noqa: E402
 from models.registry import Enhancer, ModelInfo, build_model  # noqa: E402
 
 
@@ -126,7 +128,7 @@ def main() -> None:
     parser.add_argument("--model", default="identity", help="identity (default) or a registry kind, e.g. clahe")
     args = parser.parse_args()
     enhancer = Identity() if args.model == "identity" else build_model(args.model)
-    settings = DeriveSettings()
+    pipeline = Pipeline(None, ResidentModels.single("m", enhancer, batch_size=args.batch_size))
     print(f"model {enhancer.info.name}, batch {args.batch_size}")
     print(f"{'case':10s} {'inst':>5s} {'frames':>6s} {'inst/s':>7s} {'ms/frame':>8s}  read decode model encode write (ms/frame)  peak heap MB")
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,14 +137,16 @@ def main() -> None:
             sources = make_series(root / kind, kind, args.count)
             tracemalloc.start()
             start = time.perf_counter()
-            result = enhance_series(sources, enhancer, settings, root / f"{kind}-out", batch_size=args.batch_size)
+            series = Series("bench", "1.2", kind, tuple(Instance(p, {}) for p in sources))
+            result = pipeline.run(series, root / f"{kind}-out", model="m")
             elapsed = time.perf_counter() - start
             _current, peak = tracemalloc.get_traced_memory()
             tracemalloc.stop()
             assert not result.failed, result.failed
-            frames = max(result.frames, 1)
+            frames = max(sum(int(pydicom.dcmread(p, stop_before_pixels=True).get("NumberOfFrames", 1) or 1)
+                             for p in result.outputs), 1)
             stages = " ".join(f"{result.timings[s] * 1000 / frames:5.1f}" for s in ("read", "decode", "model", "encode", "write"))
-            print(f"{kind:10s} {len(sources):5d} {result.frames:6d} {len(sources) / elapsed:7.1f} "
+            print(f"{kind:10s} {len(sources):5d} {frames:6d} {len(sources) / elapsed:7.1f} "
                   f"{elapsed * 1000 / frames:8.1f}  {stages}   {peak / 2**20:8.1f}")
 
 

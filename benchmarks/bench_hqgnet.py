@@ -83,8 +83,8 @@ def main() -> None:
                 amp = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
                 with torch.inference_mode(), amp:
                     v = g(x[:1])
-                    t_g = time_call(lambda: g(x), device, args.warmup, args.repeats) / batch
-                    t_e = time_call(lambda: gen(x, v), device, args.warmup, args.repeats) / batch
+                    t_g = time_call(lambda g=g, x=x: g(x), device, args.warmup, args.repeats) / batch
+                    t_e = time_call(lambda gen=gen, x=x, v=v: gen(x, v), device, args.warmup, args.repeats) / batch
                 print(f"{name:<6} {label:<28} {batch:>5} {t_g:>9.4f} {t_e:>12.4f} {1.0 / t_e:>8.2f}", flush=True)
 
 

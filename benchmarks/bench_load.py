@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from reliability import NodeProcess, StoreSCP, free_port, node_config, tool_env, write_series  # noqa: E402
 from tqdm import tqdm  # noqa: E402
+
+from reliability import NodeProcess, StoreSCP, free_port, node_config, tool_env, write_series  # noqa: E402
 
 
 def ledger_counts(db_path: Path) -> tuple[int, int, int, int]:

@@ -47,7 +47,7 @@ def make_series(folder: Path, count: int, size: int, gray: bool) -> list[Path]:
     """``count`` instances of one series: degraded retina crops (OP) or synthetic CCM frames."""
     from pydicom.uid import generate_uid
 
-    from dicomnode.demo import _base_dataset, _with_pixels, _write, degraded_retina, synthetic_ccm
+    from dicomnode.tools.demo import degraded_retina, synthetic_ccm, write_sample
 
     study, series = generate_uid(), generate_uid()
     paths = []
@@ -55,9 +55,8 @@ def make_series(folder: Path, count: int, size: int, gray: bool) -> list[Path]:
     for i in range(count):
         img = synthetic_ccm(size, seed=i) if gray else np.roll(base, i * 7, axis=1)
         desc = "Corneal confocal microscopy" if gray else "Colour fundus photograph"
-        ds = _base_dataset(study, series, "OP", 1, desc)
-        ds.InstanceNumber = i + 1
-        paths.append(_write(_with_pixels(ds, img), folder / f"img{i:03d}.dcm"))
+        paths.append(write_sample(folder / f"img{i:03d}.dcm", img, study_uid=study, series_uid=series, modality="OP",
+                                  series_number=1, description=desc, instance=i + 1))
     return paths
 
 
@@ -73,8 +72,8 @@ def main() -> int:
         if shutil.which(tool) is None:
             sys.exit(f"needs {tool} (apt-get install dcmtk)")
 
-    from dicomnode import enhance
     from dicomnode.config import parse_config
+    from dicomnode.dispatch import Dispatcher
     from dicomnode.server import Server, ServerOptions
 
     work = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -82,7 +81,7 @@ def main() -> int:
     series = make_series(work / "in", args.count, args.size, gray)
     pacs_dir = work / "pacs"
     pacs_dir.mkdir()
-    env = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk leaves Nagle on otherwise (REFERENCE.md section 5)
+    env = {**os.environ, "TCP_NODELAY": "1"}  # dcmtk leaves Nagle on otherwise
     pacs_port, node_port = free_port(), free_port()
     pacs = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(pacs_dir), "+xa", str(pacs_port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -98,17 +97,8 @@ def main() -> int:
         "rules": [{"name": "op", "match": {"Modality": "OP"}, "model": args.model, "destinations": ["pacs"]}],
     }, REPO)
 
-    timings: list[dict[str, float]] = []
     sends: list[float] = []
-    original_enhance = enhance.enhance_series
-
-    def timed_enhance(*a, **k):  # record A2's per-stage seconds of each series
-        result = original_enhance(*a, **k)
-        timings.append(dict(result.timings))
-        return result
-
-    enhance.enhance_series = timed_enhance
-    original_send = Server._send
+    original_send = Dispatcher._send
 
     def timed_send(destination, paths):
         t = time.perf_counter()
@@ -116,7 +106,7 @@ def main() -> int:
         sends.append(time.perf_counter() - t)
         return out
 
-    Server._send = staticmethod(timed_send)
+    Dispatcher._send = staticmethod(timed_send)
     t_load = time.perf_counter()
     server = Server(cfg, options=ServerOptions(drain_seconds=10, dispatch_poll_seconds=0.05))
     server.start()
@@ -147,11 +137,13 @@ def main() -> int:
                 resident.enhancer.extract_guidance([ref])
                 runs.append(time.perf_counter() - t)
             g_ms = 1000 * statistics.median(runs)
+        # the per-stage seconds each job recorded in the ledger
+        timings = [j.details["timings"] for j in server.spool.ledger.jobs() if j.details and j.details.get("timings")]
     finally:
         server.stop()
         pacs.terminate()
         pacs.wait(10)
-    stage = {k: round(sum(t.get(k, 0.0) for t in timings), 3) for k in (timings[0] if timings else {})}
+    stage = {k: round(sum(t.get(k, 0.0) for t in timings), 3) for k in (timings[0] if timings else {}) if k != "total"}
     enhance_s = sum(stage.values())
     latency = t_last_out - t_last_in
     report = {
@@ -178,9 +170,9 @@ def main() -> int:
 
 
 def series_image(path: Path) -> np.ndarray:
-    from models.train.data import _dicom_frames
+    from models.io import dicom_frames
 
-    return _dicom_frames(path)[0]
+    return dicom_frames(path)[0]
 
 
 if __name__ == "__main__":

@@ -126,8 +126,9 @@ def _destination_kind(value: Any) -> str:
     return "dicom"
 
 
+# The union of every registered destination type, tagged by its name (built from the registry at import).
 DestinationConfig = Annotated[
-    Union[tuple(Annotated[settings, Tag(name)] for name, settings in registered_types().items())],  # type: ignore[valid-type]
+    Union[tuple(Annotated[settings, Tag(name)] for name, settings in registered_types().items())],  # type: ignore[valid-type]  # noqa: UP007
     Discriminator(_destination_kind),
 ]
 
@@ -174,7 +175,7 @@ class RegexMatch(StrictModel):
         return self._compiled
 
 
-MatchValue = Union[str, list[str], RegexMatch]
+MatchValue = str | list[str] | RegexMatch
 
 
 def _scalar_to_str(value: Any) -> str:

@@ -21,12 +21,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +275,7 @@ def build(
         n_refs=len(refs),
         exemplars=vectors.astype(np.float32) if method == "nearest" else None,
         measurements=measurements,
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         refs=tuple(p.name for p in refs),
         image_size=card.size if card is not None else None,
     )

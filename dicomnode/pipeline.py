@@ -37,10 +37,12 @@ def write_dataset(ds: Dataset, out_dir: Path) -> Path:
 class Pipeline:
     """Route, enhance and derive one series at a time with the node's rules and resident models."""
 
-    def __init__(self, config: NodeConfig, models: ResidentModels) -> None:
+    def __init__(self, config: NodeConfig | None, models: ResidentModels, derive: DeriveSettings | None = None) -> None:
+        """``config`` gives the rules and the derive settings; without it (one model, ``run(..., model=...)``)
+        the derive settings are ``derive`` or the defaults."""
         self.config = config
         self.models = models
-        self.derive = DeriveSettings.from_config(config)
+        self.derive = derive or (DeriveSettings.from_config(config) if config is not None else DeriveSettings())
 
     def run(self, series: Series, out_dir: Path, *, model: str | None = None, batch_size: int | None = None,
             progress: Callable[[int], None] | None = None) -> SeriesOutcome:
@@ -52,6 +54,8 @@ class Pipeline:
         started = time.perf_counter()
         if model is not None:
             outcome = SeriesOutcome("enhance", None, model, (), tuple(range(len(series.instances))))
+        elif self.config is None:
+            raise ValueError("a pipeline without a config has no rules: name the model")
         else:
             decision = route.decide(self.config, [i.tags for i in series.instances], series.calling_aet)
             outcome = SeriesOutcome(decision.action, decision.rule, decision.model, decision.destinations, decision.matched)

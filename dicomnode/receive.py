@@ -34,11 +34,11 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.config import NodeSettings, StorageConfig
+from dicomnode.domain import patient_key
 from dicomnode.durable import FILE_MODE, copy_file, fsync_file
 from dicomnode.ledger import SeriesKey
 from dicomnode.part10 import PATIENT_ID, read_uids
 from dicomnode.security import server_ssl_context
-from dicomnode.domain import patient_key
 from dicomnode.spool import Spool
 
 log = logging.getLogger(__name__)

@@ -126,6 +126,12 @@ class ResidentModels:
             self._gates.setdefault(m.device, threading.BoundedSemaphore(1))
 
     @classmethod
+    def single(cls, name: str, enhancer: Enhancer, *, batch_size: int = 4, guidance: gd.Guidance | None = None) -> ResidentModels:
+        """One already built enhancer as the only model (benchmarks, tests, tools), with an optional default guidance."""
+        record = {gd.DEFAULT_MODALITY: guidance} if guidance is not None else {}
+        return cls({name: ResidentModel(name, enhancer, enhancer.device, batch_size, guidance=record)}, {})
+
+    @classmethod
     def load(cls, config: Any, *, only: Sequence[str] | None = None) -> ResidentModels:
         """Build every model in ``config.models`` (or those named in ``only``).
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from models import metrics as M
-from models.metrics._common import LUMA_709
 from models.degrade import PRESETS, degrade, plan
+from models.metrics._common import LUMA_709
 from models.registry import MODELS, Enhancer, build_model, load_checkpoint
 
 log = logging.getLogger(__name__)

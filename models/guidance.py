@@ -84,7 +84,7 @@ Metric = Callable[[np.ndarray, np.ndarray], dict[str, float]]
 
 
 def paired_metrics(output: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """Full-reference scores of one output against its clean target (D's PSNR dB, SSIM)."""
+    """Full-reference scores of one output against its clean target (PSNR dB, SSIM)."""
     out = np.clip(np.asarray(output, dtype=np.float32), 0, 1)
     ref = np.clip(np.asarray(target, dtype=np.float32), 0, 1)
     return {"psnr": float(min(psnr(out, ref), 100.0)), "ssim": float(ssim(out, ref))}

@@ -15,7 +15,7 @@ What the paper leaves open, and what we chose (``docs/hqgnet.md`` has the full l
 
 - Decoder widths. The paper gives none; its size (Table IV: 66.42 M parameters, 87.33 G "FLOPs",
   which are MACs, at 384^2 for G + E_gen) is matched by a constant 512-channel decoder. That alone
-  gives 62.8 M / 83.4 GMAC (REFERENCE §1). The rest is in parts the paper names but does not size:
+  gives 62.8 M / 83.4 GMAC. The rest is in parts the paper names but does not size:
   the MLP that predicts each AdaLIN's (gamma, beta) from v_c (two 512-wide hidden layers, as in
   U-GAT-IT, where AdaLIN comes from: +3.3 M) and the output head from stride 4 back to full
   resolution (1x1 to 64 channels, then 3x3 convs at strides 2 and 1: about +4 GMAC). Measured
@@ -40,7 +40,7 @@ The released code of the authors trains a different (StarGAN-v2-like) model; thi
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch

@@ -8,7 +8,6 @@ MONOCHROME1 inversion: what a viewer shows, and so what an enhancer learns on an
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np

@@ -41,7 +41,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def testdata(name: str) -> Path:
+def bundled(name: str) -> Path:
     """A file bundled with pydicom (skips when the installed pydicom lacks it)."""
     from pydicom.data import get_testdata_file
 
@@ -213,3 +213,8 @@ def decode(ds: Dataset) -> Decoded:
 
     pairs = list(iter_frames(ds, pixel_info(ds)))
     return Decoded([f for f, _ in pairs], [v for _, v in pairs])
+
+
+def sample(name: str) -> Dataset:
+    """A file bundled with pydicom, read (skips when the installed pydicom lacks it)."""
+    return pydicom.dcmread(bundled(name))

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import yaml
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID
 
 from dicomnode.ledger import DeliveryState, JobState, Ledger, LedgerError
+
 from factories import Patient, ct_dataset, free_port, sop_uids, uid, write_series  # noqa: F401 (re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def make_certs(folder: Path) -> Certs:
 # ----------------------------------------------------------------------------------------------- peers
 def tool_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"  # dcmtk leaves Nagle on otherwise (REFERENCE 5): slow small PDUs
+    env["TCP_NODELAY"] = "1"  # dcmtk leaves Nagle on otherwise: slow small PDUs
     return env
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,9 @@ from dicomnode.cli.common import EXIT_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
 
-# An example config for the set-up the "dicomnode end to end" issue describes (the issue's own YAML
-# is not in the repository): fundus to HQG-Net, endoscopy to CLAHE, localizers dropped, everything
+# A typical site config: fundus to HQG-Net, endoscopy to CLAHE, localizers dropped, everything
 # else forwarded to an archive folder.
-ISSUE_EXAMPLE = """\
+SITE_CONFIG = """\
 node:
   ae_title: DICOMNODE
   port: 11112
@@ -67,7 +65,7 @@ def config_file(tmp_path: Path) -> Path:
     card = {"kind": "hqgnet", "weights_sha256": hashlib.sha256(b"weights").hexdigest()}
     weights.with_suffix(".json").write_text(json.dumps(card))
     path = tmp_path / "node.yaml"
-    path.write_text(ISSUE_EXAMPLE)
+    path.write_text(SITE_CONFIG)
     return path
 
 
@@ -80,7 +78,7 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_issue_example_passes_check_config(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_site_config_passes_check_config(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(capsys, "check-config", str(config_file))
     assert (code, out, err) == (0, "OK: 3 rules, 2 models, 2 destinations\n", "")
     assert run(capsys, "check-config", "--config", str(config_file))[0] == 0
@@ -88,7 +86,7 @@ def test_issue_example_passes_check_config(config_file: Path, capsys: pytest.Cap
 
 def test_check_config_lists_every_error_with_its_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "bad.yaml"
-    text = (ISSUE_EXAMPLE.replace("port: 11112", "prot: 11112")
+    text = (SITE_CONFIG.replace("port: 11112", "prot: 11112")
             .replace("destinations: [pacs, archive]", "destinations: [pacs, pcas]")
             .replace("model: clahe\n", "model: clahee\n")
             .replace("disk_low_watermark_percent: 85", "disk_low_watermark_percent: 95"))
@@ -105,7 +103,7 @@ def test_check_config_lists_every_error_with_its_key(tmp_path: Path, capsys: pyt
 
 def test_check_config_reports_missing_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "node.yaml"
-    path.write_text(ISSUE_EXAMPLE)
+    path.write_text(SITE_CONFIG)
     code, _, err = run(capsys, "check-config", str(path))
     assert code == EXIT_CONFIG
     assert f"models.hqg-fundus.weights: file not found: {tmp_path / 'weights' / 'hqgnet_fundus.pt'}" in err

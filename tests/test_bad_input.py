@@ -15,6 +15,7 @@ import pytest
 from pydicom.uid import JPEGBaseline8Bit, MRImageStorage
 
 from dicomnode.spool import Spool
+
 from conftest import require_tools
 from factories import ct_dataset, free_port, start_receiver
 from reliability import encoded_body, raw_object, send_raw
@@ -99,7 +100,7 @@ def test_many_bad_associations_then_good(scp, tmp_path: Path) -> None:
 
 
 def test_undecodable_pixels_pass_the_door(scp, tmp_path: Path) -> None:
-    """The SCP never decodes pixels (speed, REFERENCE 5): broken JPEG data is accepted and filed.
+    """The SCP never decodes pixels (receive speed: bytes are filed as sent): broken JPEG data is accepted and filed.
 
     What happens to it next (a failed job with a reason, nothing sent) is shown end to end in
     test_node_fails_bad_objects_as_jobs.

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -27,19 +26,15 @@ from dicomnode.derive import (
     read_private,
 )
 from dicomnode.imaging import to_stored
-from factories import decode
 from models.registry import ModelInfo, build_model
+
 from conftest import require_tools
+from factories import decode, sample
 
 SETTINGS = DeriveSettings(policy=DerivePolicy(institution_name="Test Hospital"), config_hash="c" * 64, node_ae_title="ENHANCER")
 HQG = ModelInfo(kind="hqgnet", name="HQG-Net", version="2.1", weights_sha256="ab" * 32)
 
 
-def sample(name: str) -> pydicom.Dataset:
-    path = get_testdata_file(name, download=False)
-    if path is None:
-        pytest.skip(f"pydicom test file {name} not bundled with this pydicom")
-    return pydicom.dcmread(path)
 
 
 @pytest.fixture(scope="module")

@@ -19,24 +19,25 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGLosslessSV1,
     RLELossless,
-    UID,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 from pynetdicom import AE, evt
 
-from conftest import require_tools
 from dicomnode.config import DispatchPolicy, parse_config
 from dicomnode.destinations import SendOutcome
 from dicomnode.destinations.dicom import MAX_CONTEXTS, DicomDestination, FileMeta, context_groups, presentation_contexts
 from dicomnode.destinations.folder import FolderDestination
 from dicomnode.dispatch import backoff_seconds
 from dicomnode.server import make_destinations
+
+from conftest import require_tools
 
 UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
@@ -268,9 +269,9 @@ def test_empty_batch_opens_nothing(free_port: int) -> None:
 @pytest.mark.slow
 def test_tls_destination_stores_and_wrong_ca_fails(tmp_path: Path, free_port: int) -> None:
     require_tools("openssl")
-    from reliability import make_certs
-
     from dicomnode.security import server_ssl_context
+
+    from reliability import make_certs
 
     certs = make_certs(tmp_path / "certs")
     server_ctx = server_ssl_context({"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca,

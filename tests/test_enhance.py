@@ -11,31 +11,27 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode.config import parse_config
 from dicomnode.derive import read_private
 from dicomnode.domain import Instance, Series, SeriesOutcome
 from dicomnode.guidance import Guidance
 from dicomnode.pipeline import Pipeline
-from dicomnode.resident import ResidentModel, ResidentModels
-from factories import config_data, decode
-from factories import testdata as sample_path
+from dicomnode.resident import ResidentModels
 from models.registry import Enhancer, ModelInfo, build_model
+
+from factories import bundled as sample_path
+from factories import decode
 
 
 def run(sources: Sequence[Path], enhancer: Enhancer, out: Path, *, batch_size: int = 4, guidance: np.ndarray | None = None,
         progress=None) -> SeriesOutcome:
     """One series of ``sources`` through the pipeline with ``enhancer`` as its resident model."""
-    work = out.parent / f".{out.name}-work"
-    config = parse_config(config_data(work / "var", 11112, {"o": {"folder": str(work / "o")}},
-                                      models={"m": {"kind": "clahe"}},
-                                      rules=[{"name": "all", "model": "m", "destinations": ["o"]}]), work)
-    records = {}
+    record = None
     if guidance is not None:
-        records["default"] = Guidance(id="gid", model="m", modality="default", vector=np.asarray(guidance).reshape(-1),
-                                      method="mean", weights_sha256="", refs_sha256="", n_refs=1)
-    models = ResidentModels({"m": ResidentModel("m", enhancer, "cpu", batch_size, guidance=records)}, {})
+        record = Guidance(id="gid", model="m", modality="default", vector=np.asarray(guidance).reshape(-1),
+                          method="mean", weights_sha256="", refs_sha256="", n_refs=1)
+    models = ResidentModels.single("m", enhancer, batch_size=batch_size, guidance=record)
     series = Series("p", "1.2", "1.2.3", tuple(Instance(Path(p), {"Modality": "CT"}) for p in sources))
-    return Pipeline(config, models).run(series, out, model="m", progress=progress)
+    return Pipeline(None, models).run(series, out, model="m", progress=progress)
 
 
 class Recording(Enhancer):
@@ -208,5 +204,5 @@ def test_real_images_through_img2dcm(tmp_path: Path, clahe, shared_data: Path):
         assert float(np.abs(after - expected).max()) <= 1 / 255 + 1e-6  # stored 8-bit, nothing else lost
         assert float(np.abs(after - before).mean()) > 0.01  # CLAHE changed the picture
         check = subprocess.run(["dciodvfy", "-new", str(out_path)], capture_output=True, text=True)
-        assert [l for l in (check.stdout + check.stderr).splitlines() if l.startswith("Error")] == []
+        assert [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")] == []
         subprocess.run(["dcmj2pnm", "+on", str(out_path), str(tmp_path / "r.png")], check=True, capture_output=True)

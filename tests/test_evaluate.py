@@ -16,6 +16,8 @@ from models import evaluate as E
 from models import metrics as M
 from models.registry import Enhancer, ModelInfo
 
+from factories import bundled
+
 SIZE = (192, 200)  # two NIQE blocks, small enough to keep the test quick
 
 
@@ -149,9 +151,7 @@ def test_guided_models_get_the_mean_guidance_vector(folders, tmp_path, monkeypat
 
 def test_dicom_input(tmp_path):
     pydicom = pytest.importorskip("pydicom")
-    src = pydicom.data.get_testdata_file("CT_small.dcm", download=False)
-    if src is None:
-        pytest.skip("pydicom test file CT_small.dcm not available")
+    src = bundled("CT_small.dcm")
     inp = tmp_path / "dicom"
     inp.mkdir()
     ds = pydicom.dcmread(src)

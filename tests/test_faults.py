@@ -18,8 +18,7 @@ import pydicom
 import pytest
 
 from conftest import require_tools
-from reliability import (LedgerView, NodeProcess, StoreSCP, dcmsend, free_port, node_config, tool_env,
-                         wait_until, write_series)
+from reliability import LedgerView, NodeProcess, StoreSCP, dcmsend, free_port, node_config, tool_env, wait_until, write_series
 
 pytestmark = pytest.mark.slow
 
@@ -102,7 +101,7 @@ def test_sigkill_at_every_stage_loses_nothing(tmp_path: Path) -> None:
     ledger = LedgerView(tmp_path / "var")
     sent: list[Path] = []
     observed: dict[str, str] = {}
-    with StoreSCP(tmp_path / "pacs", port=pacs_port) as pacs:
+    with StoreSCP(tmp_path / "pacs", port=pacs_port):
         # 1. while receiving: kill once part of a series is in; the modality resends what failed
         node.start()
         series = write_series(tmp_path / "in", "kill", "receiving", 40, rows=64, cols=64)

@@ -15,9 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import examples
 from dicomnode.part10 import read_uids, scan_uids
 from dicomnode.uids import is_valid_uid
+
+from conftest import examples
 from factories import ct_dataset, start_receiver
 from reliability import encoded_body, raw_object, send_raw
 
@@ -193,6 +194,7 @@ def clahe_pipeline(tmp_path_factory):
     from dicomnode.config import parse_config
     from dicomnode.pipeline import Pipeline
     from dicomnode.resident import ResidentModels
+
     from factories import config_data
 
     root = tmp_path_factory.mktemp("pipe")

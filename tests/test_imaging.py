@@ -8,20 +8,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from dicomnode.imaging import PixelDecodeError, iter_frames, pixel_info, to_stored
-from factories import decode
+
 from conftest import require_tools
-
-
-def sample(name: str) -> pydicom.Dataset:
-    path = get_testdata_file(name, download=False)
-    if path is None:
-        pytest.skip(f"pydicom test file {name} not bundled with this pydicom")
-    return pydicom.dcmread(path)
+from factories import decode, sample
 
 
 def gray_dataset(pixels: np.ndarray, **attrs) -> Dataset:

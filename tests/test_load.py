@@ -160,8 +160,7 @@ def test_parallel_senders_through_the_node(tmp_path: Path) -> None:
     require_tools("dcmsend", "storescp")
     import subprocess
 
-    from reliability import (LedgerView, NodeProcess, StoreSCP, node_config, pacs_sources, tool_env, wait_until,
-                             write_series)
+    from reliability import LedgerView, NodeProcess, StoreSCP, node_config, pacs_sources, tool_env, wait_until, write_series
 
     senders, per = 4, 50
     series = [write_series(tmp_path / "in" / str(k), "load", f"sender{k}", per) for k in range(senders)]

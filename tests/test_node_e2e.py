@@ -14,16 +14,18 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicomnode import cli as node_cli
 from dicomnode.cli.node import collect_status
 from dicomnode.config import parse_config
-from dicomnode.server import Server, ServerOptions
 from dicomnode.resident import ResidentModel, ResidentModels
+from dicomnode.server import Server, ServerOptions
 from dicomnode.spool import Spool
 from models.registry import Enhancer, ModelInfo
+
+from conftest import require_tools
+from factories import sample
 from reliability import (
     NodeProcess,
     StoreSCP,
@@ -35,7 +37,6 @@ from reliability import (
     wait_until,
     write_series,
 )
-from conftest import require_tools
 
 SC_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
@@ -49,7 +50,7 @@ SC_CLASSES = {
 # ------------------------------------------------------------------------------------------ inputs
 def copies(name: str, folder: Path, count: int) -> list[Path]:
     """``count`` instances of one pydicom test file in one new series (fresh SOP/Series UIDs)."""
-    ds = pydicom.dcmread(get_testdata_file(name, download=False))
+    ds = sample(name)
     ds.SeriesInstanceUID = generate_uid()
     folder.mkdir(parents=True, exist_ok=True)
     out = []

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from dicomnode.cli import main
 from dicomnode.cli.common import EXIT_CONFIG
 from dicomnode.derive import read_private
+
+from factories import bundled as sample_path
 
 CONFIG = """
 node: {ae_title: OFFLINE}
@@ -34,11 +35,6 @@ derive: {series_number_offset: 500, series_description_suffix: " [test]"}
 """
 
 
-def sample_path(name: str) -> Path:
-    path = get_testdata_file(name, download=False)
-    if path is None:
-        pytest.skip(f"pydicom test file {name} not bundled with this pydicom")
-    return Path(path)
 
 
 @pytest.fixture

@@ -14,8 +14,21 @@ import pytest
 from pydicom.uid import MRImageStorage
 
 from conftest import require_tools
-from reliability import (LedgerView, NodeProcess, Patient, StoreSCP, ct_dataset, dcmsend, encoded_body, free_port,
-                         node_config, raw_object, send_raw, wait_until, write_series)
+from reliability import (
+    LedgerView,
+    NodeProcess,
+    Patient,
+    StoreSCP,
+    ct_dataset,
+    dcmsend,
+    encoded_body,
+    free_port,
+    node_config,
+    raw_object,
+    send_raw,
+    wait_until,
+    write_series,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
@@ -19,14 +18,16 @@ from dicomnode.config import NodeSettings, StorageConfig
 from dicomnode.part10 import read_uids, scan_uids
 from dicomnode.receive import DiskGuard, Receiver, transfer_syntaxes
 from dicomnode.spool import Spool
+
 from conftest import require_tools
+from factories import sample
 
 NODE_AET = "TESTNODE"
 
 
 def ct_series(folder: Path, count: int, series_uid: str | None = None) -> list[Path]:
     """Copies of pydicom's CT_small with fresh SOPInstanceUIDs in one series."""
-    ds = dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds = sample("CT_small.dcm")
     ds.SeriesInstanceUID = series_uid or generate_uid()
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

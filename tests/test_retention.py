@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from dicomnode.config import StorageConfig
-from dicomnode.retention import DAY, sweep
 from dicomnode.ledger import JobState, SeriesKey
+from dicomnode.retention import DAY, sweep
 from dicomnode.spool import Spool
+
 from reliability import ct_dataset, uid
 
 
@@ -141,6 +142,7 @@ def test_running_server_applies_retention(tmp_path: Path) -> None:
     """The node's housekeeping thread sweeps: with retention 0 days, a delivered job's files go."""
     from dicomnode.config import parse_config
     from dicomnode.server import Server, ServerOptions
+
     from reliability import free_port, node_config, raw_object, send_raw, wait_until
 
     cfg = parse_config(node_config(tmp_path / "var", free_port(), {"out": {"folder": str(tmp_path / "out")}},

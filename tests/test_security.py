@@ -8,8 +8,8 @@ TLS storescp (slow: subprocess node).
 from __future__ import annotations
 
 import socket
-import subprocess
 import ssl
+import subprocess
 import threading
 from pathlib import Path
 
@@ -19,8 +19,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from conftest import require_tools
 from dicomnode.security import TLSConfigError, client_ssl_context, client_tls_args, server_ssl_context
+
+from conftest import require_tools
 from reliability import Certs, StoreSCP, dcmsend, echoscu, free_port, make_certs, sop_uids, tool_env, write_series
 
 

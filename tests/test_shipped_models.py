@@ -3,7 +3,6 @@ and a series through the running node that comes back enhanced, deterministic an
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -16,10 +15,11 @@ from dicomnode.config import parse_config
 from dicomnode.configtypes import builtin_dir
 from dicomnode.resident import ResidentModels
 from dicomnode.tools.demo import demo_config, send
-from factories import free_port, image_dataset, write
 from models.guidance import GUIDANCE_METHODS
 from models.io import load_image
 from models.registry import read_card
+
+from factories import free_port, image_dataset, write
 
 WEIGHTS = builtin_dir()
 SHIPPED = {"hqgnet-ccm": ("default",), "hqgnet-color": ("default", "OP", "ES", "XC")}

@@ -10,8 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from dicomnode.cli.common import EXIT_CONFIG, config_or_exit, config_problems, count, expand_paths
 from dicomnode.assemble import series_from_files
+from dicomnode.cli.common import EXIT_CONFIG, config_or_exit, config_problems, count, expand_paths
 from dicomnode.route import CALLING_AET, decide, routing_keywords
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import html
 import logging
-import socket
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -130,6 +130,16 @@ def _with_pixels(ds: Dataset, img: np.ndarray) -> Dataset:
     return ds
 
 
+def write_sample(path: Path, img: np.ndarray, *, study_uid: str, series_uid: str, modality: str, series_number: int,
+                 description: str, instance: int = 1, **attrs: Any) -> Path:
+    """One sample image (float [0, 1], gray or RGB) as a Secondary Capture file of the demo patient."""
+    ds = _base_dataset(study_uid, series_uid, modality, series_number, description)
+    ds.InstanceNumber = instance
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return _write(_with_pixels(ds, img), path)
+
+
 def _write(ds: Dataset, path: Path) -> Path:
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
@@ -147,17 +157,16 @@ def build_samples(folder: Path) -> list[Sample]:
 
     op = Sample("fundus", "Fundus photograph (scikit-image retina, unevenly lit)", "OP", True)
     op.series_uid = generate_uid()
-    op.files.append(_write(_with_pixels(_base_dataset(study, op.series_uid, "OP", 1, "Colour fundus photograph"), degraded_retina()),
-                           folder / "op" / "retina.dcm"))
+    op.files.append(write_sample(folder / "op" / "retina.dcm", degraded_retina(), study_uid=study, series_uid=op.series_uid,
+                                 modality="OP", series_number=1, description="Colour fundus photograph"))
     samples.append(op)
 
     ccm = Sample("ccm", "Corneal confocal microscopy (synthetic, numpy)", "OP", True)
     ccm.series_uid = generate_uid()
     for i in range(2):
-        ds = _base_dataset(study, ccm.series_uid, "OP", 2, "Corneal confocal microscopy (CCM)")
-        ds.InstanceNumber = i + 1
-        ds.ManufacturerModelName = "HRT3 RCM (synthetic)"
-        ccm.files.append(_write(_with_pixels(ds, synthetic_ccm(seed=i)), folder / "ccm" / f"ccm{i}.dcm"))
+        ccm.files.append(write_sample(folder / "ccm" / f"ccm{i}.dcm", synthetic_ccm(seed=i), study_uid=study,
+                                      series_uid=ccm.series_uid, modality="OP", series_number=2, instance=i + 1,
+                                      description="Corneal confocal microscopy (CCM)", ManufacturerModelName="HRT3 RCM (synthetic)"))
     samples.append(ccm)
 
     for key, name, title in (("ct", "CT_small.dcm", "CT (pydicom test file)"), ("mr", "MR_small.dcm", "MR (pydicom test file)")):
@@ -308,8 +317,12 @@ def _wait(server: Any, n_series: int, expected_outputs: int, results: Path, time
     raise TimeoutError(f"the node did not finish within {timeout:.0f} s (jobs: {states}, outputs {outputs}/{expected_outputs})")
 
 
-def run_demo(out: Path, *, config_path: Path | None = None, timeout: float = 600.0, show_progress: bool = True) -> DemoResult:
-    """Start the node, send the samples, wait for the enhanced series, write ``out/index.html``."""
+def run_demo(out: Path, *, config_path: Path | None = None, timeout: float = 600.0, show_progress: bool = True,
+             samples: Sequence[Sample] | None = None) -> DemoResult:
+    """Start the node, send the samples, wait for the enhanced series, write ``out/index.html``.
+
+    ``samples`` replaces the built-in sample studies (each Sample one series of existing files).
+    """
     t0 = time.perf_counter()
     out = Path(out).resolve()  # relative to where the command runs, never to the config's folder
     out.mkdir(parents=True, exist_ok=True)
@@ -320,7 +333,7 @@ def run_demo(out: Path, *, config_path: Path | None = None, timeout: float = 600
     bar = tqdm(total=4, desc="demo", unit="step", disable=not show_progress)
     try:
         bar.set_postfix_str("building sample studies")
-        samples = build_samples(work / "samples")
+        samples = list(samples) if samples is not None else build_samples(work / "samples")
         bar.update(1)
         bar.set_postfix_str("starting the node (loading models)")
         config = demo_config(config_path, work / "var", results, free_port())

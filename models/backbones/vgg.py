@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
 # torchvision's configurations "D" (VGG16) and "E" (VGG19): conv widths, "M" = 2x2 max pooling.
 CONFIGS: dict[str, list[int | str]] = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],

@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -138,12 +138,27 @@ class LossLog:
         row = {"step": step, **{k: f"{float(v):.6g}" for k, v in losses.items()}}
         new = not self.path.exists()
         if self._fields is None:
-            self._fields = list(row)
+            self._fields = self._header() or list(row)
+        if any(k not in self._fields for k in row):  # a resumed run logs a new term: widen the file's header
+            rows = list(csv.DictReader(self.path.open())) if not new else []
+            self._fields += [k for k in row if k not in self._fields]
+            with open(self.path, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=self._fields)
+                writer.writeheader()
+                writer.writerows(rows)
+            new = False
         with open(self.path, "a", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=self._fields, extrasaction="ignore")
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+    def _header(self) -> list[str] | None:
+        if not self.path.is_file():
+            return None
+        with open(self.path, newline="") as fh:
+            return next(csv.reader(fh), None)
 
 
 def save_sample_grid(path: Path, rows: Sequence[torch.Tensor], labels: Sequence[str] | None = None) -> Path:
@@ -197,7 +212,7 @@ def export_weights(path: Path, state_dict: Mapping[str, torch.Tensor], card: Map
     full["weights_sha256"] = sha256_file(path)
     full["weights_bytes"] = path.stat().st_size
     full["weights_dtype"] = "float16" if half else "float32"
-    full["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    full["created"] = datetime.now(UTC).isoformat(timespec="seconds")
     card_path(path).write_text(json.dumps(full, indent=2, sort_keys=False) + "\n")
     return full
 

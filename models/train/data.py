@@ -27,6 +27,7 @@ from models.io import (  # noqa: F401  (re-exported for the trainers)
     to_tensor,
 )
 
+
 class ImageFolder(Dataset):
     """Images of one domain, decoded once and kept in memory (training sets here are small)."""
 

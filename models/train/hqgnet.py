@@ -18,7 +18,6 @@ import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -182,7 +181,7 @@ class _Manifest:
     def validation(self) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng(123)
         ys, zs = [], []
-        for name, (lq, hq) in self.batches.sets.items():
+        for lq, hq in self.batches.sets.values():
             ys.append(lq.crop(0, rng, augment=False)[0])
             zs.append(hq.crop(0, rng, augment=False)[0])
         return torch.stack(ys[:4]), zs[0][None]

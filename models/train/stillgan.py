@@ -12,9 +12,9 @@ This module also holds the cycle-GAN loop shared with ``models.train.lamegan``.
 from __future__ import annotations
 
 import argparse
-import sys
 import itertools
 import random
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,6 @@ from models.train.common import (
     seed_everything,
 )
 from models.train.data import ImageFolder, infinite, list_images
-
 
 # The extra objective terms of one model: (real_lq, real_hq, fake_hq, fake_lq) -> named losses,
 # already weighted; they are added to the generators' loss.
