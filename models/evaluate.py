@@ -9,12 +9,20 @@ images or fundus crops, damaged with ``models.degrade`` under a fixed seed, so a
 the paired numbers without private data.
 
 Every method runs on the same images (the longer side scaled to ``size`` so NR-IQA costs stay
-bounded); the input is reported as its own row, which is the baseline a method has to beat.
+bounded); the input is reported as its own row, which is the baseline a method has to beat, and with
+references the clean reference is a row too, the target. A metric with a direction (PSNR up, NIQE
+down) marks the best method by it; a metric without one (AG, EN, illumination: more is not better)
+marks the method closest to the reference, or nothing when there is no reference.
+
+With ``fov`` (fundus, endoscopy) every metric is computed inside the field of view (found from the
+reference, or from the input when there is none), the no-reference ones on the largest centred
+rectangle inside it, and the border-damage column says how much a method changed the black surround.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -48,14 +56,27 @@ def shared_data_root() -> Path:
 
 @dataclass
 class Sample:
-    """One image as the metrics see it: the method's output and what it may be compared with."""
+    """One image as the metrics see it: the method's output and what it may be compared with.
+
+    ``view`` is the field of view (True inside); None means the whole frame.
+    """
 
     output: np.ndarray
     input: np.ndarray
     reference: np.ndarray | None = None
     mask: np.ndarray | None = None
     lassim_level: int = 3
+    view: np.ndarray | None = None
     _cache: dict = field(default_factory=dict)
+
+    def crop(self) -> np.ndarray:
+        """The output on the largest centred rectangle inside the field of view (for no-reference metrics)."""
+        if self.view is None:
+            return self.output
+        if "crop" not in self._cache:
+            self._cache["crop"] = inside_rectangle(self.view)
+        top, bottom, left, right = self._cache["crop"]
+        return self.output[top:bottom, left:right]
 
     def centerlines(self) -> np.ndarray:
         if "centerlines" not in self._cache:
@@ -89,14 +110,35 @@ class Sample:
         return self._cache["seg"]
 
 
+def inside_rectangle(field: np.ndarray, coverage: float = 0.995) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the largest rectangle, centred on the field's bounding box, that is
+    (nearly) all inside the field: a disc's inscribed rectangle, an octagon's inner box."""
+    rows, cols = np.nonzero(field)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    for _ in range(100):
+        if field[top:bottom, left:right].mean() >= coverage or bottom - top < 8 or right - left < 8:
+            break
+        dh, dw = max(1, (bottom - top) // 50), max(1, (right - left) // 50)
+        top, bottom, left, right = top + dh, bottom - dh, left + dw, right - dw
+    return int(top), int(bottom), int(left), int(right)
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str  # column key
     label: str  # table header
-    higher_is_better: bool
+    direction: str  # "up" (higher is better), "down" (lower is better), "ref" (closest to the reference)
     needs: str  # "", "reference" or "mask"
     fn: Callable[[Sample], float]
     help: str
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.direction == "up"
+
+    @property
+    def arrow(self) -> str:
+        return {"up": "↑", "down": "↓", "ref": "≈"}[self.direction]
 
 
 def _snr(r: int) -> Callable[[Sample], float]:
@@ -106,21 +148,29 @@ def _snr(r: int) -> Callable[[Sample], float]:
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("psnr", "PSNR", True, "reference", lambda s: M.psnr(s.output, s.reference), "dB against the clean reference"),
-        Metric("ssim", "SSIM", True, "reference", lambda s: M.ssim(s.output, s.reference), "against the clean reference"),
-        Metric("lassim", "LaSSIM", True, "reference", lambda s: M.lassim(s.output, s.reference, s.lassim_level), "level-3 Laplacian SSIM against the reference"),
-        Metric("lassim_in", "LaSSIM(in)", True, "", lambda s: M.lassim(s.output, s.input, s.lassim_level), "structure kept from the input (1 = identical)"),
-        Metric("ag", "AG", True, "", lambda s: M.average_gradient(s.output), "average gradient, 8-bit scale"),
-        Metric("en", "EN", True, "", lambda s: M.entropy(s.output), "entropy of the 8-bit histogram, bits"),
-        Metric("niqe", "NIQE", False, "", lambda s: M.niqe(s.output), "naturalness (pristine model)"),
-        Metric("brisque", "BRISQUE", False, "", lambda s: M.brisque(s.output), "LIVE-trained BRISQUE"),
-        Metric("piqe", "PIQE", False, "", lambda s: M.piqe(s.output), "perception-based, 0-100"),
-        Metric("illum", "Illum", False, "", lambda s: M.illumination_uniformity(s.output), "illumination non-uniformity (StillGAN Eq. 5)"),
-        *(Metric(f"snr{r}", f"SNR{r}", True, "mask", _snr(r), f"StillGAN SNR, background outside radius {r}") for r in M.SNR_RADII),
-        Metric("auc", "AUC", True, "mask", lambda s: M.auc(s.segmentation()[0], s.mask), "ridge-filter ROC AUC against the mask"),
-        Metric("dice", "Dice", True, "mask", lambda s: M.dice(s.segmentation()[1], s.mask), "ridge filter + Otsu vs mask"),
-        Metric("sens", "Sens", True, "mask", lambda s: M.sensitivity(s.segmentation()[1], s.mask), "ridge filter + Otsu vs mask"),
-        Metric("gmean", "G-mean", True, "mask", lambda s: M.g_mean(s.segmentation()[1], s.mask), "ridge filter + Otsu vs mask"),
+        Metric("psnr", "PSNR", "up", "reference", lambda s: M.psnr(s.output, s.reference, s.view), "dB against the clean reference"),
+        Metric("ssim", "SSIM", "up", "reference", lambda s: M.ssim(s.output, s.reference, s.view), "against the clean reference"),
+        Metric("lassim", "LaSSIM", "up", "reference", lambda s: M.lassim(s.output, s.reference, s.lassim_level, s.view),
+               "level-3 Laplacian SSIM against the reference"),
+        Metric("de", "ΔE00", "down", "reference", lambda s: M.delta_e(s.output, s.reference, s.view),
+               "mean CIEDE2000 colour difference to the reference"),
+        Metric("lassim_in", "LaSSIM(in)", "up", "", lambda s: M.lassim(s.output, s.input, s.lassim_level, s.view),
+               "structure kept from the input (1 = identical)"),
+        Metric("chroma", "Chroma", "down", "", lambda s: M.chroma_shift(s.output, s.input, s.view),
+               "colour shift from the input, lightness removed (CIEDE2000)"),
+        Metric("border", "Border", "down", "", lambda s: M.border_damage(s.output, s.input, s.view),
+               "mean change (0-255) of the input's black surround"),
+        Metric("ag", "AG", "ref", "", lambda s: M.average_gradient(s.crop()), "average gradient, 8-bit scale (noise raises it too)"),
+        Metric("en", "EN", "ref", "", lambda s: M.entropy(s.crop()), "entropy of the 8-bit histogram, bits"),
+        Metric("niqe", "NIQE", "down", "", lambda s: M.niqe(s.crop()), "naturalness (pristine model)"),
+        Metric("brisque", "BRISQUE", "down", "", lambda s: M.brisque(s.crop()), "BRISQUE, original LIVE model"),
+        Metric("piqe", "PIQE", "down", "", lambda s: M.piqe(s.crop()), "perception-based, 0-100"),
+        Metric("illum", "Illum", "ref", "", lambda s: M.illumination_uniformity(s.crop()), "illumination non-uniformity (StillGAN Eq. 5)"),
+        *(Metric(f"snr{r}", f"SNR{r}", "up", "mask", _snr(r), f"StillGAN SNR, background outside radius {r}") for r in M.SNR_RADII),
+        Metric("auc", "AUC", "up", "mask", lambda s: M.auc(s.segmentation()[0], s.mask), "ridge-filter ROC AUC against the mask"),
+        Metric("dice", "Dice", "up", "mask", lambda s: M.dice(s.segmentation()[1], s.mask), "ridge filter + Otsu vs mask"),
+        Metric("sens", "Sens", "up", "mask", lambda s: M.sensitivity(s.segmentation()[1], s.mask), "ridge filter + Otsu vs mask"),
+        Metric("gmean", "G-mean", "up", "mask", lambda s: M.g_mean(s.segmentation()[1], s.mask), "ridge filter + Otsu vs mask"),
     )
 }
 
@@ -234,11 +284,17 @@ class EvalConfig:
     title: str = ""
     notes: Sequence[str] = ()
     progress: bool = True
+    fov: bool = False  # fundus/endoscopy: metrics inside the field of view, border damage outside it
+    enhancers: Mapping[str, Enhancer] | None = None  # already built (and guidance-bound) methods, beside ``methods``
+    crop: int = 160  # side of the full-resolution crop each montage panel shows
+
+
+REFERENCE_ROW = "reference"
 
 
 @dataclass
 class Summary:
-    """Per method (input first) and metric: mean, std and number of images that had a value."""
+    """Per method (input first, then the reference when there is one) and metric: mean, std, image count."""
 
     methods: list[str]
     metrics: list[Metric]
@@ -256,11 +312,23 @@ class Summary:
         return f"{mu:.{digits}f} ± {sd:.{digits}f}"
 
     def best(self, metric: Metric) -> str | None:
-        """The best method for ``metric``, the input row excluded (it is the baseline)."""
-        rows = [(self.mean[m][metric.name], m) for m in self.methods if m != INPUT_ROW and not math.isnan(self.mean[m][metric.name])]
+        """The best method for ``metric``: by its direction, or closest to the reference row for metrics
+        without one (None when there is no reference). Input and reference rows are never "best"."""
+        rows = [(self.mean[m][metric.name], m) for m in self.methods
+                if m not in (INPUT_ROW, REFERENCE_ROW) and not math.isnan(self.mean[m][metric.name])]
         if not rows:
             return None
-        return (max if metric.higher_is_better else min)(rows)[1]
+        if metric.direction == "ref":
+            if REFERENCE_ROW not in self.mean or math.isnan(self.mean[REFERENCE_ROW][metric.name]):
+                return None
+            target = self.mean[REFERENCE_ROW][metric.name]
+            return min(rows, key=lambda r: abs(r[0] - target))[1]
+        return (max if metric.direction == "up" else min)(rows)[1]
+
+    def to_json(self) -> dict[str, object]:
+        return {"methods": self.methods, "metrics": {m.name: {"label": m.label, "direction": m.direction, "help": m.help}
+                                                     for m in self.metrics},
+                "mean": self.mean, "std": self.std, "count": self.count, "seconds_per_image": self.seconds_per_image}
 
 
 @dataclass
@@ -271,7 +339,7 @@ class EvalResult:
 
 
 def _digits(metric: Metric) -> int:
-    return 2 if metric.name in {"psnr", "ag", "en", "niqe", "brisque", "piqe"} or metric.name.startswith("snr") else 3
+    return 2 if metric.name in {"psnr", "ag", "en", "niqe", "brisque", "piqe", "de", "chroma", "border"} or metric.name.startswith("snr") else 3
 
 
 def summarize(per_image: Sequence[Mapping[str, object]], methods: Sequence[str], metrics: Sequence[Metric], seconds: Mapping[str, float]) -> Summary:
@@ -295,12 +363,12 @@ def summarize(per_image: Sequence[Mapping[str, object]], methods: Sequence[str],
 
 
 def format_table(summary: Summary) -> str:
-    """Plain-text table for the terminal: one row per method, mean ± std per metric."""
-    headers = ["method"] + [f"{m.label}{'↑' if m.higher_is_better else '↓'}" for m in summary.metrics] + ["s/img"]
+    """Plain-text table for the terminal: one row per method, mean ± std per metric, the image count."""
+    headers = ["method", "n"] + [f"{m.label}{m.arrow}" for m in summary.metrics] + ["s/img"]
     rows = [
-        [method]
+        [method, str(max(summary.count[method].values(), default=0))]
         + [summary.cell(method, m.name, _digits(m)) for m in summary.metrics]
-        + [f"{summary.seconds_per_image.get(method, 0.0):.3f}" if method != INPUT_ROW else "-"]
+        + [f"{summary.seconds_per_image[method]:.3f}" if method in summary.seconds_per_image else "-"]
         for method in summary.methods
     ]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
@@ -327,91 +395,149 @@ def _write_per_image(path: Path, per_image: Sequence[Mapping[str, object]], metr
             writer.writerow([r["method"], r["image"]] + [f"{float(r[m.name]):.6g}" for m in metrics])  # type: ignore[arg-type]
 
 
-def _write_markdown(path: Path, summary: Summary, cfg: EvalConfig, n_images: int) -> None:
-    lines = [f"# {cfg.title or 'Enhancement evaluation'}", ""]
-    lines.append(f"{n_images} image(s) from `{cfg.input}`" + (f", references from `{cfg.reference}`" if cfg.reference else "")
-                 + (f", masks from `{cfg.masks}`" if cfg.masks else "") + f"; longer side scaled to {cfg.size or 'original'} px.")
-    lines += [f"{note}" for note in cfg.notes]
-    lines += ["", "Mean ± std over images; ↑ higher is better, ↓ lower is better; best method in bold (the input row is the baseline).", ""]
-    header = ["Method"] + [f"{m.label} {'↑' if m.higher_is_better else '↓'}" for m in summary.metrics] + ["s/img"]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|")
+def markdown_table(summary: Summary) -> str:
+    """The summary as a Markdown table: mean ± std (n), best per metric in bold."""
+    header = ["Method", "n"] + [f"{m.label} {m.arrow}" for m in summary.metrics] + ["s/img"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|"]
     best = {m.name: summary.best(m) for m in summary.metrics}
+    contenders = [m for m in summary.methods if m not in (INPUT_ROW, REFERENCE_ROW)]
     for method in summary.methods:
         cells = []
         for m in summary.metrics:
             c = summary.cell(method, m.name, _digits(m))
-            cells.append(f"**{c}**" if best[m.name] == method and len(summary.methods) > 2 else c)
+            cells.append(f"**{c}**" if best[m.name] == method and len(contenders) > 1 else c)
         secs = f"{summary.seconds_per_image[method]:.3f}" if method in summary.seconds_per_image else "-"
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {secs} |")
+        n = max(summary.count[method].values(), default=0)
+        lines.append(f"| {method} | {n} | " + " | ".join(cells) + f" | {secs} |")
+    return "\n".join(lines)
+
+
+def _write_markdown(path: Path, summary: Summary, cfg: EvalConfig, n_images: int) -> None:
+    lines = [f"# {cfg.title or 'Enhancement evaluation'}", ""]
+    lines.append(f"{n_images} image(s) from `{cfg.input}`" + (f", references from `{cfg.reference}`" if cfg.reference else "")
+                 + (f", masks from `{cfg.masks}`" if cfg.masks else "") + f"; longer side scaled to {cfg.size or 'original'} px"
+                 + ("; metrics inside the field of view" if cfg.fov else "") + ".")
+    lines += [f"{note}" for note in cfg.notes]
+    lines += ["", "Mean ± std over images (n = images with a value); ↑ higher is better, ↓ lower is better, ≈ closest to "
+              "the reference is best; best method in bold (input and reference rows are the baseline and the target).", ""]
+    lines.append(markdown_table(summary))
     lines += ["", "Metrics:", ""] + [f"- **{m.label}**: {m.help}" for m in summary.metrics] + [""]
     path.write_text("\n".join(lines))
 
 
-def _write_montage(path: Path, rows: Sequence[tuple[str, list[tuple[str, np.ndarray]]]]) -> None:
-    import matplotlib
+def _crop_box(shape: tuple[int, ...], field: np.ndarray | None, side: int) -> tuple[int, int, int, int]:
+    """A square crop of ``side`` px at full resolution, centred in the field of view."""
+    h, w = shape[:2]
+    side = min(side, h, w)
+    if field is not None:
+        top, bottom, left, right = inside_rectangle(field)
+        cy, cx = (top + bottom) // 2, (left + right) // 2
+    else:
+        cy, cx = h // 2, w // 2
+    y0 = int(np.clip(cy - side // 2, 0, h - side))
+    x0 = int(np.clip(cx - side // 2, 0, w - side))
+    return y0, y0 + side, x0, x0 + side
+
+
+def _write_montage(path: Path, rows: Sequence[tuple[str, list[tuple[str, np.ndarray, str]]]]) -> None:
+    """One row per image: full-resolution crops (no resampling) of each panel, with its scores."""
+    import matplotlib  # noqa: PLC0415 - plotting only for the report
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    n_rows, n_cols = len(rows), len(rows[0][1])
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.4 * n_cols, 2.4 * n_rows + 0.3), squeeze=False)
+    n_rows, n_cols = len(rows), max(len(r[1]) for r in rows)
+    side = max(max(p[1].shape[0], p[1].shape[1]) for r in rows for p in r[1])
+    dpi = 100
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * (side / dpi + 0.2), n_rows * (side / dpi + 0.55)),
+                             squeeze=False, dpi=dpi)
     for i, (name, panels) in enumerate(rows):
-        for j, (label, img) in enumerate(panels):
+        for j in range(n_cols):
             ax = axes[i][j]
-            ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="lanczos")
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(label, fontsize=10)
+            if j >= len(panels):
+                ax.axis("off")
+                continue
+            label, img, scores = panels[j]
+            ax.imshow(np.clip(img, 0, 1), cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel(scores, fontsize=7)
             if j == 0:
-                ax.set_ylabel(name, fontsize=8)
+                ax.set_ylabel(name, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def _panel_scores(sample: Sample) -> str:
+    parts = []
+    if sample.reference is not None:
+        for label, fn in (("PSNR", lambda: M.psnr(sample.output, sample.reference, sample.view)),
+                          ("SSIM", lambda: M.ssim(sample.output, sample.reference, sample.view)),
+                          ("ΔE", lambda: M.delta_e(sample.output, sample.reference, sample.view))):
+            try:
+                v = fn()
+                parts.append(f"{label} {v:.2f}" if math.isfinite(v) else f"{label} inf")
+            except ValueError:
+                pass
+    else:
+        try:
+            parts.append(f"LaSSIM(in) {M.lassim(sample.output, sample.input, sample.lassim_level, sample.view):.2f}")
+            parts.append(f"chroma {M.chroma_shift(sample.output, sample.input, sample.view):.2f}")
+        except ValueError:
+            pass
+    return "  ".join(parts)
 
 
 def evaluate(cfg: EvalConfig) -> EvalResult:
     """Run every method over every input image, score them, and write the report files."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # noqa: PLC0415
 
-    from models.io import list_images
+    from models.fov import fov_mask  # noqa: PLC0415
+    from models.io import list_images  # noqa: PLC0415
 
     paths = list_images(cfg.input)
     stems = [p.stem for p in paths]
     if len(set(stems)) != len(stems):
         raise ValueError(f"input folder {cfg.input} has several files with the same name stem; references cannot be matched")
     metrics = select_metrics(cfg.metrics, have_reference=cfg.reference is not None, have_masks=cfg.masks is not None)
-    if not cfg.methods:
+    if not cfg.methods and not cfg.enhancers:
         raise ValueError("no methods to evaluate: pass --methods clahe,histeq,... or weights files")
     refs = _by_stem(cfg.reference, stems, "reference") if cfg.reference else {}
     masks = _by_stem(cfg.masks, stems, "mask") if cfg.masks else {}
 
     enhancers: dict[str, tuple[Enhancer, np.ndarray | None]] = {}
+    for label, enhancer in (cfg.enhancers or {}).items():
+        enhancers[label] = (enhancer, None)  # built and bound by the caller (guidance included)
     for spec in cfg.methods:
         enhancer = load_method(spec, cfg.device)
         label = method_label(spec, enhancer)
-        while label in enhancers or label == INPUT_ROW:
+        while label in enhancers or label in (INPUT_ROW, REFERENCE_ROW):
             label += "'"
         enhancers[label] = (enhancer, guidance_vector(enhancer, cfg.guidance, cfg.size, label))
-    methods = [INPUT_ROW, *enhancers]
+    methods = [INPUT_ROW, *([REFERENCE_ROW] if refs else []), *enhancers]
     log.info("evaluating %d method(s) on %d image(s) with %d metric(s)", len(enhancers), len(paths), len(metrics))
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     per_image: list[dict[str, object]] = []
     seconds = {label: 0.0 for label in enhancers}
-    montage: list[tuple[str, list[tuple[str, np.ndarray]]]] = []
+    montage: list[tuple[str, list[tuple[str, np.ndarray, str]]]] = []
     failures: dict[tuple[str, str], str] = {}
     bar = tqdm(total=len(paths) * len(methods), desc="evaluate", unit="img", disable=not cfg.progress)
     for idx, path in enumerate(paths):
         image = _load(path, cfg.size)
         ref = _match_to(_load(refs[path.stem], None), image) if refs else None
         mask = _match_to(_load(masks[path.stem], None), image[..., 0] if image.ndim == 3 else image, order=0) > 0.5 if masks else None
-        panels = [("input", image)] + ([("reference", ref)] if ref is not None else [])
+        field_of_view = fov_mask(ref if ref is not None else image) if cfg.fov else None
+        box = _crop_box(image.shape, field_of_view, cfg.crop)
+        panels: list[tuple[str, np.ndarray, str]] = []
         for method in methods:
             bar.set_postfix_str(method)
             if method == INPUT_ROW:
                 output = image
+            elif method == REFERENCE_ROW:
+                output = ref  # type: ignore[assignment]
             else:
                 enhancer, guidance = enhancers[method]
                 t0 = time.perf_counter()
@@ -419,8 +545,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                 seconds[method] += time.perf_counter() - t0
                 if output.shape != image.shape:
                     raise RuntimeError(f"method {method} returned shape {output.shape} for an input of {image.shape}")
-                panels.append((method, output))
-            sample = Sample(output=output, input=image, reference=ref, mask=mask, lassim_level=cfg.lassim_level)
+            sample = Sample(output=output, input=image, reference=ref, mask=mask, lassim_level=cfg.lassim_level, view=field_of_view)
+            panels.append((method, output[box[0]:box[1], box[2]:box[3]], _panel_scores(sample) if idx < cfg.montage_images else ""))
             row: dict[str, object] = {"method": method, "image": path.name}
             for m in metrics:
                 try:
@@ -440,11 +566,14 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
     files = {
         "results.md": cfg.out / "results.md",
         "results.csv": cfg.out / "results.csv",
+        "results.json": cfg.out / "results.json",
         "per_image.csv": cfg.out / "per_image.csv",
         "montage.png": cfg.out / "montage.png",
     }
     _write_markdown(files["results.md"], summary, cfg, len(paths))
     _write_csv(files["results.csv"], summary)
+    files["results.json"].write_text(json.dumps({"title": cfg.title, "input": str(cfg.input), "fov": cfg.fov,
+                                                 "summary": summary.to_json(), "per_image": per_image}, indent=1, default=str))
     _write_per_image(files["per_image.csv"], per_image, metrics)
     if montage:
         _write_montage(files["montage.png"], montage)

@@ -59,27 +59,30 @@ def test_evaluate_writes_tables_and_montage(folders, tmp_path, capsys):
     assert "PSNR↑" in printed and "clahe" in printed and "3 image(s) x 2 method(s)" in printed
 
     rows = _read_csv(out / "results.csv")
-    assert [r["method"] for r in rows] == ["input", "clahe", "histeq"]
+    assert [r["method"] for r in rows] == ["input", "reference", "clahe", "histeq"]
     assert all(r["n_images"] == "3" for r in rows)
     # The input row is the untouched input: its PSNR is the mean of the direct per-image PSNRs.
     expected = np.mean([M.psnr(imread(inp / f"img{i}.png"), imread(ref / f"img{i}.png")) for i in range(3)])
     assert float(rows[0]["psnr_mean"]) == pytest.approx(expected, rel=1e-5)
     assert float(rows[0]["lassim_in_mean"]) == pytest.approx(1.0)
+    assert rows[1]["psnr_mean"] == "inf" and float(rows[1]["ssim_mean"]) == pytest.approx(1.0)  # the target
     # Contrast stretching sharpens the washed-out input's gradients and moves away from it.
-    assert float(rows[2]["ag_mean"]) > float(rows[0]["ag_mean"])
-    assert float(rows[2]["lassim_in_mean"]) < 1.0
+    assert float(rows[3]["ag_mean"]) > float(rows[0]["ag_mean"])
+    assert float(rows[3]["lassim_in_mean"]) < 1.0
     for r in rows:
         for key in ("snr3_mean", "auc_mean", "dice_mean", "niqe_mean"):
             assert math.isfinite(float(r[key])), (r["method"], key)
 
     per_image = _read_csv(out / "per_image.csv")
-    assert len(per_image) == 9 and {r["image"] for r in per_image} == {"img0.png", "img1.png", "img2.png"}
+    assert len(per_image) == 12 and {r["image"] for r in per_image} == {"img0.png", "img1.png", "img2.png"}
 
     md = (out / "results.md").read_text()
-    assert "| Method | PSNR ↑ | SSIM ↑ |" in md and "| input |" in md and " ± " in md and "**" in md
+    assert "| Method | n | PSNR ↑ | SSIM ↑ |" in md and "| input | 3 |" in md and "| reference | 3 |" in md
+    assert " ± " in md and "**" in md
+    assert (out / "results.json").is_file()
 
     montage = imread(out / "montage.png")
-    assert montage.ndim == 3 and montage.shape[0] > 300 and montage.shape[1] > 600  # 3 rows x 4 columns
+    assert montage.ndim == 3 and montage.shape[0] > 450 and montage.shape[1] > 600  # 3 rows x 4 full-size 160 px crops
 
 
 def test_metric_selection():

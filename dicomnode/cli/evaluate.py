@@ -83,6 +83,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     print(format_table(result.summary))
     n = len({r["image"] for r in result.per_image})
-    print(f"\n{n} image(s) x {len(result.summary.methods) - 1} method(s); wrote "
+    n_methods = len([m for m in result.summary.methods if m not in ("input", "reference")])
+    print(f"\n{n} image(s) x {n_methods} method(s); wrote "
           + ", ".join(str(p) for p in result.files.values() if p.exists()))
     return 0

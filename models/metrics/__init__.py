@@ -7,6 +7,7 @@ full-reference (``psnr``, ``ssim``), structure preservation (``lassim``), no-ref
 ``sensitivity``, ``specificity``, ``g_mean``).
 """
 
+from models.metrics.color import border_damage, chroma_shift, delta_e
 from models.metrics.fullref import psnr, ssim
 from models.metrics.illumination import SNR_RADII, illumination_uniformity, snr
 from models.metrics.lassim import gaussian_pyramid, laplacian_level, lassim, pyr_down, pyr_up
@@ -14,6 +15,9 @@ from models.metrics.noref import average_gradient, brisque, entropy, niqe, piqe
 from models.metrics.segmentation import auc, dice, g_mean, sensitivity, specificity
 
 __all__ = [
+    "border_damage",
+    "chroma_shift",
+    "delta_e",
     "psnr",
     "ssim",
     "lassim",

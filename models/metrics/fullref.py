@@ -12,19 +12,29 @@ from skimage.metrics import structural_similarity
 from models.metrics._common import same_shape, to_float
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio in dB; ``inf`` for identical images."""
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Peak signal-to-noise ratio in dB; ``inf`` for identical images. ``mask``: only those pixels count."""
     a, b = same_shape(a, b)
-    mse = float(np.mean((to_float(a, "a") - to_float(b, "b")) ** 2))
+    err = (to_float(a, "a") - to_float(b, "b")) ** 2
+    if mask is not None:
+        err = err[np.asarray(mask, dtype=bool)]
+    mse = float(np.mean(err))
     if mse == 0.0:
         return float("inf")
     return float(10.0 * np.log10(1.0 / mse))
 
 
-def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    """SSIM with scikit-image defaults (7x7 uniform window, K1 0.01, K2 0.03), mean over channels."""
+def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """SSIM with scikit-image defaults (7x7 uniform window, K1 0.01, K2 0.03), mean over channels.
+
+    ``mask``: the SSIM map is averaged over those pixels only (e.g. a field of view).
+    """
     a, b = same_shape(a, b)
     fa, fb = to_float(a, "a"), to_float(b, "b")
     if min(fa.shape[:2]) < 7:
         raise ValueError(f"SSIM needs images of at least 7x7 pixels, got {fa.shape[:2]}")
-    return float(structural_similarity(fa, fb, data_range=1.0, channel_axis=2 if fa.ndim == 3 else None))
+    if mask is None:
+        return float(structural_similarity(fa, fb, data_range=1.0, channel_axis=2 if fa.ndim == 3 else None))
+    _, smap = structural_similarity(fa, fb, data_range=1.0, channel_axis=2 if fa.ndim == 3 else None, full=True)
+    smap = smap.mean(axis=2) if smap.ndim == 3 else smap
+    return float(smap[np.asarray(mask, dtype=bool)].mean())

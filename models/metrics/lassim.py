@@ -68,7 +68,7 @@ def laplacian_level(image: np.ndarray, level: int = 3) -> np.ndarray:
     return gauss[level] - pyr_up(gauss[level + 1], gauss[level].shape)
 
 
-def lassim(a: np.ndarray, b: np.ndarray, level: int = 3) -> float:
+def lassim(a: np.ndarray, b: np.ndarray, level: int = 3, mask: np.ndarray | None = None) -> float:
     """Laplacian SSIM of two same-shaped images (gray or RGB; uint8, uint16 or float in [0, 1]).
 
     Symmetric in its arguments; 1 for identical images. Level 3 suits images of about 256-512 px
@@ -86,4 +86,11 @@ def lassim(a: np.ndarray, b: np.ndarray, level: int = 3) -> float:
     data_range = max(la.max(), lb.max()) - min(la.min(), lb.min())
     if data_range == 0.0:  # both residuals flat and equal (e.g. two constant images)
         return 1.0
-    return float(structural_similarity(la, lb, data_range=data_range))
+    if mask is None:
+        return float(structural_similarity(la, lb, data_range=data_range))
+    _, smap = structural_similarity(la, lb, data_range=data_range, full=True)
+    m = np.asarray(mask, dtype=bool)
+    for _ in range(level):  # the mask at the level's resolution (pyrDown keeps even rows and columns)
+        m = m[::2, ::2]
+    m = m[: smap.shape[0], : smap.shape[1]]
+    return float(smap[m].mean()) if m.any() else float("nan")

