@@ -28,6 +28,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--input", type=Path, help="folder of low-quality images (PNG/JPEG/TIFF/BMP or DICOM)")
     src.add_argument("--benchmark", choices=("ccm", "fundus"),
                      help="built-in paired benchmark: clean images degraded with a fixed seed")
+    src.add_argument("--holdout", action="store_true",
+                     help="every configured model (as --config routes and guides it), the input and CLAHE on the "
+                          "held-out images: degraded clean references, real CCM pairs, real low-quality images")
+    p.add_argument("--config", type=Path, default=None, help="with --holdout: the node config whose models are evaluated (default: embedded)")
+    p.add_argument("--holdout-dir", type=Path, default=None, help="with --holdout: the held-out images (default: ../shared/data/holdout)")
     p.add_argument("--reference", type=Path, help="clean references with the same file names as --input (adds PSNR/SSIM/LaSSIM)")
     p.add_argument("--masks", type=Path, help="structure masks with the same file names (adds SNR_r and segmentation scores)")
     p.add_argument("--guidance", type=Path, help="high-quality images for guided models (HQG-Net): mean guidance vector")
@@ -37,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", type=_csv, default=None,
                    help="comma list of metrics (default: all the inputs allow): psnr,ssim,lassim,lassim_in,ag,en,niqe,"
                         "brisque,piqe,illum,snr3,snr5,snr7,snr9,auc,dice,sens,gmean")
-    p.add_argument("--out", type=Path, required=True, help="output folder for the tables and montage")
+    p.add_argument("--out", type=Path, default=Path("evaluation"), help="output folder for the tables and montage (default evaluation)")
     p.add_argument("--size", type=int, default=384, help="scale the longer side down to this many pixels (0 = keep; default 384)")
     p.add_argument("--device", default="auto", help="device for trained models: auto, cpu, cuda (default auto)")
     p.add_argument("--montage-images", type=int, default=4, help="images shown in montage.png (default 4)")
@@ -49,9 +54,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def _holdout(args: argparse.Namespace) -> int:
+    from dicomnode.cli.common import config_or_exit  # noqa: PLC0415
+    from dicomnode.resident import ResidentModels  # noqa: PLC0415
+    from dicomnode.tools.holdout import run_holdout  # noqa: PLC0415
+    from models.evaluate import shared_data_root  # noqa: PLC0415
+
+    config = config_or_exit(args.config)
+    models = ResidentModels.load(config)
+    for name, reason in models.failures.items():
+        print(f"model {name} not evaluated: {reason}")
+    methods = [m for m in args.methods if m not in ("clahe", "histeq", "retinex")] if args.methods != ["clahe", "histeq", "retinex"] else []
+    try:
+        run_holdout(config, models, args.holdout_dir or shared_data_root() / "holdout", args.out, extra_methods=methods,
+                    progress=not args.no_progress)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}")
+        return 2
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     from models.evaluate import EvalConfig, evaluate, format_table, run_benchmark
     from models.registry import ModelLoadError
+
+    if args.holdout:
+        return _holdout(args)
 
     if args.benchmark is None and args.input is not None and not args.input.is_dir():
         print(f"error: --input {args.input} is not a folder")
