@@ -221,9 +221,109 @@ def train(target: str, work: Path, *, g_steps: int, steps: int, size: int, confi
                                 "--modality", target, "--half", *_resume(root / "hqgnet")])
 
 
+# --------------------------------------------------------------------------------------------- export
+
+
+MODALITIES = {"ccm": ("default",), "color": ("OP", "ES"), "fundus": ("OP",), "endoscopy": ("ES",)}
+DISPLAY = {"ccm": "corneal confocal microscopy", "color": "fundus photography (OP) and endoscopy (ES)",
+           "fundus": "fundus photography (OP)", "endoscopy": "endoscopy (ES)"}
+
+
+def _recent_losses(log_csv: Path, n: int = 200) -> dict[str, float]:
+    import csv
+
+    rows = list(csv.DictReader(log_csv.open()))[-n:]
+    keys = [k for k in rows[0] if k != "step"] if rows else []
+    return {k: round(float(np.mean([float(r[k]) for r in rows if r.get(k) not in (None, "")])), 6) for k in keys}
+
+
+def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | None = None, color_mode: str = "full") -> Path:
+    """Weights (fp16) + card from a training checkpoint, and one guidance cache per modality from the training HQ images."""
+    import torch
+
+    from dicomnode import guidance as gd
+    from models.hqgnet import HQGNet, HQGNetConfig
+    from models.registry import build_model, read_card
+    from models.train.common import export_weights, hardware_description
+
+    root = work / target
+    ckpt_path = checkpoint or root / "hqgnet" / "checkpoint_last.pt"
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    cfg = HQGNetConfig.from_dict(dict(state["extra"]["config"]))
+    net = HQGNet(cfg)
+    net.load_state_dict(state["modules"]["net"])
+    manifest = json.loads((root / "train.json").read_text())
+    g_card = read_card(root / "g" / "g.pt", verify=False)
+    name = f"hqgnet-{target}"
+    card = {
+        "kind": "hqgnet", "name": "HQG-Net", "version": "2.0.0", "config": cfg.to_dict(), "channels": cfg.channels,
+        "size": 192, "working_max_side": int(manifest["max_side"]), "fov": bool(manifest.get("fov", False)),
+        "color_mode": color_mode, "for": DISPLAY[target],
+        "training_data": {"source": "shared/data/train (SOURCES.md), validation split held out",
+                          "counts": json.loads((root / "counts.json").read_text())},
+        "g": {"iterations": g_card.extra.get("iterations"), "probe": g_card.extra.get("probe"),
+              "aux_classifier": g_card.extra.get("aux_classifier"), "final_losses": g_card.extra.get("final_losses")},
+        "loss_weights": {"lambda1": 10.0, "lambda2": 1.0},
+        "iterations": int(state["step"]), "checkpoint": ckpt_path.name,
+        "hardware": hardware_description(torch.device("cpu")),
+        "recent_losses": _recent_losses(root / "hqgnet" / "log.csv"),
+        "retrain": f"python scripts/release_weights.py all --target {target}",
+    }
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    dst = weights_dir / f"{name}.pt"
+    export_weights(dst, net.state_dict(), card, half=True)
+    for old in weights_dir.glob(f"{name}.guidance-*.json"):
+        old.unlink()
+    enhancer = build_model("hqgnet", weights=dst, device="cpu")
+    refs = json.loads((root / "guidance.json").read_text())
+    ids = {}
+    for modality in MODALITIES[target]:
+        source_modality = "default" if target == "ccm" else modality
+        items = refs.get(source_modality) or refs[next(iter(refs))]
+        paths, weights = [Path(p) for p, _ in items], [w for _, w in items]
+        order = sorted(range(len(paths)), key=lambda i: paths[i])
+        g = gd.build(enhancer, name, [paths[i] for i in order], modality=modality, method="mean", weights=[weights[i] for i in order])
+        gd.save(g, weights_dir / f"{name}.guidance-{modality}.json")
+        ids[modality] = g.id
+    log.info("%s: exported step %d -> %s, guidance %s", target, state["step"], dst, ids)
+    return dst
+
+
+def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
+    """The exported model against CLAHE and the input on the validation pairs (training split, never holdout)."""
+    from dicomnode import guidance as gd
+    from models.evaluate import EvalConfig, evaluate, markdown_table
+    from models.registry import build_model
+
+    root = work / target
+    enhancers = {}
+    for modality in MODALITIES[target]:
+        enhancer = build_model("hqgnet", weights=weights, device="cpu")
+        g = gd.load(weights.with_name(f"{weights.stem}.guidance-{modality}.json"))
+
+        class Bound:  # the cached vector bound, as the node binds it
+            def __init__(self, inner, vector):
+                self.inner, self.vector, self.info, self.uses_guidance = inner, vector, inner.info, False
+
+            def enhance(self, images, guidance=None):
+                return self.inner.enhance(images, self.vector)
+
+        enhancers[f"hqgnet ({modality})"] = Bound(enhancer, g.vector)
+    cfg = EvalConfig(input=root / "val_pairs" / "lq", reference=root / "val_pairs" / "hq", out=out, methods=["clahe"],
+                     enhancers=enhancers, metrics=["psnr", "ssim", "lassim", "de", "lassim_in", "chroma", "border"],
+                     size=512, device="cpu", fov=TARGETS[target][2] != ("ccm",), progress=False,
+                     title=f"validation: {target}")
+    result = evaluate(cfg)
+    print(markdown_table(result.summary))
+    return result.summary.to_json()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("prepare", "train", "all"))
+    parser.add_argument("stage", choices=("prepare", "train", "export", "validate", "all"))
+    parser.add_argument("--weights-dir", type=Path, default=REPO / "models" / "weights")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="export: this checkpoint instead of the last")
+    parser.add_argument("--color-mode", choices=("full", "luminance"), default="full", help="export: the card's default output mode")
     parser.add_argument("--target", choices=tuple(TARGETS), required=True)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
@@ -240,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("train", "all"):
         train(args.target, args.work, g_steps=args.g_steps, steps=args.steps, size=args.size, config=args.config,
               device=args.device, seed=args.seed)
+    if args.stage in ("export", "all"):
+        export(args.target, args.work, args.weights_dir, checkpoint=args.checkpoint, color_mode=args.color_mode)
+    if args.stage in ("validate", "all"):
+        validate(args.target, args.work, args.weights_dir / f"hqgnet-{args.target}.pt", args.work / args.target / "validation")
     return 0
 
 
