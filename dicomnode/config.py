@@ -242,6 +242,24 @@ def _check_match_key(value: str) -> str:
 MatchKey = Annotated[str, AfterValidator(_check_match_key)]
 
 
+class GatePolicy(StrictModel):
+    """The quality gate: every output is measured against its source before it may be sent.
+
+    An output that fails any check is not sent; its job becomes ``gated`` with the figures
+    (``dicomnode resend --force JOB`` sends it anyway). Defaults are calibrated on the held-out
+    data (docs/quality-gate.md): the shipped models' good outputs pass, a red tint, erased
+    structure, a flat or saturated frame and a changed field-of-view surround do not.
+    """
+
+    enabled: bool = True
+    min_lassim: float = Field(0.55, ge=0, le=1)  # structure kept: LaSSIM(input, output) at least this
+    max_delta_e: float = Field(10.0, gt=0)  # colour shift: mean CIEDE2000 (colour sources) at most this
+    max_chroma_shift: float = Field(6.0, gt=0)  # mean shift of the a*b* chroma vector at most this
+    min_std: float = Field(0.01, ge=0)  # a frame whose intensity std falls below this is flat
+    max_saturated: float = Field(0.25, ge=0, le=1)  # fraction of pixels at 0 or 1 the output may add
+    max_border_change: float = Field(6.0, gt=0)  # mean |change| of the field-of-view surround, 8-bit levels
+
+
 class Rule(StrictModel):
     """Route series whose instances match every key to ``model`` (None = forward untouched).
 
@@ -252,6 +270,7 @@ class Rule(StrictModel):
     match: dict[MatchKey, MatchValueField] = {}  # empty = matches everything (a catch-all)
     model: str | None = None
     destinations: list[str] = []
+    gate: GatePolicy = Field(default_factory=GatePolicy)
 
 
 class UnmatchedPolicy(StrictModel):
@@ -268,6 +287,10 @@ class DerivePolicy(StrictModel):
     content_qualification: Annotated[Literal["RESEARCH", "PRODUCT", "SERVICE"], BeforeValidator(upper)] = "RESEARCH"
     manufacturer: str = "dicomnode"
     institution_name: str | None = None
+    # How derived pixels are stored; a destination that refuses the syntax gets them uncompressed.
+    transfer_syntax: Literal["jpeg-ls-lossless", "jpeg2000-lossless", "rle-lossless", "uncompressed"] = "jpeg-ls-lossless"
+    # Images smaller than this many pixels on a side are not enhanced (the job records why).
+    min_size: int = Field(16, ge=1)
 
 
 class DispatchPolicy(StrictModel):
