@@ -8,6 +8,10 @@ modality rescale followed by the VOI transform a viewer would apply (window cent
 LUT, or a per-frame min-max stretch when the sender gave neither). The result is what a reader
 would see on screen, which is what the enhancement models were trained on.
 
+Before the first frame is decoded, :func:`check_pixel_data` checks from the encoded bytes alone that
+every frame is complete (each codestream's start, end and header against the dataset): the JPEG and
+JPEG-LS decoders return a frame that was cut short as a whole image with the rest filled flat.
+
 Frames are decoded one at a time (:func:`iter_frames`) so a large multi-frame instance never has to
 be held as float32 all at once. :func:`to_stored` maps enhanced frames back to the stored values
 of the derived object: 8-bit RGB for colour, 8-bit gray for 8-bit sources and 16-bit gray for
@@ -16,6 +20,7 @@ deeper ones.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +43,20 @@ LOSSY_METHODS: dict[str, str] = {
 
 
 RLE_LOSSLESS = "1.2.840.10008.1.2.5"
+
+# Encapsulated syntaxes whose frames are checked for completeness before decoding, by codestream family.
+_JPEG_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",  # baseline, extended
+    "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",  # lossless
+})
+_JPEG_LS_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"})
+_J2K_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93",
+    "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203",  # HTJ2K
+})
+# JPEG start-of-frame markers (SOF0-SOF15 less DHT C4, JPG C8 and DAC CC); JPEG-LS has SOF55 (F7) only.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_LS_SOF = frozenset({0xF7})
 
 
 class PixelDecodeError(ValueError):
@@ -231,13 +250,265 @@ def _gray_to_unit(raw: np.ndarray, ds: Dataset, info: PixelInfo, index: int) -> 
     return _minmax(modality), "minmax"
 
 
+def _unpadded_end(data: bytes | memoryview) -> int:
+    """Length of ``data`` less trailing padding: fragments are even length, encoders pad with 0x00 or 0xFF."""
+    end = len(data)
+    while end and data[end - 1] in (0x00, 0xFF):
+        end -= 1
+    return end
+
+
+def _fragments(data: bytes) -> tuple[list[int], list[tuple[int, memoryview]]]:
+    """(Basic Offset Table, [(offset of the item from the first fragment item, fragment bytes)]).
+
+    Parsed here rather than by pydicom, whose fragment reader returns a short fragment as it is when
+    an item claims more bytes than the pixel data holds.
+    """
+    view = memoryview(data)
+    items: list[tuple[int, memoryview]] = []
+    pos = 0
+    while pos < len(view):
+        if pos + 8 > len(view):
+            raise PixelDecodeError(f"encapsulated pixel data is truncated: {len(view) - pos} bytes left at byte {pos}, "
+                                   "too few for an item header")
+        group, elem, length = struct.unpack_from("<HHL", view, pos)
+        if (group, elem) == (0xFFFE, 0xE0DD):  # sequence delimiter
+            break
+        if (group, elem) != (0xFFFE, 0xE000):
+            raise PixelDecodeError(f"encapsulated pixel data is corrupt: tag ({group:04X},{elem:04X}) at byte {pos} "
+                                   "where an item should start")
+        if length == 0xFFFFFFFF or pos + 8 + length > len(view):
+            raise PixelDecodeError(f"encapsulated pixel data is truncated: the item at byte {pos} declares {length} bytes, "
+                                   f"{len(view) - pos - 8} remain")
+        items.append((pos, view[pos + 8:pos + 8 + length]))
+        pos += 8 + length
+    if not items:
+        raise PixelDecodeError("encapsulated pixel data has no Basic Offset Table item")
+    bot = items[0][1]
+    if len(bot) % 4:
+        raise PixelDecodeError(f"the Basic Offset Table is {len(bot)} bytes, not a multiple of 4")
+    first = items[1][0] if len(items) > 1 else 0
+    offsets = list(struct.unpack(f"<{len(bot) // 4}L", bot))
+    return offsets, [(start - first, frag) for start, frag in items[1:]]
+
+
+def _starts_codestream(fragment: memoryview, family: str) -> bool:
+    if family in ("jpeg", "jpeg-ls"):
+        return bytes(fragment[:2]) == b"\xff\xd8"
+    if family == "j2k":
+        return bytes(fragment[:4]) == b"\xff\x4f\xff\x51" or bytes(fragment[4:8]) == b"jP  "
+    return False
+
+
+def _encapsulated_frames(ds: Dataset, nframes: int, family: str | None) -> list[bytes | memoryview]:
+    """The encoded bytes of each frame: by the Extended or Basic Offset Table, else by fragment count
+    and (several fragments per frame) by where a codestream starts."""
+    offsets, fragments = _fragments(ds.PixelData)
+    if not fragments:
+        raise PixelDecodeError("encapsulated pixel data holds no fragments")
+    where = {start: i for i, (start, _) in enumerate(fragments)}
+    eot, eot_lengths = ds.get("ExtendedOffsetTable"), ds.get("ExtendedOffsetTableLengths")
+    if eot and eot_lengths:
+        if len(eot) % 8 or len(eot_lengths) != len(eot):
+            raise PixelDecodeError("the Extended Offset Table and its lengths do not match")
+        starts = struct.unpack(f"<{len(eot) // 8}Q", eot)
+        lengths = struct.unpack(f"<{len(eot_lengths) // 8}Q", eot_lengths)
+        if len(starts) != nframes:
+            raise PixelDecodeError(f"the Extended Offset Table lists {len(starts)} frames, NumberOfFrames is {nframes}")
+        frames: list[bytes | memoryview] = []
+        for index, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+            if start not in where:
+                raise PixelDecodeError(f"frame {index}: the Extended Offset Table points at byte {start}, "
+                                       "which does not start a fragment")
+            fragment = fragments[where[start]][1]
+            if length > len(fragment):
+                raise PixelDecodeError(f"frame {index} is truncated: the Extended Offset Table gives {length} bytes, "
+                                       f"its fragment holds {len(fragment)}")
+            frames.append(fragment[:length])
+        return frames
+    if offsets:
+        if len(offsets) != nframes:
+            raise PixelDecodeError(f"the Basic Offset Table lists {len(offsets)} frames, NumberOfFrames is {nframes}")
+        if offsets[0] != 0 or any(b <= a for a, b in zip(offsets, offsets[1:])) or any(o not in where for o in offsets):
+            raise PixelDecodeError("the Basic Offset Table does not point at the fragments' starts in order")
+        bounds = [where[o] for o in offsets] + [len(fragments)]
+    elif len(fragments) == nframes:
+        bounds = list(range(nframes + 1))
+    elif nframes == 1:
+        bounds = [0, len(fragments)]
+    elif len(fragments) < nframes or family is None or family == "rle":
+        raise PixelDecodeError(f"encapsulated pixel data holds {len(fragments)} fragments for {nframes} frames "
+                               "and no offset table")
+    else:  # no offset table, several fragments per frame: a frame starts where a codestream starts
+        bounds = [i for i, (_, frag) in enumerate(fragments) if _starts_codestream(frag, family)] + [len(fragments)]
+        if bounds[0] != 0 or len(bounds) - 1 != nframes:
+            raise PixelDecodeError(f"{len(bounds) - 1} codestreams start in the {len(fragments)} fragments, "
+                                   f"NumberOfFrames is {nframes}")
+    return [fragments[a][1] if b == a + 1 else b"".join(f for _, f in fragments[a:b])
+            for a, b in zip(bounds, bounds[1:])]
+
+
+def _check_jpeg(frame: bytes | memoryview, index: int, info: PixelInfo, *, ls: bool) -> None:
+    """SOI ... EOI with a complete header whose SOF agrees with the dataset: decoders fill a cut frame silently."""
+    what = "JPEG-LS" if ls else "JPEG"
+    end = _unpadded_end(frame)
+    if end < 4 or bytes(frame[:2]) != b"\xff\xd8":
+        raise PixelDecodeError(f"frame {index}: the {what} codestream does not start with an SOI marker (FF D8)")
+    if bytes(frame[end - 2:end]) != b"\xff\xd9":
+        raise PixelDecodeError(f"frame {index} is truncated: its {what} codestream ({end} bytes) does not end "
+                               "with an EOI marker (FF D9)")
+    sofs = _JPEG_LS_SOF if ls else _JPEG_SOF
+    pos, sof_seen = 2, False
+    while True:
+        if frame[pos] != 0xFF:
+            raise PixelDecodeError(f"frame {index}: the {what} header is corrupt: no marker at byte {pos}")
+        marker = frame[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            pos += 2
+            continue
+        if marker in (0xD8, 0xD9) or pos + 4 > end:
+            raise PixelDecodeError(f"frame {index}: the {what} codestream has no scan (no SOS marker)")
+        length = int.from_bytes(frame[pos + 2:pos + 4], "big")
+        if length < 2 or pos + 2 + length > end - 2:
+            raise PixelDecodeError(f"frame {index} is truncated: its {what} marker segment FF {marker:02X} at byte {pos} "
+                                   f"declares {length} bytes, {end - 2 - pos - 2} remain before EOI")
+        if marker in sofs:
+            if length < 8:
+                raise PixelDecodeError(f"frame {index}: the {what} SOF segment is {length} bytes, too short")
+            height = int.from_bytes(frame[pos + 5:pos + 7], "big")
+            width = int.from_bytes(frame[pos + 7:pos + 9], "big")
+            components = frame[pos + 9]
+            # height 0: given later by a DNL marker (JPEG) or an LSE segment (JPEG-LS), as is width 0 in JPEG-LS
+            if (height and height != info.rows) or ((width or not ls) and width != info.columns):
+                raise PixelDecodeError(f"frame {index}: the {what} codestream is {height}x{width} (rows x columns), "
+                                       f"the header says {info.rows}x{info.columns}")
+            if components != info.samples_per_pixel:
+                raise PixelDecodeError(f"frame {index}: the {what} codestream has {components} components, "
+                                       f"SamplesPerPixel is {info.samples_per_pixel}")
+            sof_seen = True
+        elif marker == 0xDA:  # SOS: entropy-coded data follows, the header is complete
+            if not sof_seen:
+                raise PixelDecodeError(f"frame {index}: the {what} codestream has a scan before any frame header (SOF)")
+            return
+        pos += 2 + length
+
+
+def _check_j2k(frame: bytes | memoryview, index: int, info: PixelInfo) -> None:
+    """SOC+SIZ ... EOC with every tile-part's declared length present (a cut anywhere breaks the chain)."""
+    if bytes(frame[4:8]) == b"jP  ":  # a JP2 file: the codestream is the contents of its jp2c box
+        pos = 0
+        while True:
+            if pos + 8 > len(frame):
+                raise PixelDecodeError(f"frame {index}: the JP2 file has no codestream box (jp2c)")
+            size, kind, head = int.from_bytes(frame[pos:pos + 4], "big"), bytes(frame[pos + 4:pos + 8]), 8
+            if size == 1 and pos + 16 <= len(frame):
+                size, head = int.from_bytes(frame[pos + 8:pos + 16], "big"), 16
+            elif size == 0:
+                size = len(frame) - pos
+            if size < head or pos + size > len(frame):
+                raise PixelDecodeError(f"frame {index} is truncated: its JP2 box {kind!r} at byte {pos} declares "
+                                       f"{size} bytes, {len(frame) - pos} remain")
+            if kind == b"jp2c":
+                frame = frame[pos + head:pos + size]
+                break
+            pos += size
+    end = _unpadded_end(frame)
+    if bytes(frame[:4]) != b"\xff\x4f\xff\x51":
+        raise PixelDecodeError(f"frame {index}: the JPEG 2000 codestream does not start with SOC and SIZ (FF 4F FF 51)")
+    if end < 44 or bytes(frame[end - 2:end]) != b"\xff\xd9":
+        raise PixelDecodeError(f"frame {index} is truncated: its JPEG 2000 codestream ({end} bytes) does not end "
+                               "with an EOC marker (FF D9)")
+    lsiz = int.from_bytes(frame[4:6], "big")
+    xsiz, ysiz, xosiz, yosiz = struct.unpack_from(">4L", frame, 8)
+    components = int.from_bytes(frame[40:42], "big")
+    if (ysiz - yosiz, xsiz - xosiz) != (info.rows, info.columns):
+        raise PixelDecodeError(f"frame {index}: the JPEG 2000 image is {ysiz - yosiz}x{xsiz - xosiz} (rows x columns), "
+                               f"the header says {info.rows}x{info.columns}")
+    if components != info.samples_per_pixel:
+        raise PixelDecodeError(f"frame {index}: the JPEG 2000 codestream has {components} components, "
+                               f"SamplesPerPixel is {info.samples_per_pixel}")
+    eoc = end - 2
+    pos = 4 + lsiz
+    while pos + 4 <= eoc and bytes(frame[pos:pos + 2]) != b"\xff\x90":  # main header segments up to the first SOT
+        if frame[pos] != 0xFF:
+            raise PixelDecodeError(f"frame {index}: the JPEG 2000 main header is corrupt: no marker at byte {pos}")
+        pos += 2 + int.from_bytes(frame[pos + 2:pos + 4], "big")
+    tile_parts = 0
+    while pos < eoc:
+        if pos + 12 > eoc or bytes(frame[pos:pos + 2]) != b"\xff\x90":
+            raise PixelDecodeError(f"frame {index} is corrupt or truncated: no JPEG 2000 tile-part (SOT) at byte {pos}")
+        psot = int.from_bytes(frame[pos + 6:pos + 10], "big")
+        if psot == 0:  # the last tile-part runs to EOC
+            psot = eoc - pos
+        if psot < 12 or pos + psot > eoc:
+            raise PixelDecodeError(f"frame {index} is truncated: JPEG 2000 tile-part {tile_parts} at byte {pos} "
+                                   f"declares {psot} bytes, {eoc - pos} remain before EOC")
+        pos += psot
+        tile_parts += 1
+    if not tile_parts:
+        raise PixelDecodeError(f"frame {index}: the JPEG 2000 codestream holds no tile-part")
+
+
+def _check_rle(frame: bytes | memoryview, index: int, info: PixelInfo) -> None:
+    """The RLE header names one segment per byte plane, each starting inside the frame after the one before."""
+    if len(frame) < 64:
+        raise PixelDecodeError(f"frame {index} is truncated: {len(frame)} bytes cannot hold the 64-byte RLE header")
+    count, *offsets = struct.unpack_from("<16L", frame)
+    expected = info.samples_per_pixel * ((info.bits_allocated + 7) // 8)
+    if count != expected:
+        raise PixelDecodeError(f"frame {index}: the RLE header lists {count} segments, SamplesPerPixel "
+                               f"{info.samples_per_pixel} x BitsAllocated {info.bits_allocated} needs {expected}")
+    starts = offsets[:count]
+    if starts[0] != 64:
+        raise PixelDecodeError(f"frame {index}: the first RLE segment starts at byte {starts[0]}, not 64")
+    for segment, (start, stop) in enumerate(zip(starts, [*starts[1:], len(frame)])):
+        if start >= len(frame):
+            raise PixelDecodeError(f"frame {index} is truncated: RLE segment {segment} starts at byte {start}, "
+                                   f"the frame holds {len(frame)} bytes")
+        if stop <= start:
+            raise PixelDecodeError(f"frame {index}: RLE segment {segment + 1} does not start after segment {segment}")
+
+
+def check_pixel_data(ds: Dataset, info: PixelInfo | None = None) -> None:
+    """PixelDecodeError unless the stored pixel data holds every frame complete (no decoding).
+
+    The JPEG and JPEG-LS decoders turn a frame that was cut short into a whole image with the rest
+    filled flat; this finds the cut from the codestream's own structure first.
+    """
+    info = info or pixel_info(ds)
+    ts = UID(info.transfer_syntax)
+    if not ts.is_encapsulated:  # native and deflated: the bytes themselves (pydicom inflated deflate already)
+        per_pixel = 2 if info.photometric == "YBR_FULL_422" else info.samples_per_pixel  # 4:2:2: Y Y Cb Cr
+        frame_bytes = (info.rows * info.columns * per_pixel * info.bits_allocated + 7) // 8
+        stored = len(ds.PixelData)
+        if stored < frame_bytes * info.number_of_frames:
+            raise PixelDecodeError(
+                f"pixel data is truncated: {stored} bytes, less than expected ({info.number_of_frames} frame(s) of "
+                f"{frame_bytes} bytes need {frame_bytes * info.number_of_frames}; frame {stored // frame_bytes} is cut short)")
+        return
+    family = ("jpeg" if ts in _JPEG_SYNTAXES else "jpeg-ls" if ts in _JPEG_LS_SYNTAXES
+              else "j2k" if ts in _J2K_SYNTAXES else "rle" if ts == RLE_LOSSLESS else None)
+    for index, frame in enumerate(_encapsulated_frames(ds, info.number_of_frames, family)):
+        if family in ("jpeg", "jpeg-ls"):
+            _check_jpeg(frame, index, info, ls=family == "jpeg-ls")
+        elif family == "j2k":
+            _check_j2k(frame, index, info)
+        elif family == "rle":
+            _check_rle(frame, index, info)
+
+
 def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np.ndarray, str]]:
     """Yield (frame, voi) for each frame in order: frame float32 [0, 1], voi the transform used."""
     info = info or pixel_info(ds)
     decoder = get_decoder(UID(info.transfer_syntax))
     # pydicom tries its own pure-Python RLE decoder first; pylibjpeg-rle is ~8x faster when installed
     plugin = "pylibjpeg" if info.transfer_syntax == RLE_LOSSLESS and "pylibjpeg" in decoder.available_plugins else ""
+    index = 0
     try:
+        check_pixel_data(ds, info)  # before any frame is yielded: a cut last frame fails the whole instance
         frames = decoder.iter_array(ds, as_rgb=True, decoding_plugin=plugin)
         for index in range(info.number_of_frames):
             try:
@@ -248,6 +519,9 @@ def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np
                 ) from None
             if raw.shape[:2] != (info.rows, info.columns):
                 raise PixelDecodeError(f"decoded frame {index} is {raw.shape[:2]}, header says {info.rows}x{info.columns}")
+            if raw.size != info.rows * info.columns * info.samples_per_pixel:
+                raise PixelDecodeError(f"decoded frame {index} holds {raw.size} samples, header says "
+                                       f"{info.rows}x{info.columns}x{info.samples_per_pixel}")
             if info.photometric == "PALETTE COLOR":
                 rgb = apply_color_lut(raw, ds)
                 scale = 255.0 if rgb.dtype == np.uint8 or float(rgb.max(initial=0)) <= 255 else 65535.0
@@ -264,7 +538,7 @@ def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np
         raise
     except Exception as exc:  # decoder errors (truncated data, corrupt codestream) name the syntax
         raise PixelDecodeError(
-            f"cannot decode {UID(info.transfer_syntax).name} pixel data: {exc}"
+            f"cannot decode {UID(info.transfer_syntax).name} pixel data (frame {index}): {exc}"
         ) from exc
 
 
