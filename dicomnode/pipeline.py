@@ -20,6 +20,7 @@ from dicomnode.config import NodeConfig
 from dicomnode.derive import DeriveSettings, derive_sc
 from dicomnode.domain import Series, SeriesOutcome
 from dicomnode.durable import write_with
+from dicomnode.encode import encode
 from dicomnode.enhance import enhance_instances
 from dicomnode.resident import ModelUnavailable, ResidentModels
 
@@ -82,6 +83,13 @@ class Pipeline:
                     derived = derive_sc(item.header, item.frames, info, self.derive, bound.guidance_id)
                 except Exception as exc:  # a header derive cannot use fails this instance alone
                     item.error = f"derive: {type(exc).__name__}: {exc}"
+                timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
+            if item.error is None:
+                t0 = time.perf_counter()
+                try:  # storage encoding (derive.transfer_syntax), counted with derive under "encode"
+                    derived = encode(derived, self.derive.policy.transfer_syntax)
+                except Exception as exc:  # an encoder failure fails this instance alone
+                    item.error = f"encode: {type(exc).__name__}: {exc}"
                 timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
             if item.error is None:
                 t0 = time.perf_counter()

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import pydicom
 from pydantic import Field
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
@@ -35,6 +35,7 @@ from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code
 
 from dicomnode.configtypes import AETitle, ConfigPath, Port, StrictModel
 from dicomnode.destinations.base import Destination, DestinationSettings, SendOutcome, destination_type
+from dicomnode.encode import decompress_for
 from dicomnode.security import client_tls_args
 
 __all__ = [
@@ -297,12 +298,13 @@ class DicomDestination(Destination):
         try:
             if info.transfer_syntax in accepted_ts:
                 payload: Path | Dataset = info.path  # streamed from disk as stored
+                logger.debug("%s: SOP instance %s sent as stored (%s)", self.name, info.sop_instance, info.transfer_syntax.name)
             elif not (accepted_ts & set(_UNCOMPRESSED)):
                 return SendOutcome(info.path, False, None,
                                    f"PACS accepted SOP class {info.sop_class.name} only in "
                                    f"{', '.join(sorted(ts.name for ts in accepted_ts))}, which this file is not in")
             else:
-                payload, note = self._as_uncompressed(info)
+                payload, note = self._as_uncompressed(info, accepted_ts)
         except Exception as exc:  # noqa: BLE001 - a file that cannot be decoded fails alone
             return SendOutcome(info.path, False, None, f"cannot convert {info.transfer_syntax.name} for sending: {exc}")
         try:
@@ -323,17 +325,17 @@ class DicomDestination(Destination):
         logger.warning("%s: SOP instance %s: %s", self.name, info.sop_instance, detail)
         return SendOutcome(info.path, False, status, detail)
 
-    @staticmethod
-    def _as_uncompressed(info: FileMeta) -> tuple[Dataset, str]:
-        """Decode the file into an uncompressed dataset pynetdicom can encode for any accepted TS."""
-        ds = pydicom.dcmread(info.path)
-        tsyntax = info.transfer_syntax
-        if tsyntax.is_compressed and "PixelData" in ds:
-            ds.decompress()  # sets the file meta to Explicit VR Little Endian
-            return ds, f" (decompressed from {tsyntax.name}: PACS refused it)"
-        if tsyntax == DeflatedExplicitVRLittleEndian or tsyntax.is_compressed:
-            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        return ds, ""
+    def _as_uncompressed(self, info: FileMeta, accepted: set[UID]) -> tuple[Dataset, str]:
+        """Decode the file into an uncompressed dataset pynetdicom can encode for any accepted TS.
+
+        The SOP Instance UID is kept: the PACS stores the same instance, only its encoding differs.
+        """
+        ds, decoded_from = decompress_for(pydicom.dcmread(info.path), accepted)
+        if decoded_from is None:
+            return ds, ""
+        logger.info("%s: SOP instance %s: PACS refused %s for %s, sent decompressed", self.name, info.sop_instance,
+                    decoded_from.name, info.sop_class.name)
+        return ds, f" (decompressed from {decoded_from.name}: PACS refused it)"
 
 
 def context_groups(infos: Sequence[tuple[int, FileMeta]]) -> list[list[tuple[int, FileMeta]]]:
