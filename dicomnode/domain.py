@@ -63,7 +63,8 @@ class SeriesOutcome:
 
     ``matched`` indexes ``series.instances``: the instances the rule took (the others are left alone).
     ``outputs`` are written files (derived objects, or the sources for ``forward``); ``failed`` holds
-    sources that produced nothing, with the reason. ``error`` is set when the series as a whole failed
+    sources that produced nothing, with the reason; ``skipped`` sources the node does not enhance
+    (smaller than ``derive.min_size``), with the reason. ``error`` is set when the series as a whole failed
     (its model is unavailable, nothing could be enhanced); ``gate`` holds the quality gate's verdict.
     """
 
@@ -75,6 +76,7 @@ class SeriesOutcome:
     guidance_id: str | None = None
     outputs: list[Path] = field(default_factory=list)
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # not enhanced by design (too small), not an error
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     gate: dict[str, Any] | None = None

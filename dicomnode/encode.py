@@ -65,8 +65,8 @@ def encode(ds: Dataset, syntax_name: str) -> Dataset:
     """``ds`` with its Pixel Data stored in the transfer syntax ``syntax_name`` (changed in place, returned).
 
     A dataset already in that syntax, or without Pixel Data, is returned as it is. A compressed dataset
-    in another syntax is decompressed first. Raises what the encoder raises (the caller fails that
-    instance).
+    in another syntax is decompressed first. Where the encoder cannot (an image too small for it), the
+    pixels stay uncompressed: the output is lossless either way and is never lost to its storage format.
     """
     target = syntax_uid(syntax_name)
     meta = _meta(ds)
@@ -93,10 +93,13 @@ def encode(ds: Dataset, syntax_name: str) -> Dataset:
     try:
         # generate_instance_uid=False: pydicom would otherwise give the instance a new (random) SOP Instance UID
         ds.compress(target, generate_instance_uid=False)
-    except Exception:
+    except Exception as exc:  # e.g. pyjpegls refuses a 4 x 4 image: lossless either way, so keep it uncompressed
         if rct:
             ds.PhotometricInterpretation = "RGB"
-        raise
+        meta.TransferSyntaxUID = current
+        log.warning("kept %s uncompressed: the %s encoder failed (%s: %s)", ds.get("SOPInstanceUID", "?"), target.name,
+                    type(exc).__name__, exc)
+        return ds
     if lossy is not None:
         ds.LossyImageCompression = lossy
     meta.TransferSyntaxUID = target

@@ -28,7 +28,8 @@ from models.registry import Enhancer
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("read", "decode", "model")
+STAGES: tuple[str, ...] = ("read", "decode", "model", "gate")
+Measure = Callable[[np.ndarray, np.ndarray, int, int], dict[str, float]]
 
 
 @dataclass
@@ -39,6 +40,8 @@ class EnhancedInstance:
     header: Dataset
     frames: list[np.ndarray] = field(default_factory=list)
     error: str | None = None
+    skipped: bool = False  # refused by ``admit`` (e.g. too small to enhance): not an error, nothing derived
+    checks: list[dict[str, float]] = field(default_factory=list)  # ``measure`` per frame, in frame order
 
 
 @dataclass
@@ -50,6 +53,7 @@ class _Open:
     done: int = 0
     decoded_all: bool = False
     error: str | None = None
+    checks: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def _describe(exc: BaseException) -> str:
@@ -60,11 +64,12 @@ class _Run:
     """State of one :func:`enhance_instances` call."""
 
     def __init__(self, enhancer: Enhancer, batch_size: int, timings: dict[str, float],
-                 admit: Callable[[Dataset], str | None] | None) -> None:
+                 admit: Callable[[Dataset], str | None] | None, measure: Measure | None) -> None:
         self.enhancer = enhancer
         self.batch_size = max(1, int(batch_size))
         self.timings = timings
         self.admit = admit
+        self.measure = measure
         self.pending: list[tuple[_Open, int, np.ndarray]] = []
         self.ready: list[EnhancedInstance] = []
 
@@ -99,7 +104,10 @@ class _Run:
         self._time("read", started)
         inst = _Open(path=path, ds=ds, nframes=info.number_of_frames, outputs=[None] * info.number_of_frames)
         if refusal is not None:
-            self._fail(inst, refusal)
+            log.info("instance %s not enhanced: %s", ds.get("SOPInstanceUID", path.name), refusal)
+            if "PixelData" in ds:
+                del ds.PixelData
+            self.ready.append(EnhancedInstance(path, ds, error=refusal, skipped=True))
             return
         frames = iter_frames(ds, info)
         index = 0
@@ -157,9 +165,18 @@ class _Run:
                     self._fail(inst, f"model {self.enhancer.info.name}: {_describe(single)}")
         self._time("model", started)
         touched: list[_Open] = []
-        for (inst, index, _frame), out in zip(batch, outputs, strict=True):
+        for (inst, index, frame), out in zip(batch, outputs, strict=True):
             if inst.error is not None or out is None:
                 continue
+            if self.measure is not None:
+                t0 = time.perf_counter()
+                try:
+                    inst.checks[index] = self.measure(frame, out, index, inst.nframes)
+                except Exception as exc:  # an output that cannot be measured cannot pass the gate
+                    self._fail(inst, f"quality gate could not measure frame {index}: {_describe(exc)}")
+                    continue
+                finally:
+                    self._time("gate", t0)
             inst.outputs[index] = out
             inst.done += 1
             if inst not in touched:
@@ -172,7 +189,8 @@ class _Run:
             return
         frames = [f for f in inst.outputs if f is not None]
         inst.outputs = []
-        self.ready.append(EnhancedInstance(inst.path, inst.ds, frames))
+        checks = [inst.checks[i] for i in sorted(inst.checks)]
+        self.ready.append(EnhancedInstance(inst.path, inst.ds, frames, checks=checks))
 
     def take(self) -> list[EnhancedInstance]:
         ready, self.ready = self.ready, []
@@ -186,15 +204,18 @@ def enhance_instances(
     batch_size: int = 4,
     timings: dict[str, float] | None = None,
     admit: Callable[[Dataset], str | None] | None = None,
+    measure: Measure | None = None,
 ) -> Iterator[EnhancedInstance]:
     """Yield every source as an :class:`EnhancedInstance`, in the order they finish.
 
     Frames go through ``enhancer.enhance`` in batches of ``batch_size`` (across instances; the
     enhancer carries its guidance). ``admit(ds)`` may refuse an instance before decoding (a reason
-    string, e.g. a decode budget); ``timings`` accumulates seconds per stage (read, decode, model).
-    Never raises for a bad instance.
+    string: it comes out ``skipped``, e.g. an image too small to enhance); ``measure(source, output,
+    index, nframes)`` is called for every enhanced frame while its source frame is still at hand (the
+    quality gate's figures, in ``checks``); ``timings`` accumulates seconds per stage (read, decode,
+    model, gate). Never raises for a bad instance.
     """
-    run = _Run(enhancer, batch_size, timings if timings is not None else {}, admit)
+    run = _Run(enhancer, batch_size, timings if timings is not None else {}, admit, measure)
     for path in sources:
         run.process(Path(path))
         yield from run.take()

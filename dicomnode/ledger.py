@@ -551,6 +551,25 @@ class Ledger:
                 [(JobState.DERIVED, now, j, JobState.FAILED, JobState.DONE) for j in jobs])
         return count
 
+    def release_gated(self, job_id: int, destinations: Sequence[str]) -> int:
+        """A ``gated`` job's outputs queued for ``destinations`` anyway (``resend --force``): the job becomes
+        ``derived`` and its error says it was forced. Returns the deliveries created (0: not a gated job)."""
+        now = time.time()
+        created = 0
+        with self._transaction() as db:
+            row = db.execute("SELECT state, error FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row[0] != JobState.GATED:
+                return 0
+            for (output_id,) in db.execute("SELECT id FROM outputs WHERE job_id=? ORDER BY id", (job_id,)).fetchall():
+                for dest in destinations:
+                    created += db.execute(
+                        "INSERT OR IGNORE INTO deliveries(output_id, job_id, destination, state, attempts,"
+                        " next_attempt_at, updated_at) VALUES (?,?,?,?,0,?,?)",
+                        (output_id, job_id, dest, DeliveryState.PENDING, now, now)).rowcount
+            db.execute("UPDATE jobs SET state=?, error=?, updated_at=? WHERE id=?",
+                       (JobState.DERIVED, f"sent despite the quality gate (resend --force): {row[1] or ''}"[:2000], now, job_id))
+        return created
+
     # -- restart and status ------------------------------------------------------------------
     def recover(self) -> list[int]:
         """After a crash or drain: jobs caught in ``processing`` go back to ``complete`` to be redone.

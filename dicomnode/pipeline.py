@@ -13,10 +13,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 
-from dicomnode import route
-from dicomnode.config import NodeConfig
+from dicomnode import gate, route
+from dicomnode.config import GatePolicy, NodeConfig
 from dicomnode.derive import DeriveSettings, derive_sc
 from dicomnode.domain import Series, SeriesOutcome
 from dicomnode.durable import write_with
@@ -26,7 +27,9 @@ from dicomnode.resident import ModelUnavailable, ResidentModels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pipeline", "write_dataset"]
+__all__ = ["GATED_DIR", "Pipeline", "write_dataset"]
+
+GATED_DIR = "gated"  # outputs the quality gate held back are written here, inside the output folder
 
 
 def write_dataset(ds: Dataset, out_dir: Path) -> Path:
@@ -45,10 +48,28 @@ class Pipeline:
         self.models = models
         self.derive = derive or (DeriveSettings.from_config(config) if config is not None else DeriveSettings())
 
+    def _gate_policy(self, rule: str | None, override: GatePolicy | None) -> GatePolicy:
+        if override is not None:
+            return override
+        for candidate in self.config.rules if self.config is not None else ():
+            if candidate.name == rule:
+                return candidate.gate
+        return GatePolicy()
+
+    def _admit(self, ds: Dataset) -> str | None:
+        """Images too small to enhance meaningfully are left alone (the reason is recorded)."""
+        least = self.derive.policy.min_size
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if min(rows, columns) < least:
+            return f"{rows}x{columns} pixels is below the minimum size {least} (derive.min_size): not enhanced"
+        return None
+
     def run(self, series: Series, out_dir: Path, *, model: str | None = None, batch_size: int | None = None,
-            progress: Callable[[int], None] | None = None) -> SeriesOutcome:
+            progress: Callable[[int], None] | None = None, gate_policy: GatePolicy | None = None) -> SeriesOutcome:
         """Process one series into ``out_dir``. ``model`` overrides the rules (every instance, that model).
 
+        Outputs the quality gate (the rule's, or ``gate_policy``) fails are written to
+        ``out_dir/gated`` and the outcome's ``gate`` says why; the caller holds the series back.
         ``progress`` is called with 1 as each matched instance is finished (written or failed).
         Never raises for a bad instance or an unavailable model: the outcome says what happened.
         """
@@ -75,8 +96,26 @@ class Pipeline:
         outcome.guidance_id = bound.guidance_id
         info = bound.enhancer.info
         timings: dict[str, float] = {}
+        policy = self._gate_policy(outcome.rule, gate_policy)
+        verdict = gate.SeriesVerdict(policy) if policy.enabled else None
+
+        def measure(source: np.ndarray, output: np.ndarray, index: int, nframes: int) -> dict[str, float]:
+            return gate.measure(source, output, full=index in gate.measured_frames(nframes))
+
         for item in enhance_instances([inst.path for inst in chosen], bound.enhancer, batch_size=batch_size or bound.batch_size,
-                                      timings=timings):
+                                      timings=timings, admit=self._admit, measure=measure if verdict is not None else None):
+            if item.skipped:
+                outcome.skipped.append((item.path, item.error or "not enhanced"))
+                if progress is not None:
+                    progress(1)
+                continue
+            target = out_dir
+            if item.error is None and verdict is not None:
+                judged = verdict.judge(str(item.header.get("SOPInstanceUID", item.path.name)), item.checks)
+                if judged.reasons:
+                    target = out_dir / GATED_DIR
+                    log.warning("series %s instance %s held back by the quality gate: %s", series.series_uid,
+                                judged.sop_instance_uid, "; ".join(judged.reasons))
             if item.error is None:
                 t0 = time.perf_counter()
                 try:
@@ -94,7 +133,7 @@ class Pipeline:
             if item.error is None:
                 t0 = time.perf_counter()
                 try:
-                    outcome.outputs.append(write_dataset(derived, out_dir))
+                    outcome.outputs.append(write_dataset(derived, target))
                 except OSError as exc:
                     item.error = f"write: {exc}"
                 timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
@@ -104,8 +143,10 @@ class Pipeline:
             if progress is not None:
                 progress(1)
         outcome.timings = {**timings, "total": time.perf_counter() - started}
-        if not outcome.outputs:
+        if verdict is not None and verdict.instances:
+            outcome.gate = verdict.summary()
+        if not outcome.outputs and (outcome.failed or not outcome.skipped):
             outcome.error = "no instance could be enhanced: " + "; ".join(f"{p.name}: {r}" for p, r in outcome.failed)
-        log.info("series %s: %d written, %d failed by %s (%s)", series.series_uid, len(outcome.outputs), len(outcome.failed),
-                 outcome.model, ", ".join(f"{k} {v:.2f} s" for k, v in outcome.timings.items()))
+        log.info("series %s: %d written, %d failed, %d skipped by %s%s (%s)", series.series_uid, len(outcome.outputs),
+                 len(outcome.failed), len(outcome.skipped), outcome.model, " [held back by the quality gate]" if outcome.held_back else "", ", ".join(f"{k} {v:.2f} s" for k, v in outcome.timings.items()))
         return outcome

@@ -4,8 +4,8 @@ A node that keeps every received study forever is both a disk-full outage waitin
 growing store of PHI nobody audits. ``sweep`` removes, by age of the job's last state change:
 
 * the instance and output folders of ``done`` jobs after ``storage.retention_days_delivered``;
-* those of ``failed`` jobs after ``storage.retention_days_failed`` (longer by default, so a human can
-  still look at them and ``dicomnode resend`` them);
+* those of ``failed`` and ``gated`` jobs after ``storage.retention_days_failed`` (longer by default, so
+  a human can still look at them and ``dicomnode resend`` them);
 * quarantined bytes (and their reason files) after ``storage.retention_days_failed``;
 * leftovers in ``incoming/`` older than a day (a crash mid-transfer: never acknowledged, so the
   sender has them and will resend).
@@ -37,7 +37,7 @@ SWEEP_INTERVAL_SECONDS = 3600.0  # how often the server calls sweep()
 class RetentionSummary:
     """What one sweep removed; ``errors`` names paths that could not be deleted (and stay for next time)."""
 
-    jobs_purged: dict[str, int] = field(default_factory=lambda: {"done": 0, "failed": 0})
+    jobs_purged: dict[str, int] = field(default_factory=lambda: {"done": 0, "failed": 0, "gated": 0})
     files_removed: int = 0
     bytes_freed: int = 0
     quarantine_removed: int = 0
@@ -49,7 +49,8 @@ class RetentionSummary:
         return sum(self.jobs_purged.values())
 
     def __str__(self) -> str:
-        return (f"retention: {self.jobs_purged['done']} delivered and {self.jobs_purged['failed']} failed jobs purged, "
+        return (f"retention: {self.jobs_purged['done']} delivered, {self.jobs_purged['failed']} failed and "
+                f"{self.jobs_purged['gated']} gated jobs purged, "
                 f"{self.quarantine_removed} quarantined and {self.incoming_removed} stale incoming files removed, "
                 f"{self.files_removed} files / {self.bytes_freed / 1e6:.1f} MB freed"
                 + (f", {len(self.errors)} errors" if self.errors else ""))
@@ -109,7 +110,8 @@ def sweep(storage: StorageConfig, spool: Spool, now: float | None = None) -> Ret
     """
     now = time.time() if now is None else now
     summary = RetentionSummary()
-    for state, days in ((JobState.DONE, storage.retention_days_delivered), (JobState.FAILED, storage.retention_days_failed)):
+    for state, days in ((JobState.DONE, storage.retention_days_delivered), (JobState.FAILED, storage.retention_days_failed),
+                        (JobState.GATED, storage.retention_days_failed)):
         if days is None:
             continue
         for job_id in spool.ledger.expired_jobs(state, now - days * DAY):

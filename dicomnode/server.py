@@ -274,8 +274,12 @@ class Server:
         matched = {series.instances[i].ledger_id for i in outcome.matched}
         routed = ([i for i in matched if i is not None],
                   [inst.ledger_id for inst in series.instances if inst.ledger_id not in matched and inst.ledger_id is not None])
-        details = {"timings": {k: round(v, 3) for k, v in outcome.timings.items()}, **({"gate": outcome.gate} if outcome.gate else {}),
-                   **({"guidance_id": outcome.guidance_id} if outcome.guidance_id else {})}
+        details: dict[str, Any] = {"timings": {k: round(v, 3) for k, v in outcome.timings.items()},
+                                   **({"guidance_id": outcome.guidance_id} if outcome.guidance_id else {})}
+        if outcome.gate:
+            details["gate"] = {**outcome.gate, "destinations": list(outcome.destinations)}
+        if outcome.skipped:
+            details["skipped"] = [{"file": Path(src).name, "reason": reason} for src, reason in outcome.skipped[:50]]
         common = {"action": outcome.action, "rule": outcome.rule, "model": outcome.model, "details": details, "routed": routed}
         failures = "; ".join(f"{Path(src).name}: {reason}" for src, reason in outcome.failed)
         if outcome.action == "ignore":
@@ -286,6 +290,17 @@ class Server:
         elif outcome.action == "forward":
             ledger.finish_job(job.id, JobState.DERIVED, outputs=outcome.outputs, output_kind="forward",
                               destinations=outcome.destinations, **common)
+        elif not outcome.outputs:  # every instance below the minimum size: nothing to derive, nothing wrong
+            ledger.finish_job(job.id, JobState.DONE, error=f"not enhanced: {outcome.skipped[0][1]}"[:2000], **common)
+        elif outcome.held_back:
+            assert outcome.gate is not None
+            reasons = sorted({r for f in outcome.gate["failures"] for r in f["reasons"]})
+            ledger.finish_job(job.id, JobState.GATED, outputs=outcome.outputs, destinations=(),
+                              error=f"held back by the quality gate ({outcome.gate['failed']} of {outcome.gate['measured']}"
+                                    f" instances): {'; '.join(reasons)}"[:2000], **common)
+            log.warning("job %d series %s held back by the quality gate: %d of %d instances fail (%s); "
+                        "`dicomnode resend --force --job %d` sends it anyway", job.id, job.series_uid, outcome.gate["failed"],
+                        outcome.gate["measured"], "; ".join(reasons)[:500], job.id)
         else:
             if outcome.failed:
                 log.warning("job %d: %d instances failed alone: %s", job.id, len(outcome.failed), failures[:500])

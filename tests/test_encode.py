@@ -401,3 +401,13 @@ def test_fundus_outputs_are_at_most_1_5x_a_lossless_encoding_of_the_input(
     assert all(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID == JPEGLSLossless
                for p in outcome.outputs)
     assert output <= 1.5 * reference, f"outputs {output} bytes, lossless input {reference} bytes ({output / reference:.2f}x)"
+
+
+def test_an_image_the_encoder_refuses_is_kept_uncompressed_not_lost() -> None:
+    """pyjpegls cannot encode a 4 x 4 frame: the output stays lossless, uncompressed, with its pixels."""
+    from factories import image_dataset
+
+    pixels = np.arange(16, dtype=np.uint8).reshape(4, 4)
+    ds = encode(image_dataset(pixels), "jpeg-ls-lossless")
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert np.array_equal(ds.pixel_array, pixels)

@@ -11,7 +11,8 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from dicomnode.derive import read_private
+from dicomnode.config import DerivePolicy
+from dicomnode.derive import DeriveSettings, read_private
 from dicomnode.domain import Instance, Series, SeriesOutcome
 from dicomnode.guidance import Guidance
 from dicomnode.pipeline import Pipeline
@@ -23,7 +24,7 @@ from factories import decode
 
 
 def run(sources: Sequence[Path], enhancer: Enhancer, out: Path, *, batch_size: int = 4, guidance: np.ndarray | None = None,
-        progress=None) -> SeriesOutcome:
+        progress=None, min_size: int = 16) -> SeriesOutcome:
     """One series of ``sources`` through the pipeline with ``enhancer`` as its resident model."""
     record = None
     if guidance is not None:
@@ -31,7 +32,8 @@ def run(sources: Sequence[Path], enhancer: Enhancer, out: Path, *, batch_size: i
                           method="mean", weights_sha256="", refs_sha256="", n_refs=1)
     models = ResidentModels.single("m", enhancer, batch_size=batch_size, guidance=record)
     series = Series("p", "1.2", "1.2.3", tuple(Instance(Path(p), {"Modality": "CT"}) for p in sources))
-    return Pipeline(None, models).run(series, out, model="m", progress=progress)
+    derive = DeriveSettings(policy=DerivePolicy(min_size=min_size))
+    return Pipeline(None, models, derive).run(series, out, model="m", progress=progress)
 
 
 class Recording(Enhancer):
@@ -81,7 +83,7 @@ def test_series_is_enhanced_in_batches(tmp_path: Path, clahe):
     assert model.batches == [2, 2, 1]  # batched across instances, never more than batch_size
     assert all(np.array_equal(g, guidance) for g in model.guidance_seen)  # the bound guidance, every batch
     assert result.failed == [] and len(result.outputs) == 5
-    assert set(result.timings) == {"read", "decode", "model", "encode", "write", "total"}
+    assert set(result.timings) == {"read", "decode", "model", "gate", "encode", "write", "total"}
     assert result.timings["model"] > 0 and result.timings["total"] >= result.timings["model"]
     series_uids = set()
     for path, src in zip(result.outputs, sources):
@@ -105,9 +107,9 @@ def test_rerun_rewrites_the_same_files(tmp_path: Path, clahe):
 
 
 def test_multiframe_instance_spans_batches(tmp_path: Path, clahe):
-    src = sample_path("rtdose.dcm")  # 15 frames
+    src = sample_path("rtdose.dcm")  # 15 frames of 10 x 10
     model = Recording(clahe)
-    result = run([src], model, tmp_path / "out", batch_size=4)
+    result = run([src], model, tmp_path / "out", batch_size=4, min_size=8)
     assert model.batches == [4, 4, 4, 3]
     (out,) = result.outputs
     ds = pydicom.dcmread(out)
@@ -179,7 +181,7 @@ def test_real_images_through_img2dcm(tmp_path: Path, clahe, shared_data: Path):
 
     from conftest import require_tools
 
-    require_tools("img2dcm", "dciodvfy", "dcmj2pnm")
+    require_tools("img2dcm", "dciodvfy", "dcml2pnm")
     picks = [
         sorted((shared_data / "ccm" / "raw").glob("*.jpg"))[:1],
         sorted((shared_data / "endoscopy" / "frames").glob("*.jpg"))[:1],
@@ -205,4 +207,15 @@ def test_real_images_through_img2dcm(tmp_path: Path, clahe, shared_data: Path):
         assert float(np.abs(after - before).mean()) > 0.01  # CLAHE changed the picture
         check = subprocess.run(["dciodvfy", "-new", str(out_path)], capture_output=True, text=True)
         assert [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")] == []
-        subprocess.run(["dcmj2pnm", "+on", str(out_path), str(tmp_path / "r.png")], check=True, capture_output=True)
+        subprocess.run(["dcml2pnm", "+on", str(out_path), str(tmp_path / "r.png")], check=True, capture_output=True)
+
+
+def test_images_below_the_minimum_size_are_left_alone_with_the_reason(tmp_path: Path, clahe):
+    """A 10 x 10 dose grid is not an image to enhance: nothing is derived, nothing fails, the outcome says why."""
+    tiny, normal = sample_path("rtdose.dcm"), make_series(tmp_path / "in", 1)[0]
+    result = run([tiny, normal], Recording(clahe), tmp_path / "out")
+    assert result.failed == [] and result.error is None and len(result.outputs) == 1
+    assert [p for p, _ in result.skipped] == [tiny]
+    assert "10x10 pixels is below the minimum size 16" in result.skipped[0][1]
+    only_tiny = run([tiny], Recording(clahe), tmp_path / "out2")
+    assert only_tiny.outputs == [] and only_tiny.error is None and len(only_tiny.skipped) == 1

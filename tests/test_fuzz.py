@@ -199,7 +199,8 @@ def clahe_pipeline(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pipe")
     config = parse_config(config_data(root / "var", 11112, {"out": {"folder": str(root / "out")}},
-                                      rules=[{"name": "all", "model": "clahe", "destinations": ["out"]}]), root)
+                                      rules=[{"name": "all", "model": "clahe", "destinations": ["out"]}],
+                                      derive={"min_size": 1}), root)  # the 4 x 4 seed must reach the decoder
     return Pipeline(config, ResidentModels.load(config))
 
 

@@ -211,7 +211,7 @@ def test_partial_match_unmatched_series_and_scp_answers_while_a_model_works(
 def test_enhance_end_to_end_to_pacs(tmp_path: Path) -> None:
     """JPEG YBR fundus + 16-bit CT + MR series in, CLAHE SC series out at the PACS, valid and renderable."""
     pytest.importorskip("dicomnode.enhance", reason="dicomnode.enhance (imaging/derive) not built yet")
-    require_tools("dcmsend", "storescp", "img2dcm", "dciodvfy", "dcmj2pnm")
+    require_tools("dcmsend", "storescp", "img2dcm", "dciodvfy", "dcml2pnm")
     inputs = [
         *jpeg_fundus_series(tmp_path / "in" / "oph", 2),
         *copies("CT_small.dcm", tmp_path / "in" / "ct", 3),
@@ -252,7 +252,7 @@ def test_enhance_end_to_end_to_pacs(tmp_path: Path) -> None:
         assert not errors, f"{path.name}: {errors}"
         png = tmp_path / "png" / f"{path.name}.png"
         png.parent.mkdir(exist_ok=True)
-        render = subprocess.run(["dcmj2pnm", "+on", str(path), str(png)], capture_output=True, timeout=60)
+        render = subprocess.run(["dcml2pnm", "+on", str(path), str(png)], capture_output=True, timeout=60)
         assert render.returncode == 0 and png.stat().st_size > 0, render.stderr
     assert info["deliveries"]["sent"] == len(inputs) and info["deliveries"]["dead_letter"] == 0
 

@@ -82,9 +82,16 @@ def test_model_override_enhances_every_series(study: Path, config_file: Path, tm
     code = main(["enhance", "--config", str(config_file), "--out", str(out), "--model", "flat", str(study / "mr.dcm"),
                  str(study / "us.dcm")])
     stdout = capsys.readouterr().out
-    assert code == 0, stdout
-    kinds = sorted(read_private(pydicom.dcmread(p))["model_kind"] for p in out.iterdir())
+    # histogram equalisation lifts the ultrasound's black surround: the gate holds that series back
+    assert code == 1 and "1 series held back by the quality gate" in stdout, stdout
+    assert "field-of-view surround changed" in stdout
+    kinds = sorted(read_private(pydicom.dcmread(p))["model_kind"] for p in out.rglob("*.dcm"))
     assert kinds == ["histeq", "histeq"]
+    assert len(list((out / "gated").glob("*.dcm"))) == 1
+    inspect = tmp_path / "inspect"
+    code = main(["enhance", "--config", str(config_file), "--out", str(inspect), "--model", "flat", "--no-gate",
+                 str(study / "mr.dcm"), str(study / "us.dcm")])
+    assert code == 0 and len(list(inspect.glob("*.dcm"))) == 2
 
 
 def test_failed_instance_is_reported_and_sets_exit_status(study: Path, config_file: Path, tmp_path: Path, capsys):

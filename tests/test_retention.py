@@ -58,7 +58,7 @@ def spool(tmp_path: Path) -> Spool:
 
 def test_sweep_by_age_and_state(spool: Spool) -> None:
     jobs = {state: _job(spool, f"s-{state}", state)
-            for state in ("done", "failed", "collecting", "processing", "derived")}
+            for state in ("done", "failed", "gated", "collecting", "processing", "derived")}
     assert all(_files(spool, j) for j in jobs.values())
     now = time.time()
 
@@ -66,14 +66,14 @@ def test_sweep_by_age_and_state(spool: Spool) -> None:
     assert early.total_jobs == 0 and early.files_removed == 0
 
     week = sweep(_config(), spool, now + 8 * DAY)
-    assert week.jobs_purged == {"done": 1, "failed": 0}
+    assert week.jobs_purged == {"done": 1, "failed": 0, "gated": 0}
     assert not _files(spool, jobs["done"]) and not (spool.series_dir / f"job-{jobs['done']}").exists()
     assert week.files_removed == 3 and week.bytes_freed > 0  # 2 instances + 1 output
-    assert _files(spool, jobs["failed"])  # failed data is kept longer, for resend
+    assert _files(spool, jobs["failed"]) and _files(spool, jobs["gated"])  # kept longer, for resend (--force)
 
     month = sweep(_config(), spool, now + 31 * DAY)
-    assert month.jobs_purged == {"done": 0, "failed": 1}  # the done job is not purged twice
-    assert not _files(spool, jobs["failed"])
+    assert month.jobs_purged == {"done": 0, "failed": 1, "gated": 1}  # the done job is not purged twice
+    assert not _files(spool, jobs["failed"]) and not _files(spool, jobs["gated"])
 
     years = sweep(_config(), spool, now + 1000 * DAY)  # work in flight is never touched, however old
     assert years.total_jobs == 0

@@ -1,4 +1,4 @@
-"""`dicomnode serve | status | resend`: run the node, inspect its ledger, re-queue dead letters.
+"""`dicomnode serve | status | resend`: run the node, inspect its ledger, re-queue dead letters or gated jobs.
 
 ``status`` and ``resend`` only open the ledger (SQLite, WAL), so they work while ``serve`` runs
 and never import torch. Everything printed or logged names studies, series and instances by UID,
@@ -36,11 +36,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     status.add_argument("--limit", type=int, default=20, help="rows to list per section (default 20)")
     status.set_defaults(func=cmd_status)
 
-    resend = subparsers.add_parser("resend", help="move dead-lettered deliveries back to pending")
+    resend = subparsers.add_parser("resend", help="move dead-lettered deliveries back to pending; --force sends a gated job")
     resend.add_argument("--config", type=Path, default=None, help="node configuration (YAML; default: the embedded default)")
     which = resend.add_mutually_exclusive_group(required=True)
     which.add_argument("--job", type=int, help="only this job's dead letters")
     which.add_argument("--all-dead", action="store_true", help="every dead letter")
+    resend.add_argument("--force", action="store_true",
+                        help="with --job: send a job the quality gate held back (status lists them), once, as it is")
     resend.set_defaults(func=cmd_resend)
 
 
@@ -105,6 +107,7 @@ def collect_status(ledger: Ledger, limit: int = 20) -> dict[str, Any]:
     pending = ledger.deliveries(state=DeliveryState.PENDING)
     dead = ledger.deliveries(state=DeliveryState.DEAD_LETTER)
     failed_jobs = ledger.jobs(JobState.FAILED)
+    gated_jobs = ledger.jobs(JobState.GATED)
     unmatched = ledger.unmatched_series()
 
     def delivery(d: Any) -> dict[str, Any]:
@@ -126,6 +129,11 @@ def collect_status(ledger: Ledger, limit: int = 20) -> dict[str, Any]:
         "failed_jobs": [
             {"job": j.id, "series_uid": j.series_uid, "rule": j.rule, "model": j.model, "error": j.error}
             for j in failed_jobs[-limit:]
+        ],
+        "gated_jobs": [
+            {"job": j.id, "series_uid": j.series_uid, "rule": j.rule, "model": j.model, "error": j.error,
+             "gate": {k: v for k, v in ((j.details or {}).get("gate") or {}).items() if k in ("measured", "failed", "worst", "failures")}}
+            for j in gated_jobs[-limit:]
         ],
         "unmatched_series": [
             {"job": r.job_id, "study_uid": r.study_uid, "series_uid": r.series_uid, "calling_aet": r.calling_aet,
@@ -171,6 +179,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("failed jobs:")
         for j in info["failed_jobs"]:
             print(f"  job {j['job']} series {j['series_uid']} rule {j['rule']} model {j['model']}: {j['error']}")
+    if info["gated_jobs"]:
+        print("held back by the quality gate (dicomnode resend --force --job ID sends one anyway):")
+        for j in info["gated_jobs"]:
+            worst = ", ".join(f"{k} {v}" for k, v in j["gate"].get("worst", {}).items())
+            print(f"  job {j['job']} series {j['series_uid']} rule {j['rule']} model {j['model']}: {j['error']}")
+            if worst:
+                print(f"    worst figures: {worst}")
     print(f"unmatched series: {info['unmatched_total']}")
     for u in info["unmatched_series"]:
         print(f"  job {u['job']} study {u['study_uid']} series {u['series_uid']} from {u['calling_aet']}: "
@@ -186,9 +201,23 @@ def cmd_resend(args: argparse.Namespace) -> int:
         return 1
     ledger = Ledger(path)
     try:
-        if args.job is not None and ledger.job(args.job) is None:
+        job = ledger.job(args.job) if args.job is not None else None
+        if args.job is not None and job is None:
             print(f"error: no job {args.job} in the ledger", file=sys.stderr)
             return 1
+        if args.force:
+            if job is None:
+                print("error: --force sends one gated job: name it with --job ID", file=sys.stderr)
+                return 2
+            if job.state != JobState.GATED:
+                print(f"error: job {job.id} is {job.state}, not gated: --force only overrides the quality gate", file=sys.stderr)
+                return 1
+            destinations = list(((job.details or {}).get("gate") or {}).get("destinations") or [])
+            count = ledger.release_gated(job.id, destinations)
+            log.warning("job %d series %s sent despite the quality gate (resend --force)", job.id, job.series_uid)
+            print(f"job {job.id}: {count} deliveries queued despite the quality gate "
+                  f"({', '.join(destinations) or 'no destination'}); a running node sends them within seconds")
+            return 0
         count = ledger.resend(args.job if not args.all_dead else None)
     finally:
         ledger.close()

@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="AE title to assume as sender, for rules that match CallingAETitle")
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help="frames per model call (default: the model's batch_size in the config)")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="write every output to --out even where the quality gate would hold it back (inspection only)")
     parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM files or folders")
     parser.set_defaults(func=main)
 
@@ -45,6 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # noqa: PLC0415 - the heavy stack loads only for this command
 
     from dicomnode.assemble import series_from_files  # noqa: PLC0415
+    from dicomnode.config import GatePolicy  # noqa: PLC0415
     from dicomnode.pipeline import Pipeline  # noqa: PLC0415
     from dicomnode.resident import ResidentModels  # noqa: PLC0415
     from dicomnode.route import decide, routing_keywords  # noqa: PLC0415
@@ -78,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
         if name in models.failures:
             print(f"model {name}: {models.failures[name]}", file=sys.stderr)
     pipeline = Pipeline(config, models)
+    no_gate = GatePolicy(enabled=False) if args.no_gate else None
     to_enhance = sum(n for _, action, _, n in plans if action == "enhance")
     started = time.perf_counter()
     outcomes = []
@@ -85,7 +89,7 @@ def main(args: argparse.Namespace) -> int:
         for entry, action, _model, _n in plans:
             if action == "enhance":
                 outcomes.append((entry, pipeline.run(entry, args.out, model=args.model, batch_size=args.batch_size,
-                                                     progress=bar.update)))
+                                                     progress=bar.update, gate_policy=no_gate)))
             else:  # forward/ignore: nothing is written or sent offline
                 outcomes.append((entry, pipeline.run(entry, args.out)))
     return _report(outcomes, skipped, files, args.out, time.perf_counter() - started)
@@ -93,7 +97,9 @@ def main(args: argparse.Namespace) -> int:
 
 def _report(outcomes: list[tuple[Series, SeriesOutcome]], skipped: list[tuple[Path, str]], files: list[Path],
             out: Path, elapsed: float) -> int:
-    written = failed = 0
+    from dicomnode.pipeline import GATED_DIR  # noqa: PLC0415  (loaded already: the pipeline ran)
+
+    written = failed = held = 0
     for entry, outcome in outcomes:
         head = f"Series {entry.series_uid} (Modality {entry.modality or '?'}, {count(len(entry.instances), 'instance')})"
         # no rule but "enhance" can only come from --model; the unmatched policy forwards or ignores
@@ -110,6 +116,14 @@ def _report(outcomes: list[tuple[Series, SeriesOutcome]], skipped: list[tuple[Pa
         print(line)
         for path, reason in outcome.failed:
             print(f"  FAILED {path}: {reason}")
+        for path, reason in outcome.skipped:
+            print(f"  not enhanced {path}: {reason}")
+        if outcome.held_back and outcome.gate is not None:
+            held += 1
+            print(f"  HELD BACK by the quality gate ({outcome.gate['failed']} of {outcome.gate['measured']} instances; "
+                  f"outputs in {out / GATED_DIR}):")
+            for failure in outcome.gate["failures"]:
+                print(f"    {failure['sop_instance_uid']}: {'; '.join(failure['reasons'])}")
         if outcome.action == "enhance":
             written += len(outcome.outputs)
         failed += len(outcome.failed)
@@ -119,9 +133,10 @@ def _report(outcomes: list[tuple[Series, SeriesOutcome]], skipped: list[tuple[Pa
     print(
         f"{count(len(files), 'file')}, {count(len(outcomes), 'series', 'series')} ({enhanced_series} to enhance): "
         f"{written} written to {out}, {failed} failed"
+        + (f", {held} series held back by the quality gate" if held else "")
         + (f", {len(skipped)} skipped" if skipped else "")
         + f" in {elapsed:.1f} s"
     )
-    if failed or not outcomes:
+    if failed or held or not outcomes:
         return 1
     return 0
