@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,15 +31,22 @@ from typing import Any
 import numpy as np
 from highdicom import ContributingEquipment
 from highdicom.sc import SCImage
+from pydicom import config as pydicom_config
+from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import validate_value
 
 from dicomnode import __version__
 from dicomnode.config import DerivePolicy, NodeConfig, NodeSettings
 from dicomnode.imaging import LOSSY_METHODS, to_stored
 from models.registry import ModelInfo
+
+log = logging.getLogger(__name__)
 
 SC_IMAGE = UID("1.2.840.10008.5.1.4.1.1.7")
 MF_GRAYSCALE_BYTE_SC = UID("1.2.840.10008.5.1.4.1.1.7.2")
@@ -57,49 +66,64 @@ PRIVATE_ELEMENTS: dict[str, tuple[int, str]] = {
     "node_version": (0x07, "LO"),
 }
 
-# Copied verbatim from the source when present: patient, study and patient-study identity.
-_PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
-    "SpecificCharacterSet",
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
+# Patient, study and image identity copied from the source: keyword -> its type in the derived object
+# (2: always present, empty when the source lacks it or its value is invalid; 3: copied only when valid).
+# Values are copied as the source's raw bytes with its SpecificCharacterSet, so a PACS that matches
+# names or IDs byte for byte files the derived series under the same patient.
+_IDENTITY: dict[str, int] = {
+    "SpecificCharacterSet": 3,
+    "PatientName": 2,
+    "PatientID": 2,
+    "IssuerOfPatientID": 3,
+    "OtherPatientIDs": 3,  # (0010,1000), retired but still sent by many modalities
+    "PatientBirthDate": 2,
+    "PatientSex": 2,
+    "PatientAge": 3,
+    "PatientSize": 3,
+    "PatientWeight": 3,
+    "PatientIdentityRemoved": 3,
+    "DeidentificationMethod": 3,
+    "StudyDate": 2,
+    "StudyTime": 2,
+    "ReferringPhysicianName": 2,
+    "StudyID": 2,
+    "AccessionNumber": 2,
+    "StudyDescription": 3,
+    "BodyPartExamined": 3,
+    "RecognizableVisualFeatures": 3,
+    "Laterality": 3,  # Type 2C in General Series: see _UNPAIRED_BODY_PARTS
+    "ImageLaterality": 3,
+    "PatientOrientation": 2,
+}
+# Identity sequences: copied as decoded elements (their items may be in the source's implicit VR encoding).
+_IDENTITY_SEQUENCES: tuple[str, ...] = (
     "IssuerOfPatientIDQualifiersSequence",
     "OtherPatientIDsSequence",
-    "PatientBirthDate",
-    "PatientSex",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "PatientIdentityRemoved",
-    "DeidentificationMethod",
     "DeidentificationMethodCodeSequence",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
     "IssuerOfAccessionNumberSequence",
-    "StudyDescription",
-    "PatientOrientation",
-    "Laterality",
-    "ImageLaterality",
-    "BodyPartExamined",
-    "RecognizableVisualFeatures",
 )
-# Type 2 attributes of the modules above: present even when empty.
-_TYPE2_KEYWORDS: tuple[str, ...] = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "StudyID",
-    "AccessionNumber",
-    "PatientOrientation",
-)
+# Enumerated values checked beyond the VR (PS3.3): anything else is dropped (Type 3) or emptied (Type 2).
+_ENUMERATED: dict[str, frozenset[str]] = {
+    "PatientSex": frozenset({"M", "F", "O"}),
+    "Laterality": frozenset({"R", "L"}),
+    "ImageLaterality": frozenset({"R", "L", "U", "B"}),
+    "PatientIdentityRemoved": frozenset({"YES", "NO"}),
+    "RecognizableVisualFeatures": frozenset({"YES", "NO"}),
+    "BurnedInAnnotation": frozenset({"YES", "NO"}),
+}
+# Body parts (CID 4031 values) that are not paired: Laterality (Type 2C) must then be absent; for a paired
+# or unknown part it is present, empty when unknown (what dciodvfy -new checks).
+_UNPAIRED_BODY_PARTS = frozenset(
+    "ABDOMEN ABDOMENPELVIS AORTA BLADDER BRAIN CERVIX CHEST CHESTABDOMEN CHESTABDPELVIS COCCYX COLON CSPINE "
+    "DUODENUM ESOPHAGUS FACE GALLBLADDER HEAD HEADNECK HEART ILEUM JAW JEJUNUM LARYNX LIVER LSPINE MEDIASTINUM "
+    "MOUTH NECK NECKCHEST NOSE PANCREAS PELVIS PENIS PHARYNX PROSTATE RECTUM SKULL SPINE SPLEEN SSPINE STERNUM "
+    "STOMACH THYROID TONGUE TRACHEA TSPINE UTERUS VAGINA WHOLEBODY".split())
+# PatientOrientation (C.7.6.1.1.1): two values, each one or more of A P R L H F for a biped (so an
+# oblique "L\PF" is valid); quadruped terms combine likewise.
+_ORIENTATION = re.compile(r"^(?:[APRLHF]+|(?:LE|RT|D|V|CR|CD|R|M|L|PR|DI|PA|PL)+)$")
+# Bump when the way frames become stored pixels changes (bit depth, rounding, photometric rules): the
+# UIDs of derived objects depend on it, so a different image never reuses an existing UID.
+PIXEL_ENCODING = "stored-v2: gray 8/16-bit MONOCHROME2 by source depth, colour 8-bit RGB, round-half-even"
 
 
 class DeriveError(ValueError):
@@ -136,7 +160,7 @@ def derived_uids(source: Dataset, model: ModelInfo, guidance_id: str | None) -> 
         sop = str(source.SOPInstanceUID)
     except AttributeError as exc:
         raise DeriveError(f"source lacks a UID needed for provenance: {exc}") from None
-    identity = _model_identity(model, guidance_id)
+    identity = [*_model_identity(model, guidance_id), PIXEL_ENCODING]
     series_uid = generate_uid(entropy_srcs=["dicomnode-derived-series", series, *identity])
     sop_uid = generate_uid(entropy_srcs=["dicomnode-derived-instance", series, sop, *identity])
     return str(series_uid), str(sop_uid)
@@ -187,15 +211,118 @@ def _derivation_description(model: ModelInfo, guidance_id: str | None, settings:
     return "; ".join(parts)[:1024]  # ST limit
 
 
+def _values(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+
+
+def _vm_ok(vm: str, n: int) -> bool:
+    """Does a value multiplicity ``n`` satisfy the dictionary's VM ("1", "2", "1-n", "2-2n", "1-3", ...)?"""
+    if vm.isdigit():
+        return n == int(vm)
+    low, _, high = vm.partition("-")
+    if not low.isdigit() or n < int(low):
+        return False
+    if high == "n":
+        return True
+    if high.endswith("n"):
+        return n % int(high[:-1] or 1) == 0
+    return not high.isdigit() or n <= int(high)
+
+
+def invalid_value(keyword: str, elem: DataElement) -> str | None:
+    """Why ``elem`` may not be copied into a derived object (None when it is valid for its VR, VM and values).
+
+    The reason names the attribute and the rule, never the value (it may be patient data).
+    """
+    values = _values(elem.value)
+    if not values:
+        return None
+    try:
+        vm = dictionary_VM(elem.tag)
+    except KeyError:
+        vm = "1-n"
+    if not _vm_ok(vm, len(values)):
+        return f"{len(values)} values where the standard allows {vm}"
+    for value in values:
+        try:
+            validate_value(elem.VR, str(value) if elem.VR in ("PN", "DS", "IS") else value, pydicom_config.RAISE)
+        except (ValueError, TypeError) as exc:
+            return f"not a valid {elem.VR} value ({type(exc).__name__})"
+    allowed = _ENUMERATED.get(keyword)
+    if allowed is not None and any(str(v) not in allowed for v in values):
+        return f"not one of {', '.join(sorted(allowed))}"
+    if keyword == "PatientOrientation" and not all(_ORIENTATION.match(str(v)) for v in values):
+        return "not a patient direction (letters A P R L H F, or quadruped terms)"
+    return None
+
+
+def _decoded(source: Dataset, tag: int) -> tuple[DataElement, RawDataElement | None]:
+    """The element decoded (for checks) and, when still undecoded in ``source``, its raw form (for copying)."""
+    item = source.get_item(tag)
+    if isinstance(item, RawDataElement):
+        return convert_raw_data_element(item, encoding=source._character_set, ds=source), item
+    return item, None
+
+
+def _raw_copy(raw: RawDataElement, vr: str) -> RawDataElement:
+    """The source's bytes under an explicit VR: text values are the same bytes in every little- or big-endian syntax."""
+    return RawDataElement(raw.tag, vr, len(raw.value or b""), raw.value or b"", 0, True, True)
+
+
 def _copy_identity(source: Dataset, ds: Dataset) -> None:
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in source:
-            ds[keyword] = copy.deepcopy(source[keyword])
-    for keyword in _TYPE2_KEYWORDS:
-        if keyword not in ds:
-            setattr(ds, keyword, None)
+    """Patient, study and image identity from the source: raw bytes when valid, dropped or emptied (logged) when not."""
+    sop = str(source.get("SOPInstanceUID", "?"))
+    for keyword, kind in _IDENTITY.items():
+        tag = tag_for_keyword(keyword)
+        assert tag is not None
+        if keyword in ds:
+            del ds[keyword]
+        if tag not in source:
+            if kind == 2:
+                setattr(ds, keyword, None)
+            continue
+        try:
+            elem, raw = _decoded(source, tag)
+            problem = invalid_value(keyword, elem)
+        except Exception as exc:  # undecodable bytes in an odd character set: treat as invalid
+            elem, raw, problem = None, None, f"cannot be decoded ({type(exc).__name__})"
+        if problem is not None:
+            log.info("source %s: %s not copied to the derived object: %s", sop, keyword, problem)
+            if kind == 2:
+                setattr(ds, keyword, None)
+            continue
+        assert elem is not None
+        if raw is not None and elem.VR not in ("SQ", "UN"):
+            ds[tag] = _raw_copy(raw, str(elem.VR or dictionary_VR(tag)))
+        else:
+            ds[tag] = copy.deepcopy(elem)
     if "Laterality" not in ds and "ImageLaterality" not in ds:
-        ds.Laterality = None  # Type 2C in General Series: empty = unknown, never guessed
+        body_part = str(ds.get("BodyPartExamined", "") or "").upper()
+        if body_part not in _UNPAIRED_BODY_PARTS:
+            ds.Laterality = None  # a paired or unknown body part: laterality unknown, stated as empty
+    for keyword in _IDENTITY_SEQUENCES:
+        if keyword in source:
+            try:
+                ds[keyword] = copy.deepcopy(source[keyword])
+            except Exception as exc:  # a malformed sequence is optional identity: leave it out
+                log.info("source %s: %s not copied: %s", sop, keyword, type(exc).__name__)
+
+
+def _source_value(source: Dataset, keyword: str) -> Any:
+    """A source attribute's value when it is valid for its VR (else None, logged): never copy an invalid value."""
+    if keyword not in source:
+        return None
+    try:
+        elem = source[keyword]
+        problem = invalid_value(keyword, elem)
+    except Exception as exc:
+        problem, elem = f"cannot be decoded ({type(exc).__name__})", None
+    if problem is not None or elem is None:
+        log.info("source %s: %s not used: %s", source.get("SOPInstanceUID", "?"), keyword, problem)
+        return None
+    return elem.value if not (elem.value == "" or elem.value is None) else None
 
 
 def _lossy(source: Dataset) -> tuple[str, list[str], list[str]] | None:
@@ -312,8 +439,6 @@ def _single_frame(
     instance_number: int, settings: DeriveSettings,
 ) -> Dataset:
     spacing = _pixel_spacing(source)
-    orientation = source.get("PatientOrientation")
-    orientation = tuple(orientation) if orientation is not None and len(orientation) == 2 else ("", "")
     sc = SCImage(
         pixel_array=stored,
         photometric_interpretation="RGB" if color else "MONOCHROME2",
@@ -325,12 +450,12 @@ def _single_frame(
         sop_instance_uid=sop_uid,
         instance_number=instance_number,
         manufacturer=settings.policy.manufacturer,
-        patient_orientation=orientation if all(orientation) else ("A", "F"),  # replaced below
+        # highdicom takes single letters only; the source's (validated, possibly oblique "L\\PF") value or
+        # an empty one replaces this placeholder when the identity is copied
+        patient_orientation=("A", "F"),
         pixel_spacing=spacing,
         transfer_syntax_uid=ExplicitVRLittleEndian,
     )
-    if not all(orientation):
-        sc.PatientOrientation = None  # Type 2: unknown orientation stays empty rather than invented
     return sc
 
 
@@ -358,13 +483,7 @@ def _multi_frame(
     ds.ConversionType = "WSD"
     nframes = len(stored)
     ds.NumberOfFrames = nframes
-    frame_time = source.get("FrameTime")
-    if frame_time not in (None, "") and color:
-        ds.FrameIncrementPointer = 0x00181063  # FrameTime: cine loops (ultrasound, endoscopy video)
-        ds.FrameTime = frame_time
-    else:
-        ds.FrameIncrementPointer = 0x00182001  # PageNumberVector
-        ds.PageNumberVector = list(range(1, nframes + 1))
+    _cine(source, ds, nframes)
     rows, columns = stored[0].shape[:2]
     ds.Rows, ds.Columns = rows, columns
     ds.BitsAllocated = bits
@@ -382,7 +501,7 @@ def _multi_frame(
         ds.RescaleIntercept = 0  # required (identity) for both grayscale multi-frame SC classes
         ds.RescaleSlope = 1
         ds.RescaleType = "US"
-    ds.BurnedInAnnotation = str(source.get("BurnedInAnnotation", "") or "YES")
+    ds.BurnedInAnnotation = str(_source_value(source, "BurnedInAnnotation") or "YES")  # Type 1 here: unknown = assume text
     spacing = _pixel_spacing(source)
     if spacing is not None:
         ds.PixelSpacing = [f"{v:.6g}" for v in spacing]
@@ -392,6 +511,46 @@ def _multi_frame(
     ds.PixelData = data
     ds["PixelData"].VR = "OB" if bits == 8 else "OW"
     return ds
+
+
+def _cine(source: Dataset, ds: Dataset, nframes: int) -> None:
+    """Frame timing for every multi-frame source (gray or colour cine plays at its pace), else page order."""
+    vector = _source_value(source, "FrameTimeVector")
+    frame_time = _source_value(source, "FrameTime")
+    if vector is not None and len(_values(vector)) == nframes:
+        ds.FrameIncrementPointer = 0x00181065  # FrameTimeVector: variable frame rate
+        ds.FrameTimeVector = source.FrameTimeVector
+    elif frame_time is not None and float(frame_time) > 0:
+        ds.FrameIncrementPointer = 0x00181063  # FrameTime: cine loops (ultrasound, XA, endoscopy video)
+        ds.FrameTime = source.FrameTime
+    else:
+        ds.FrameIncrementPointer = 0x00182001  # PageNumberVector
+        ds.PageNumberVector = list(range(1, nframes + 1))
+        return
+    for keyword in ("RecommendedDisplayFrameRate", "CineRate", "StartTrim", "StopTrim", "ActualFrameDuration",
+                    "PreferredPlaybackSequencing"):
+        if _source_value(source, keyword) is not None:
+            ds[keyword] = copy.deepcopy(source[keyword])
+
+
+def _overlays(source: Dataset, ds: Dataset, rows: int, columns: int) -> None:
+    """Overlay planes (60xx groups with their own OverlayData) carried over: the geometry is unchanged.
+
+    Overlays stored in unused bits of the source's pixel data cannot survive new pixel values and
+    are not carried; neither are overlays on multi-frame sources (the multi-frame SC IODs have no
+    Overlay Plane module).
+    """
+    for group in range(0x6000, 0x6020, 2):
+        if (group << 16 | 0x3000) not in source:
+            continue
+        try:
+            if int(source[group << 16 | 0x0010].value) != rows or int(source[group << 16 | 0x0011].value) != columns:
+                continue
+            for elem in source.group_dataset(group):
+                ds.add(copy.deepcopy(elem))
+        except Exception as exc:  # an incomplete overlay is dropped, not fatal
+            log.info("source %s: overlay group %04X not carried over: %s", source.get("SOPInstanceUID", "?"), group,
+                     type(exc).__name__)
 
 
 def _stamp(ds: Dataset, source: Dataset) -> None:
@@ -407,10 +566,12 @@ def _stamp(ds: Dataset, source: Dataset) -> None:
             del ds[keyword]
     for date_kw, time_kw in (("ContentDate", "ContentTime"), ("AcquisitionDate", "AcquisitionTime"),
                              ("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
-        if source.get(date_kw):
-            ds.ContentDate = source[date_kw].value
-            if source.get(time_kw):
-                ds.ContentTime = source[time_kw].value
+        date = _source_value(source, date_kw)
+        if date is not None:
+            ds.ContentDate = date
+            when = _source_value(source, time_kw)
+            if when is not None:
+                ds.ContentTime = when
             elif "ContentTime" in ds:
                 del ds.ContentTime
             return
@@ -463,6 +624,10 @@ def derive_sc(
         )
 
     _copy_identity(source, ds)
+    modality = _source_value(source, "Modality")
+    ds.Modality = str(modality) if modality is not None else "OT"  # hanging protocols and worklists filter by it
+    if len(stored) == 1:
+        _overlays(source, ds, _rows, _columns)
     ds.ImageType = ["DERIVED", "SECONDARY", "ENHANCED"]
     ds.SeriesDescription = _series_description(source, settings.policy.series_description_suffix)
     ds.ContentQualification = settings.policy.content_qualification
@@ -475,8 +640,9 @@ def derive_sc(
     ds.SecondaryCaptureDeviceManufacturer = settings.policy.manufacturer
     ds.SecondaryCaptureDeviceManufacturerModelName = _lo(model.name)
     ds.SecondaryCaptureDeviceSoftwareVersions = _software_versions(model)
-    if "BurnedInAnnotation" in source:
-        ds.BurnedInAnnotation = source.BurnedInAnnotation
+    burned = _source_value(source, "BurnedInAnnotation")
+    if burned is not None:
+        ds.BurnedInAnnotation = burned
     if color and "ICCProfile" in source:
         # enhancement keeps the source's colour space, so its profile still describes the pixels
         ds.ICCProfile = source.ICCProfile

@@ -9,6 +9,10 @@ opens):
   ``tempfile``, so the process temp folder is pointed into the spool (``incoming/chunks``): partial
   objects holding patient data never land in ``/tmp`` and are renamed, not copied, into the spool.
 * ``STORE_SEND_CHUNKED_DATASET``: files are streamed from disk when sent by path, never read whole.
+
+And one of pydicom's: ``reading_validation_mode`` is IGNORE, because pydicom's warning for an invalid
+value quotes the value (a birth date, a name) into the log. The node validates what it copies itself
+(:func:`dicomnode.derive.invalid_value`) and logs the attribute and the rule, never the value.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+from pydicom import config as pydicom_config
 from pynetdicom import _config
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,7 @@ __all__ = ["configure"]
 def configure(chunk_dir: Path | None) -> None:
     """Apply the node's pynetdicom settings; ``chunk_dir`` (the spool's) receives streamed objects."""
     _config.STORE_SEND_CHUNKED_DATASET = True
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
     if chunk_dir is not None:
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(chunk_dir)

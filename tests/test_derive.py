@@ -289,3 +289,114 @@ def test_outputs_validate_and_render(tmp_path: Path, clahe, name):
     png = tmp_path / "out.png"
     subprocess.run(["dcmj2pnm", "+on", str(path), str(png)], check=True, capture_output=True)
     assert png.stat().st_size > 100
+
+
+# ------------------------------------------------------------------ identity, values, timing, overlays
+
+
+def _with_name_from(charset_file: str, tmp_path: Path) -> Path:
+    """CT_small carrying the patient name bytes and character set of one of pydicom's charset files."""
+    names = pydicom.dcmread(pydicom.data.get_charset_files(charset_file)[0])
+    src = sample("CT_small.dcm")
+    src[0x00080005] = names[0x00080005]
+    src[0x00100010] = names.get_item(0x00100010)  # the raw element: its bytes exactly
+    path = tmp_path / f"src-{charset_file}"
+    src.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("charset_file", ["chrX2.dcm", "chrX1.dcm", "chrI2.dcm", "chrKoreanMulti.dcm", "chrH32.dcm",
+                                          "chrGerm.dcm", "chrArab.dcm"])
+def test_identity_is_copied_byte_for_byte_with_its_character_set(tmp_path: Path, clahe, charset_file: str):
+    """GB18030 and UTF-8 names ending in '=', ISO 2022 names ending in ESC ( B: the PACS sees the same bytes."""
+    path = _with_name_from(charset_file, tmp_path)
+    src = pydicom.dcmread(path)
+    raw_name = bytes(src.get_item(0x00100010).value)
+    out = derive_sc(src, enhanced(pydicom.dcmread(path), clahe), clahe.info, SETTINGS, None)
+    written = tmp_path / "out.dcm"
+    out.save_as(written, enforce_file_format=True)
+    back = pydicom.dcmread(written)
+    assert bytes(back.get_item(0x00100010).value) == raw_name
+    assert back.SpecificCharacterSet == src.SpecificCharacterSet
+    assert str(back.PatientName) == str(pydicom.dcmread(path).PatientName)
+
+
+def test_invalid_source_values_are_dropped_not_copied(clahe, caplog):
+    src = sample("CT_small.dcm")
+    src.StudyDate = "1997.04.24"  # Type 2: kept present, emptied
+    src.PatientOrientation = ["A", "F", "X"]  # three values where two are allowed
+    src.PatientAge = "45"  # Type 3: dropped
+    src.PatientSex = "Q"
+    with caplog.at_level("INFO", logger="dicomnode.derive"):
+        out = derive_sc(src, enhanced(src, clahe), clahe.info, SETTINGS, None)
+    assert "StudyDate" in out and out.StudyDate in ("", None)  # Type 2: present, empty
+    assert out.PatientOrientation in ("", None) and "PatientAge" not in out and out.PatientSex in ("", None)
+    assert "ContentDate" not in out or out.ContentDate != "1997.04.24"
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "dicomnode.derive")
+    assert "StudyDate not copied" in text and "PatientOrientation not copied" in text
+    assert "1997.04.24" not in text  # the reason names the attribute, never the value
+
+
+def test_oblique_orientation_and_modality_are_kept(clahe):
+    src = sample("CT_small.dcm")
+    src.PatientOrientation = ["L", "PF"]
+    src.Modality = "XA"
+    out = derive_sc(src, enhanced(src, clahe), clahe.info, SETTINGS, None)
+    assert list(out.PatientOrientation) == ["L", "PF"] and out.Modality == "XA"
+
+
+def test_laterality_follows_the_body_part():
+    clahe = build_model("clahe")
+    src = sample("CT_small.dcm")
+    for keyword in ("Laterality", "ImageLaterality"):
+        if keyword in src:
+            del src[keyword]
+    src.BodyPartExamined = "HEAD"  # unpaired: no Laterality at all
+    assert "Laterality" not in derive_sc(src, enhanced(src, clahe), clahe.info, SETTINGS, None)
+    src.BodyPartExamined = "KNEE"  # paired, side unknown: present and empty
+    paired = derive_sc(src, enhanced(src, clahe), clahe.info, SETTINGS, None)
+    assert "Laterality" in paired and paired.Laterality in ("", None)
+    src.Laterality = "R"
+    assert derive_sc(src, enhanced(src, clahe), clahe.info, SETTINGS, None).Laterality == "R"
+
+
+@pytest.mark.parametrize("timing", ["FrameTime", "FrameTimeVector"])
+def test_gray_cine_keeps_its_timing(clahe, timing: str):
+    src = gray8_multiframe()
+    if timing == "FrameTime":
+        src.FrameTime = "33.3"
+    else:
+        src.FrameTimeVector = ["0", "33.3", "40"]
+    src.RecommendedDisplayFrameRate = 30
+    out = derive_sc(src, enhanced(src, clahe), clahe.info, SETTINGS, None)
+    assert out.FrameIncrementPointer == pydicom.datadict.tag_for_keyword(timing)
+    assert out[timing].value == src[timing].value and out.RecommendedDisplayFrameRate == 30
+    assert "PageNumberVector" not in out
+
+
+def test_other_patient_ids_and_overlays_are_carried(clahe):
+    src = sample("CT_small.dcm")
+    src.OtherPatientIDs = ["OLD-1", "OLD-2"]
+    src.add_new(0x60000010, "US", src.Rows)
+    src.add_new(0x60000011, "US", src.Columns)
+    src.add_new(0x60000040, "CS", "G")
+    src.add_new(0x60000050, "SS", [1, 1])
+    src.add_new(0x60000100, "US", 1)
+    src.add_new(0x60000102, "US", 0)
+    bits = np.zeros(src.Rows * src.Columns, dtype=np.uint8)
+    bits[:200] = 1
+    src.add_new(0x60003000, "OW", np.packbits(bits, bitorder="little").tobytes())
+    out = derive_sc(src, enhanced(src, clahe), clahe.info, SETTINGS, None)
+    assert list(out.OtherPatientIDs) == ["OLD-1", "OLD-2"]
+    assert out[0x60003000].value == src[0x60003000].value and out[0x60000010].value == src.Rows
+
+
+def test_pixel_encoding_and_every_model_option_change_the_uids():
+    src = sample("CT_small.dcm")
+    base = ModelInfo(kind="clahe", name="CLAHE", version="1", options={"clip_limit": 0.01, "max_side": 512})
+    uids = derived_uids(src, base, None)
+    assert derived_uids(src, base, None) == uids  # an unchanged rerun keeps them
+    for change in ({"clip_limit": 0.05, "max_side": 512}, {"clip_limit": 0.01, "max_side": 1024},
+                   {"clip_limit": 0.01, "max_side": 512, "color_mode": "luminance"}):
+        other = derived_uids(src, replace(base, options=change), None)
+        assert other[0] != uids[0] and other[1] != uids[1], change
