@@ -72,6 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", choices=("lite", "paper"), default="lite", help="architecture (default lite: trains on CPU)")
     parser.add_argument("--lambda1", type=float, default=10.0, help="weight of L_FC in L_CA (Eq. 9, default 10)")
     parser.add_argument("--lambda2", type=float, default=1.0, help="weight of L_GAN in L^e (Eq. 11, default 1)")
+    parser.add_argument("--haar-weight", type=float, default=1.0,
+                        help="weight of L_Haar (a mean over coefficients, where the paper's L1 is a sum): see LossWeights")
     parser.add_argument("--lambda3", type=float, default=5.0, help="weight of L^e against L^d with --masks (Eq. 15, default 5)")
     parser.add_argument("--encoder-weights", type=Path, default=None,
                         help="torchvision ImageNet weights (.pth) to start E_e from: resnet50 for --config paper (the lite encoder is narrower and cannot use them)")
@@ -202,7 +204,7 @@ def soft_field(mask: torch.Tensor, radius: int = 2) -> torch.Tensor:
 
 def term_gradients(x_hat: torch.Tensor, losses: dict[str, torch.Tensor], weights: LossWeights) -> dict[str, float]:
     """Norm of each weighted loss term's gradient at x_hat: how much each term actually steers the output."""
-    terms = {"haar": losses["haar"], "fc": weights.lambda1 * losses["fc"], "gan": weights.lambda2 * losses["gan"]}
+    terms = {"haar": weights.haar * losses["haar"], "fc": weights.lambda1 * losses["fc"], "gan": weights.lambda2 * losses["gan"]}
     out = {}
     for name, value in terms.items():
         (g,) = torch.autograd.grad(value, x_hat, retain_graph=True, allow_unused=True)
@@ -234,7 +236,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = replace(cfg, head=args.head)
     if args.resume:
         cfg = resumed_config(args.out / "checkpoint_last.pt", cfg)
-    weights = LossWeights(args.lambda1, args.lambda2, args.lambda3)
+    weights = LossWeights(args.lambda1, args.lambda2, args.lambda3, haar=args.haar_weight)
     bilevel = source.bilevel
 
     net = HQGNet(cfg).to(device)
@@ -340,7 +342,7 @@ def main(args: argparse.Namespace) -> int:
             "g_weights": {"path": str(args.g), "sha256": g_card.weights_sha256} if g_card else None,
             "encoder_init": str(args.encoder_weights) if args.encoder_weights else None,
         },
-        "loss_weights": {"lambda1": weights.lambda1, "lambda2": weights.lambda2, **({"lambda3": weights.lambda3} if bilevel else {})},
+        "loss_weights": {"haar": weights.haar, "lambda1": weights.lambda1, "lambda2": weights.lambda2, **({"lambda3": weights.lambda3} if bilevel else {})},
         "iterations": step,
         "seconds": round(timer.seconds, 1),
         "hardware": hardware_description(device),
