@@ -90,19 +90,25 @@ def series_from_job(job: JobRecord, instances: Sequence[InstanceRecord], keyword
     )
 
 
-def series_from_files(paths: Iterable[Path], keywords: Iterable[str], calling_aet: str = "") -> tuple[list[Series], list[tuple[Path, str]]]:
-    """Group files into series the way the receiver does; files it would refuse are returned with the reason."""
+def series_from_files(paths: Iterable[Path], keywords: Iterable[str], calling_aet: str = "", *,
+                      as_received: bool = False) -> tuple[list[Series], list[tuple[Path, str]]]:
+    """Group files into series the way the receiver does; files it would refuse are returned with the reason.
+
+    ``as_received``: keep one instance per SOPInstanceUID in a series, as the receiver does
+    (:meth:`~dicomnode.ledger.Ledger.add_instance`): a later file of the same SOPInstanceUID replaces the
+    earlier one, in the earlier one's place (``dicomnode route`` shows what the node would hold).
+    """
     keywords = set(keywords)
-    groups: dict[tuple[str, str, str], list[Instance]] = {}
+    groups: dict[tuple[str, str, str], dict[str | int, Instance]] = {}
     skipped: list[tuple[Path, str]] = []
-    for path in paths:
+    for n, path in enumerate(paths):
         try:
             uids = read_uids(path)
         except (ValueError, OSError) as exc:  # what the live node answers with 0xC210
             skipped.append((path, f"the node would refuse it: {exc}"))
             continue
         key = (patient_key(uids[PATIENT_ID]), uids["StudyInstanceUID"], uids["SeriesInstanceUID"])
-        groups.setdefault(key, []).append(Instance(Path(path), _tags(Path(path), keywords)))
-    series = [Series(patient_key=k[0], study_uid=k[1], series_uid=k[2], instances=tuple(v), calling_aet=calling_aet)
+        groups.setdefault(key, {})[uids["SOPInstanceUID"] if as_received else n] = Instance(Path(path), _tags(Path(path), keywords))
+    series = [Series(patient_key=k[0], study_uid=k[1], series_uid=k[2], instances=tuple(v.values()), calling_aet=calling_aet)
               for k, v in groups.items()]
     return series, skipped

@@ -66,7 +66,7 @@ def route_main(args: argparse.Namespace) -> int:
         print(f"note: some rules match {CALLING_AET}; without --calling-aet the sender is taken as empty")
     files = list(expand_paths(args.paths))
     series, skipped = series_from_files(tqdm(files, desc="reading headers", unit="file", disable=None, leave=False),
-                                        keywords, args.calling_aet)
+                                        keywords, args.calling_aet, as_received=True)
     actions: dict[str, int] = {"enhance": 0, "forward": 0, "ignore": 0}
     for entry in series:
         decision = decide(config, [i.tags for i in entry.instances], entry.calling_aet)
@@ -94,6 +94,10 @@ def route_main(args: argparse.Namespace) -> int:
                 print(f"  not matched (left alone): {', '.join(others)}")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
+    kept = {inst.path for entry in series for inst in entry.instances} | {Path(path) for path, _ in skipped}
+    for path in files:
+        if Path(path) not in kept:  # as on the node, the later file of one SOPInstanceUID in a series replaces it
+            print(f"replaced {path}: a later file has the same SOPInstanceUID in the same series")
     print(f"{count(len(files), 'file')}, {count(len(series), 'series', 'series')}: "
           f"{actions['enhance']} enhance, {actions['forward']} forward, {actions['ignore']} ignore"
           + (f"; {len(skipped)} skipped" if skipped else ""))
