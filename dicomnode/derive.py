@@ -35,6 +35,7 @@ from pydicom import config as pydicom_config
 from pydicom.datadict import dictionary_VM, dictionary_VR, tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import correct_ambiguous_vr
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.sr.codedict import codes
@@ -298,10 +299,16 @@ def _copy_identity(source: Dataset, ds: Dataset) -> None:
             ds[tag] = _raw_copy(raw, str(elem.VR or dictionary_VR(tag)))
         else:
             ds[tag] = copy.deepcopy(elem)
-    if "Laterality" not in ds and "ImageLaterality" not in ds:
-        body_part = str(ds.get("BodyPartExamined", "") or "").upper()
-        if body_part not in _UNPAIRED_BODY_PARTS:
-            ds.Laterality = None  # a paired or unknown body part: laterality unknown, stated as empty
+    body_part = str(ds.get("BodyPartExamined", "") or "").upper()
+    unpaired = body_part in _UNPAIRED_BODY_PARTS or bool(ds.get("ImageLaterality"))
+    if "Laterality" not in ds and not unpaired:
+        ds.Laterality = None  # a paired or unknown body part: laterality unknown, stated as empty
+    elif "Laterality" in ds and not ds.Laterality and unpaired:
+        del ds.Laterality  # an empty source value for an unpaired part: absent, as the condition requires
+    if str(ds.get("PatientIdentityRemoved", "")) == "YES" and not ds.get("DeidentificationMethod") \
+            and not ds.get("DeidentificationMethodCodeSequence"):
+        # Type 1C once identity is declared removed; keep the (privacy-relevant) flag and say what is known
+        ds.DeidentificationMethod = "not stated by the source"
     for keyword in _IDENTITY_SEQUENCES:
         if keyword in source:
             try:
@@ -683,4 +690,9 @@ def derive_sc(
     ds.ContributingEquipmentSequence = DicomSequence(_equipment_sequence(source, model, settings))
     _stamp(ds, source)
     _add_private_block(ds, model, settings, guidance_id)
+    # The copied identity elements are the source's raw bytes in its character set: declaring that
+    # encoding as the dataset's own makes pydicom write them as they are instead of decoding and
+    # re-encoding them (which drops a trailing "=" or "ESC ( B").
+    correct_ambiguous_vr(ds, True)  # pydicom resolves "OB or OW" and "US or SS" only when it re-encodes
+    ds.set_original_encoding(False, True, ds._character_set)
     return ds

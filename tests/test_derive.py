@@ -300,8 +300,10 @@ def _with_name_from(charset_file: str, tmp_path: Path) -> Path:
     src = sample("CT_small.dcm")
     src[0x00080005] = names[0x00080005]
     src[0x00100010] = names.get_item(0x00100010)  # the raw element: its bytes exactly
+    src.set_original_encoding(False, True, src._character_set)  # so pydicom writes those bytes as they are
     path = tmp_path / f"src-{charset_file}"
     src.save_as(path, enforce_file_format=True)
+    assert bytes(pydicom.dcmread(path).get_item(0x00100010).value) == bytes(names.get_item(0x00100010).value)
     return path
 
 

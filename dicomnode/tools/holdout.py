@@ -36,7 +36,7 @@ from models.registry import Enhancer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DOMAINS", "HoldoutSet", "holdout_sets", "run_holdout"]
+__all__ = ["DOMAINS", "GuidanceEffect", "HoldoutSet", "guidance_effect", "holdout_sets", "run_holdout"]
 
 
 @dataclass(frozen=True)
@@ -118,12 +118,87 @@ def _methods(config: NodeConfig, models: ResidentModels, dom: Domain) -> tuple[d
     return chosen, default
 
 
+@dataclass(frozen=True)
+class GuidanceEffect:
+    """What the HQ guidance does to one model on one set (the paper's mechanism, measured).
+
+    ``effect``: mean |out(own cache) - out(other cache)| / mean |out(own cache) - input|, the share of the
+    model's own change that depends on which modality's HQ images guide it (0 = guidance ignored).
+    ``psnr_own`` / ``psnr_random``: PSNR to the reference with the modality's cache and with a random
+    vector of the same norm (paired sets only).
+    """
+
+    model: str
+    own: str
+    other: str
+    effect: float
+    psnr_own: float | None
+    psnr_random: float | None
+    n: int
+
+
+def guidance_effect(enhancer: Enhancer, own: np.ndarray, other: np.ndarray, inputs: Sequence[np.ndarray],
+                    references: Sequence[np.ndarray] | None = None, *, seed: int = 0) -> tuple[float, float | None, float | None]:
+    """(effect, PSNR with ``own``, PSNR with a random vector of ``own``'s norm) over ``inputs`` (see GuidanceEffect)."""
+    from models.metrics.fullref import psnr
+
+    rng = np.random.default_rng(seed)
+    noise = rng.standard_normal(np.asarray(own).shape).astype(np.float32)
+    random = noise / np.linalg.norm(noise) * float(np.linalg.norm(own))
+    moved = between = 0.0
+    own_scores: list[float] = []
+    random_scores: list[float] = []
+    for i, img in enumerate(inputs):
+        a = enhancer.enhance([img], guidance=own)[0]
+        b = enhancer.enhance([img], guidance=other)[0]
+        moved += float(np.abs(a - img).mean())
+        between += float(np.abs(a - b).mean())
+        if references is not None:
+            r = enhancer.enhance([img], guidance=random)[0]
+            own_scores.append(psnr(a, references[i]))
+            random_scores.append(psnr(r, references[i]))
+    effect = between / moved if moved > 0 else 0.0
+    if references is None:
+        return effect, None, None
+    return effect, float(np.mean(own_scores)), float(np.mean(random_scores))
+
+
+def _guidance_rows(config: NodeConfig, models: ResidentModels, hs: HoldoutSet, limit: int = 8) -> list[GuidanceEffect]:
+    """Guidance effect of every guided model with more than one cache, on the first ``limit`` images of ``hs``."""
+    rows: list[GuidanceEffect] = []
+    modality = hs.domain.tags["Modality"]
+    inputs_paths = list_images(hs.input)[:limit]
+    for name in config.models:
+        try:
+            resident = models.get(name)
+        except ModelUnavailable:
+            continue
+        caches = resident.guidance
+        own = resident.guidance_record(modality)
+        card = resident.enhancer.info.card
+        if not resident.enhancer.uses_guidance or own is None or len(caches) < 2:
+            continue
+        if card is not None and card.channels != hs.domain.channels:
+            continue
+        other = next(g for key, g in sorted(caches.items()) if g.id != own.id)
+        inputs = [load_image(p, hs.domain.channels) for p in inputs_paths]
+        refs = None
+        if hs.reference is not None:
+            refs = [load_image(hs.reference / p.name, hs.domain.channels) if (hs.reference / p.name).exists()
+                    else load_image(next(hs.reference.glob(p.stem + ".*")), hs.domain.channels) for p in inputs_paths]
+        effect, own_psnr, random_psnr = guidance_effect(resident.enhancer, own.vector, other.vector, inputs, refs)
+        rows.append(GuidanceEffect(name, f"{own.modality} ({own.id})", f"{other.modality} ({other.id})", effect, own_psnr,
+                                   random_psnr, len(inputs)))
+    return rows
+
+
 def run_holdout(config: NodeConfig, models: ResidentModels, root: Path, out: Path, *, extra_methods: Sequence[str] = (),
                 progress: bool = True, report: Callable[[str], None] = print) -> dict[str, EvalResult]:
     """Evaluate every set; writes ``out/<set>/results.*`` and ``out/holdout.md`` + ``out/holdout.json``."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, EvalResult] = {}
+    guidance: dict[str, list[dict[str, object]]] = {}
     sections = ["# Held-out evaluation", "",
                 f"Images: `{root}` (evaluation only). Each table: mean ± std (n images); the input and reference rows "
                 "are the baseline and the target; ↑/↓ direction, ≈ closest to the reference. Metrics inside the field "
@@ -141,7 +216,19 @@ def run_holdout(config: NodeConfig, models: ResidentModels, root: Path, out: Pat
         sections += [f"## {hs.name}", "", hs.note + (f"; default model: {default}" if default else "; no rule enhances this domain"),
                      "", table, ""]
         report(f"\n{hs.name} ({hs.note})\n{table}")
+        effects = _guidance_rows(config, models, hs)
+        if effects:
+            lines = ["| Model | Guidance | Other cache | Effect | PSNR own | PSNR random | n |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+            for e in effects:
+                fmt = (lambda v: f"{v:.2f}" if v is not None else "-")  # noqa: E731
+                lines.append(f"| {e.model} | {e.own} | {e.other} | {e.effect:.3f} | {fmt(e.psnr_own)} | {fmt(e.psnr_random)} | {e.n} |")
+            text = "\n".join(lines)
+            sections += ["Guidance effect: mean |out(own) - out(other)| / mean |out(own) - input| (≥ 0.10: the HQ guidance "
+                         "matters); PSNR with the cache vs a random vector of the same norm.", "", text, ""]
+            guidance[hs.name] = [e.__dict__ for e in effects]
+            report(text)
     (out / "holdout.md").write_text("\n".join(sections))
-    (out / "holdout.json").write_text(json.dumps({name: r.summary.to_json() for name, r in results.items()}, indent=1))
+    (out / "holdout.json").write_text(json.dumps({**{name: r.summary.to_json() for name, r in results.items()},
+                                                  "guidance_effect": guidance}, indent=1))
     report(f"\nheld-out evaluation of {len(results)} set(s) in {time.perf_counter() - started:.0f} s: {out / 'holdout.md'}")
     return results

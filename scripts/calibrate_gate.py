@@ -1,0 +1,120 @@
+"""Calibrate the quality gate's defaults: figures of good outputs against those of known failures.
+
+Usage::
+
+    python scripts/calibrate_gate.py [--config node.yaml] [--holdout ../shared/data/holdout] [--limit 12]
+
+For every held-out image (clean references and real low-quality images of the three domains) this runs
+CLAHE and the model the config routes the domain to (the node's good outputs), and applies the failures
+the gate must stop to the input itself: a red tint, erased structure (Gaussian blur, sigma 1.5 % of the
+longer side), a flat frame, a clipped (over-exposed) frame and a lifted field-of-view surround. It
+prints, per figure, the range of the good outputs and of the failures, and what the current defaults
+(``GatePolicy()``) pass and stop. The issue asks for the defaults to be calibrated on the holdout; nothing
+else is chosen on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dicomnode import gate  # noqa: E402
+from dicomnode.config import GatePolicy, load_config  # noqa: E402
+from dicomnode.resident import ResidentModels  # noqa: E402
+from dicomnode.route import decide  # noqa: E402
+from dicomnode.tools.holdout import DOMAINS  # noqa: E402
+from models.io import list_images, load_image, resize_long_side  # noqa: E402
+from models.registry import build_model  # noqa: E402
+
+
+def red_tint(img: np.ndarray) -> np.ndarray:
+    if img.ndim == 2:
+        return img
+    out = img.copy()
+    out[..., 0] = np.clip(out[..., 0] * 1.25 + 0.15, 0, 1)
+    out[..., 1:] *= 0.8
+    return out
+
+
+def erase(img: np.ndarray) -> np.ndarray:
+    sigma = 0.015 * max(img.shape[:2])
+    return ndi.gaussian_filter(img, (sigma, sigma, 0) if img.ndim == 3 else sigma).astype(np.float32)
+
+
+def lift(img: np.ndarray) -> np.ndarray:
+    return np.clip(img + 0.12, 0, 1).astype(np.float32)
+
+
+DAMAGES = {
+    "red tint": red_tint,
+    "erased structure": erase,
+    "flat": lambda img: np.full_like(img, float(img.mean())),
+    "clipped": lambda img: np.clip(img * 4.0, 0, 1),
+    "surround lifted": lift,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=None, help="node config (default: the embedded default)")
+    parser.add_argument("--holdout", type=Path, default=ROOT.parent / "shared" / "data" / "holdout")
+    parser.add_argument("--limit", type=int, default=12, help="images per folder")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    args = parser.parse_args(argv)
+    if not args.holdout.is_dir():
+        print(f"held-out images not found at {args.holdout}", file=sys.stderr)
+        return 2
+    config = load_config(args.config)
+    models = ResidentModels.load(config)
+    policy = GatePolicy()
+    clahe = build_model("clahe")
+    good: dict[str, list[dict[str, float]]] = defaultdict(list)
+    bad: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for dom in DOMAINS:
+        decision = decide(config, [dom.tags], "")
+        methods = {"clahe": clahe}
+        if decision.action == "enhance" and decision.model:
+            methods[decision.model] = models.bind(decision.model, dom.tags["Modality"]).enhancer
+        for folder in ("clean", "real_lq"):
+            paths = list_images(args.holdout / dom.name / folder)[: args.limit] if (args.holdout / dom.name / folder).is_dir() else []
+            for path in paths:
+                img = resize_long_side(load_image(path, dom.channels), 1024)
+                for name, method in methods.items():
+                    out = method.enhance([img])[0]
+                    good[f"{dom.name}/{name}"].append(gate.measure(img, out))
+                for name, damage in DAMAGES.items():
+                    if name == "red tint" and img.ndim == 2:
+                        continue
+                    bad[f"{dom.name}/{name}"].append(gate.measure(img, damage(img)))
+                print(f"  {dom.name}/{folder}/{path.name}", file=sys.stderr)
+
+    def stopped(rows: list[dict[str, float]]) -> str:
+        return f"{sum(bool(gate.reasons(r, policy)) for r in rows)}/{len(rows)}"
+
+    keys = ("lassim", "chroma_shift", "saturated", "border_change", "std")
+    print(f"defaults: {policy.model_dump()}\n")
+    print("| outputs | n | stopped | " + " | ".join(keys) + " |")
+    print("| --- | ---: | ---: | " + " | ".join("---" for _ in keys) + " |")
+    for label, table in (("good", good), ("failure", bad)):
+        for name, rows in table.items():
+            cells = []
+            for k in keys:
+                values = [r[k] for r in rows if k in r]
+                cells.append(f"{min(values):.3f}–{max(values):.3f}" if values else "-")
+            print(f"| {label}: {name} | {len(rows)} | {stopped(rows)} | " + " | ".join(cells) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"good": good, "failure": bad}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
