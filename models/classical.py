@@ -3,6 +3,8 @@
 They need no weights, run on the CPU, and serve both as baselines in `dicomnode evaluate` and as
 node models (``kind: clahe | histeq | retinex``) usable before any trained weights exist.
 Colour images are processed on their intensity only and the chroma is kept, so hues do not shift.
+With the ``fov`` option (fundus, endoscopy) the black surround of a colour frame's field of view is
+kept as it was: equalisation otherwise lifts it (measured: 4.6-8.6 grey levels on held-out frames).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from scipy.ndimage import gaussian_filter
 from skimage import exposure
 
 from models.color import apply_to_intensity
+from models.fov import feather, fov_mask, has_surround
 from models.registry import Enhancer, ModelInfo
 
 VERSION = "1.0"
@@ -78,20 +81,35 @@ def retinex(image: np.ndarray, sigmas: Sequence[float] = (0.02, 0.1, 0.3), clip_
 class ClassicalEnhancer(Enhancer):
     """Adapter from a per-image function to the node's Enhancer interface."""
 
-    def __init__(self, kind: str, name: str, func, params: Mapping[str, Any]):
-        self.info = ModelInfo(kind=kind, name=name, version=VERSION, weights_sha256=None, options=dict(params))
+    def __init__(self, kind: str, name: str, func, params: Mapping[str, Any], *, fov: bool = False):
+        options = {**params, **({"fov": True} if fov else {})}
+        self.info = ModelInfo(kind=kind, name=name, version=VERSION, weights_sha256=None, options=options)
         self._func = func
         self._params = dict(params)
+        self.fov = fov
+
+    def _one(self, img: np.ndarray) -> np.ndarray:
+        out = self._func(img, **self._params)
+        if self.fov and np.ndim(img) == 3:
+            mask = fov_mask(img)
+            if has_surround(mask):
+                m = feather(mask)[..., None]
+                out = (m * out + (1.0 - m) * np.clip(np.asarray(img, dtype=np.float32), 0, 1)).astype(np.float32)
+        return out
 
     def enhance(self, images: Sequence[np.ndarray], guidance: np.ndarray | None = None) -> list[np.ndarray]:
-        return [self._func(img, **self._params) for img in images]
+        return [self._one(img) for img in images]
 
 
 def _builder(kind: str, name: str, func, allowed: set[str]):
     def build(*, weights: Path | None, device: str, options: dict[str, Any]) -> Enhancer:
+        options = dict(options)
+        fov = options.pop("fov", False)
+        if not isinstance(fov, bool):
+            raise ValueError(f"{kind}: option fov must be true or false, got {fov!r}")
         unknown = set(options) - allowed
         if unknown:
-            raise ValueError(f"{kind}: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+            raise ValueError(f"{kind}: unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed | {'fov'})}")
         if weights is not None:
             raise ValueError(f"{kind}: takes no weights")
         # Try the options on a small ramp now, so a bad value fails at start-up, not on the first study.
@@ -103,7 +121,7 @@ def _builder(kind: str, name: str, func, allowed: set[str]):
             raise ValueError(f"{kind}: invalid option value(s) {options}: {exc}") from exc
         # The full parameter set, defaults included, so that provenance and derived UIDs name what ran.
         defaults = {k: p.default for k, p in inspect.signature(func).parameters.items() if p.default is not p.empty}
-        return ClassicalEnhancer(kind, name, func, {**defaults, **options})
+        return ClassicalEnhancer(kind, name, func, {**defaults, **options}, fov=fov)
 
     return build
 

@@ -43,3 +43,22 @@ def test_bad_option_values_fail_at_build_time():
         build_model("clahe", options={"clip_limit": -1})
     with pytest.raises(ValueError, match="histeq: invalid option"):
         build_model("histeq", options={"nbins": "many"})
+
+
+def test_fov_option_keeps_the_black_surround_of_a_colour_frame():
+    """CLAHE lifts a fundus disc's black surround; with fov: true the surround is left exactly as it was."""
+    from skimage.data import retina
+    from skimage.transform import resize
+
+    from models.fov import fov_mask
+    from models.registry import build_model
+
+    img = resize(retina(), (256, 256), anti_aliasing=True).astype(np.float32)
+    outside = ~fov_mask(img)
+    plain = build_model("clahe").enhance([img])[0]
+    kept = build_model("clahe", options={"fov": True}).enhance([img])[0]
+    eroded = outside & np.roll(outside, 4, 0) & np.roll(outside, -4, 0) & np.roll(outside, 4, 1) & np.roll(outside, -4, 1)
+    assert np.abs(plain - img)[eroded].max() > 1 / 255  # plain CLAHE touches it
+    assert np.abs(kept - img)[eroded].max() < 1e-6
+    assert np.abs(kept - plain)[~outside].mean() < 0.01  # inside the field it is the same CLAHE
+    assert build_model("clahe", options={"fov": True}).info.options["fov"] is True  # in the derived UIDs
