@@ -18,6 +18,7 @@ from dicomnode import __version__
 
 # Command -> the module that registers it. Order = order in `dicomnode --help`.
 COMMANDS: dict[str, str] = {
+    "init": "dicomnode.cli.init",
     "serve": "dicomnode.cli.node",
     "status": "dicomnode.cli.node",
     "resend": "dicomnode.cli.node",
