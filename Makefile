@@ -6,7 +6,7 @@ CONFIG ?=
 APT_PACKAGES := dcmtk dicom3tools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps run lint test test-fast test-slow fuzz bench weights clean
+.PHONY: setup system-deps run lint test test-fast test-slow fuzz bench weights wheel clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -59,6 +59,13 @@ test-slow: setup
 STEPS ?= 12000
 weights: setup
 	for t in ccm color; do $(BIN)/python scripts/release_weights.py all --target $$t --steps $(STEPS) || exit 1; done
+
+# The wheel that deploy/install.sh and deploy/Dockerfile install (dist/): weights, cards, guidance caches and the
+# default config are package data. build/ is removed first so files deleted from the tree never ride along.
+wheel: setup
+	rm -rf build dist/dicomnode-*.whl
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+	rm -rf build
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
