@@ -94,6 +94,11 @@ class NodeSettings(StrictModel):
     max_object_bytes: ByteSize = Field(ByteSize(2 * 1024**3), gt=0)  # accepts 2147483648 or "2GiB"
     workers: int = Field(1, ge=1)
     tls: NodeTLSConfig | None = None
+    # Decode budgets, checked from the header before any pixel is decoded; an instance over one fails (quarantined).
+    # Per frame: rows x columns x samples x bytes per sample plus the float32 working copy (CT 512x512: 1.5 MiB,
+    # a 2592x1944 RGB fundus: 72 MiB). Per series: the same summed over every frame of every instance.
+    max_decoded_frame_bytes: ByteSize = Field(ByteSize(512 * 1024**2), gt=0)
+    max_decoded_series_bytes: ByteSize = Field(ByteSize(8 * 1024**3), gt=0)
 
 
 # --------------------------------------------------------------------------- storage

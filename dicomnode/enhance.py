@@ -210,7 +210,8 @@ def enhance_instances(
 
     Frames go through ``enhancer.enhance`` in batches of ``batch_size`` (across instances; the
     enhancer carries its guidance). ``admit(ds)`` may refuse an instance before decoding (a reason
-    string: it comes out ``skipped``, e.g. an image too small to enhance); ``measure(source, output,
+    string: it comes out ``skipped``, e.g. an image too small to enhance) or fail it by raising
+    :class:`~dicomnode.imaging.PixelDecodeError` (e.g. over the decode budget); ``measure(source, output,
     index, nframes)`` is called for every enhanced frame while its source frame is still at hand (the
     quality gate's figures, in ``checks``); ``timings`` accumulates seconds per stage (read, decode,
     model, gate). Never raises for a bad instance.

@@ -12,6 +12,10 @@ Before the first frame is decoded, :func:`check_pixel_data` checks from the enco
 every frame is complete (each codestream's start, end and header against the dataset): the JPEG and
 JPEG-LS decoders return a frame that was cut short as a whole image with the rest filled flat.
 
+What decoding would cost is known from the header alone (:func:`decoded_frame_bytes`), so a frame or a
+series over the node's budget is refused before the decoder allocates anything
+(:func:`check_decode_budget`): a small JPEG whose header claims 65535 x 65535 pixels is never decoded.
+
 Frames are decoded one at a time (:func:`iter_frames`) so a large multi-frame instance never has to
 be held as float32 all at once. :func:`to_stored` maps enhanced frames back to the stored values
 of the derived object: 8-bit RGB for colour, 8-bit gray for 8-bit sources and 16-bit gray for
@@ -156,6 +160,50 @@ def pixel_info(ds: Dataset) -> PixelInfo:
         color=color,
         out_bits=out_bits,
     )
+
+
+class DecodeBudgetExceeded(PixelDecodeError):
+    """Decoding the instance would take more memory or work than the node's budget allows (not decoded)."""
+
+
+def _size(n: int) -> str:
+    """Bytes as a short human figure (binary units)."""
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def decoded_frame_bytes(info: PixelInfo) -> int:
+    """Memory one frame takes once decoded, from the header alone: the decoder's output (rows x columns x
+    samples x bytes per sample; a palette expanded to 16-bit RGB) plus the float32 working copy the model
+    takes (three channels for colour)."""
+    pixels = info.rows * info.columns
+    raw = pixels * info.samples_per_pixel * ((info.bits_allocated + 7) // 8)
+    if info.photometric == "PALETTE COLOR":
+        raw += pixels * 3 * 2
+    return raw + pixels * (3 if info.color else 1) * 4
+
+
+def check_decode_budget(info: PixelInfo, max_frame_bytes: int, max_series_bytes: int, series_so_far: int = 0) -> int:
+    """DecodeBudgetExceeded unless one frame and the series (``series_so_far`` plus this instance) stay within
+    their budgets; returns this instance's decoded bytes (all frames). Nothing is decoded to find out."""
+    frame = decoded_frame_bytes(info)
+    shape = (f"{info.rows}x{info.columns} (rows x columns), {info.samples_per_pixel} sample(s) of "
+             f"{info.bits_allocated} bits")
+    if frame > max_frame_bytes:
+        raise DecodeBudgetExceeded(
+            f"decoded size over budget: one frame of {shape} takes {_size(frame)} decoded with its float32 working copy, "
+            f"more than node.max_decoded_frame_bytes {_size(max_frame_bytes)}; not decoded")
+    total = frame * info.number_of_frames
+    if series_so_far + total > max_series_bytes:
+        raise DecodeBudgetExceeded(
+            f"decoded size over budget: {info.number_of_frames} frame(s) of {shape} take {_size(total)} decoded, with "
+            f"{_size(series_so_far)} before it in the series more than node.max_decoded_series_bytes "
+            f"{_size(max_series_bytes)}; not decoded")
+    return total
 
 
 def _frame_item(ds: Dataset, index: int, sequence: str) -> Dataset | None:

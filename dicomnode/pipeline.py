@@ -17,12 +17,13 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicomnode import gate, route
-from dicomnode.config import GatePolicy, NodeConfig
+from dicomnode.config import GatePolicy, NodeConfig, NodeSettings
 from dicomnode.derive import DeriveSettings, derive_sc
 from dicomnode.domain import Series, SeriesOutcome
 from dicomnode.durable import write_with
 from dicomnode.encode import encode
 from dicomnode.enhance import enhance_instances
+from dicomnode.imaging import check_decode_budget, pixel_info
 from dicomnode.resident import ModelUnavailable, ResidentModels
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,10 @@ class Pipeline:
         self.config = config
         self.models = models
         self.derive = derive or (DeriveSettings.from_config(config) if config is not None else DeriveSettings())
+        node = config.node if config is not None else None
+        fields = NodeSettings.model_fields
+        self.max_frame_bytes = int(node.max_decoded_frame_bytes if node else fields["max_decoded_frame_bytes"].default)
+        self.max_series_bytes = int(node.max_decoded_series_bytes if node else fields["max_decoded_series_bytes"].default)
 
     def _gate_policy(self, rule: str | None, override: GatePolicy | None) -> GatePolicy:
         if override is not None:
@@ -63,6 +68,17 @@ class Pipeline:
         if min(rows, columns) < least:
             return f"{rows}x{columns} pixels is below the minimum size {least} (derive.min_size): not enhanced"
         return None
+
+    def _budget(self) -> Callable[[Dataset], None]:
+        """A check for one series: DecodeBudgetExceeded (the instance fails) when one frame or the series so far,
+        counted from the headers, is over ``node.max_decoded_frame_bytes`` / ``max_decoded_series_bytes``."""
+        admitted = 0
+
+        def check(ds: Dataset) -> None:
+            nonlocal admitted
+            admitted += check_decode_budget(pixel_info(ds), self.max_frame_bytes, self.max_series_bytes, admitted)
+
+        return check
 
     def run(self, series: Series, out_dir: Path, *, model: str | None = None, batch_size: int | None = None,
             progress: Callable[[int], None] | None = None, gate_policy: GatePolicy | None = None) -> SeriesOutcome:
@@ -102,8 +118,14 @@ class Pipeline:
         def measure(source: np.ndarray, output: np.ndarray, index: int, nframes: int) -> dict[str, float]:
             return gate.measure(source, output, full=index in gate.measured_frames(nframes))
 
+        budget = self._budget()
+
+        def admit(ds: Dataset) -> str | None:
+            budget(ds)  # raises: an instance over budget fails (it is not merely skipped)
+            return self._admit(ds)
+
         for item in enhance_instances([inst.path for inst in chosen], bound.enhancer, batch_size=batch_size or bound.batch_size,
-                                      timings=timings, admit=self._admit, measure=measure if verdict is not None else None):
+                                      timings=timings, admit=admit, measure=measure if verdict is not None else None):
             if item.skipped:
                 outcome.skipped.append((item.path, item.error or "not enhanced"))
                 if progress is not None:

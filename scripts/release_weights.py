@@ -204,7 +204,8 @@ def _resume(out: Path) -> list[str]:
     return ["--resume"] if (out / "checkpoint_last.pt").is_file() else []
 
 
-def train(target: str, work: Path, *, g_steps: int, steps: int, size: int, config: str, device: str, seed: int) -> None:
+def train(target: str, work: Path, *, g_steps: int, steps: int, size: int, config: str, device: str, seed: int,
+          haar_weight: float) -> None:
     root = work / target
     if not (root / "train.json").is_file():
         raise SystemExit(f"{root / 'train.json'} missing: run `prepare --target {target}` first")
@@ -218,7 +219,7 @@ def train(target: str, work: Path, *, g_steps: int, steps: int, size: int, confi
     run("models.train.hqgnet", ["--manifest", root / "train.json", "--g", g_weights, "--config", config, "--size", size,
                                 "--iterations", steps, "--batch-size", 4, "--out", root / "hqgnet", "--name", f"hqgnet-{target}",
                                 "--device", device, "--seed", seed, "--checkpoint-every", 250, "--val-every", 500, "--keep-every", 3000,
-                                "--modality", target, "--half", *_resume(root / "hqgnet")])
+                                "--modality", target, "--half", "--haar-weight", haar_weight, *_resume(root / "hqgnet")])
 
 
 # --------------------------------------------------------------------------------------------- export
@@ -237,7 +238,8 @@ def _recent_losses(log_csv: Path, n: int = 200) -> dict[str, float]:
     return {k: round(float(np.mean([float(r[k]) for r in rows if r.get(k) not in (None, "")])), 6) for k in keys}
 
 
-def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | None = None, color_mode: str = "full") -> Path:
+def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | None = None, color_mode: str = "full",
+           haar_weight: float = 1000.0, haar_since: int = 0) -> Path:
     """Weights (fp16) + card from a training checkpoint, and one guidance cache per modality from the training HQ images."""
     import torch
 
@@ -263,10 +265,11 @@ def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | Non
                           "counts": json.loads((root / "counts.json").read_text())},
         "g": {"iterations": g_card.extra.get("iterations"), "probe": g_card.extra.get("probe"),
               "aux_classifier": g_card.extra.get("aux_classifier"), "final_losses": g_card.extra.get("final_losses")},
-        "loss_weights": {"lambda1": 10.0, "lambda2": 1.0},
+        "loss_weights": {"haar": haar_weight, "haar_since_step": haar_since, "lambda1": 10.0, "lambda2": 1.0,
+                         **({"haar_before": 1.0} if haar_since else {})},
         "iterations": int(state["step"]), "checkpoint": ckpt_path.name,
         "hardware": hardware_description(torch.device("cpu")),
-        "recent_losses": _recent_losses(root / "hqgnet" / "log.csv"),
+        "recent_losses": _recent_losses(ckpt_path.parent / "log.csv"),
         "retrain": f"python scripts/release_weights.py all --target {target}",
     }
     weights_dir.mkdir(parents=True, exist_ok=True)
@@ -289,17 +292,36 @@ def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | Non
     return dst
 
 
+DOMAIN_MODALITY = {"fundus": "OP", "endoscopy": "ES", "ccm": "default"}
+
+
 def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
-    """The exported model against CLAHE and the input on the validation pairs (training split, never holdout)."""
+    """The exported model against CLAHE and the input on the validation pairs (training split, never holdout),
+    one table per domain with that domain's guidance cache, and the guidance effect between caches."""
     from dicomnode import guidance as gd
+    from dicomnode.tools.holdout import guidance_effect
     from models.evaluate import EvalConfig, evaluate, markdown_table
+    from models.io import list_images, load_image
     from models.registry import build_model
 
     root = work / target
-    enhancers = {}
-    for modality in MODALITIES[target]:
-        enhancer = build_model("hqgnet", weights=weights, device="cpu")
-        g = gd.load(weights.with_name(f"{weights.stem}.guidance-{modality}.json"))
+    pairs = root / "val_pairs"
+    enhancer = build_model("hqgnet", weights=weights, device="cpu")
+    channels = enhancer.info.card.channels if enhancer.info.card else 1
+    caches = {m: gd.load(weights.with_name(f"{weights.stem}.guidance-{m}.json")) for m in MODALITIES[target]}
+    summary: dict = {}
+    domains = sorted({p.name.split("_")[0] for p in list_images(pairs / "lq")}) if target == "color" else ["ccm"]
+    for domain in domains:
+        modality = DOMAIN_MODALITY.get(domain, "default")
+        own = caches.get(modality) or next(iter(caches.values()))
+        split = out / "data" / domain
+        for kind in ("lq", "hq"):
+            (split / kind).mkdir(parents=True, exist_ok=True)
+            for path in list_images(pairs / kind):
+                if target != "color" or path.name.startswith(domain + "_"):
+                    link = split / kind / path.name
+                    if not link.exists():
+                        link.symlink_to(path)
 
         class Bound:  # the cached vector bound, as the node binds it
             def __init__(self, inner, vector):
@@ -308,14 +330,24 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
             def enhance(self, images, guidance=None):
                 return self.inner.enhance(images, self.vector)
 
-        enhancers[f"hqgnet ({modality})"] = Bound(enhancer, g.vector)
-    cfg = EvalConfig(input=root / "val_pairs" / "lq", reference=root / "val_pairs" / "hq", out=out, methods=["clahe"],
-                     enhancers=enhancers, metrics=["psnr", "ssim", "lassim", "de", "lassim_in", "chroma", "border"],
-                     size=512, device="cpu", fov=TARGETS[target][2] != ("ccm",), progress=False,
-                     title=f"validation: {target}")
-    result = evaluate(cfg)
-    print(markdown_table(result.summary))
-    return result.summary.to_json()
+        cfg = EvalConfig(input=split / "lq", reference=split / "hq", out=out / domain, methods=["clahe"],
+                         enhancers={f"hqgnet ({modality})": Bound(enhancer, own.vector)},
+                         metrics=["psnr", "ssim", "lassim", "de", "lassim_in", "chroma", "border"],
+                         size=512, device="cpu", fov=TARGETS[target][2] != ("ccm",), progress=False,
+                         title=f"validation: {target} / {domain}")
+        result = evaluate(cfg)
+        print(f"\n{domain} (guidance {modality}: {own.id})\n{markdown_table(result.summary)}")
+        summary[domain] = result.summary.to_json()
+        if len(caches) > 1:
+            other = next(g for m, g in caches.items() if g.id != own.id)
+            inputs = [load_image(p, channels) for p in list_images(split / "lq")]
+            refs = [load_image(p, channels) for p in list_images(split / "hq")]
+            effect, own_psnr, random_psnr = guidance_effect(enhancer, own.vector, other.vector, inputs, refs)
+            print(f"guidance effect {modality} vs {other.modality}: {effect:.3f}; PSNR own cache {own_psnr:.2f} dB, "
+                  f"random vector {random_psnr:.2f} dB")
+            summary[domain]["guidance_effect"] = {"effect": effect, "psnr_own": own_psnr, "psnr_random": random_psnr}
+    (out / "validation.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -333,15 +365,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=("lite", "paper"), default="lite")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--haar-weight", type=float, default=1000.0,
+                        help="weight of L_Haar (a mean; see models.hqgnet.LossWeights); 1 leaves structure undefended")
+    parser.add_argument("--haar-since", type=int, default=0,
+                        help="export: the step from which the checkpoint was trained with --haar-weight (1 before), for the card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.stage in ("prepare", "all"):
         prepare(args.target, args.data, args.work, args.seed)
     if args.stage in ("train", "all"):
         train(args.target, args.work, g_steps=args.g_steps, steps=args.steps, size=args.size, config=args.config,
-              device=args.device, seed=args.seed)
+              device=args.device, seed=args.seed, haar_weight=args.haar_weight)
     if args.stage in ("export", "all"):
-        export(args.target, args.work, args.weights_dir, checkpoint=args.checkpoint, color_mode=args.color_mode)
+        export(args.target, args.work, args.weights_dir, checkpoint=args.checkpoint, color_mode=args.color_mode,
+               haar_weight=args.haar_weight, haar_since=args.haar_since)
     if args.stage in ("validate", "all"):
         validate(args.target, args.work, args.weights_dir / f"hqgnet-{args.target}.pt", args.work / args.target / "validation")
     return 0
