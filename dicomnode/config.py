@@ -99,6 +99,8 @@ class NodeSettings(StrictModel):
     # a 2592x1944 RGB fundus: 72 MiB). Per series: the same summed over every frame of every instance.
     max_decoded_frame_bytes: ByteSize = Field(ByteSize(512 * 1024**2), gt=0)
     max_decoded_series_bytes: ByteSize = Field(ByteSize(8 * 1024**3), gt=0)
+    # A job still `processing` when the node died this many times (its claims never finished) is failed as poison.
+    max_job_attempts: int = Field(2, ge=1)
 
 
 # --------------------------------------------------------------------------- storage
@@ -110,6 +112,8 @@ class StorageConfig(StrictModel):
     disk_low_watermark_percent: float = Field(85.0, gt=0, le=100)
     retention_days_delivered: float | None = Field(7.0, ge=0)  # None = keep forever
     retention_days_failed: float | None = Field(30.0, ge=0)
+    # A job that meets a full disk (above the high watermark, or ENOSPC/EDQUOT writing outputs) waits this long, then retries.
+    disk_full_retry_seconds: float = Field(60.0, gt=0)
 
 
 # --------------------------------------------------------------------------- destinations

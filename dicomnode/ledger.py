@@ -8,6 +8,12 @@ quiet) -> ``processing`` -> ``derived`` (outputs recorded, deliveries pending) -
 | ``gated`` (outputs held back by the quality gate). Delivery states (:class:`DeliveryState`):
 ``pending`` -> ``sent`` | ``dead_letter`` (``resend`` puts them back to pending).
 
+A job ends ``failed`` rather than ``done`` when some of its instances were not enhanced (``not_enhanced``),
+even once the others are delivered. A storage fault sends a ``processing`` job back to ``complete`` with
+``retry_at`` and the reason in ``error`` (:meth:`Ledger.defer_job`). ``attempts`` counts the claims of a
+job that ended without a recorded outcome, the current one included: a claim cut short by a crash stays
+counted, so :meth:`Ledger.fail_poisoned` can fail a job that keeps killing the node.
+
 A job is one series of one patient in one study: (patient key, StudyInstanceUID, SeriesInstanceUID).
 The patient key is a hash of the PatientID, so the ledger holds no patient identifier; a faulty
 modality that reuses a series UID for two patients gets two jobs, never one merged series.
@@ -132,6 +138,8 @@ _MIGRATIONS: tuple[tuple[str, str, str], ...] = (
     ("jobs", "attempts", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "details", "TEXT"),
     ("deliveries", "sending_since", "REAL"),
+    ("jobs", "retry_at", "REAL"),
+    ("jobs", "not_enhanced", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -176,6 +184,8 @@ class JobRecord:
     patient_key: str = ""
     attempts: int = 0
     details: dict[str, Any] | None = None
+    retry_at: float | None = None  # a deferred ``complete`` job is not claimed before this (storage fault)
+    not_enhanced: int = 0  # matched instances that produced nothing: the job ends failed, not done
 
 
 @dataclass(frozen=True)
@@ -385,25 +395,59 @@ class Ledger:
         return ids
 
     def claim_job(self) -> JobRecord | None:
-        """complete -> processing for the oldest complete job (attempts + 1); None when there is none.
+        """complete -> processing for the oldest complete job that is due (attempts + 1); None when there is none.
 
-        The state check inside the write transaction means two workers never claim one job.
+        The state check inside the write transaction means two workers never claim one job. A deferred
+        job (``retry_at`` in the future) waits; the jobs behind it are claimed meanwhile.
         """
         now = time.time()
         with self._transaction() as db:
-            row = db.execute("SELECT * FROM jobs WHERE state=? ORDER BY id LIMIT 1", (JobState.COMPLETE,)).fetchone()
+            row = db.execute("SELECT * FROM jobs WHERE state=? AND (retry_at IS NULL OR retry_at <= ?) ORDER BY id LIMIT 1",
+                             (JobState.COMPLETE, now)).fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state=?, attempts=attempts+1, updated_at=? WHERE id=?",
+            db.execute("UPDATE jobs SET state=?, attempts=attempts+1, retry_at=NULL, updated_at=? WHERE id=?",
                        (JobState.PROCESSING, now, row["id"]))
         job = _job(row)
-        return JobRecord(**{**job.__dict__, "state": JobState.PROCESSING, "updated_at": now, "attempts": job.attempts + 1})
+        return JobRecord(**{**job.__dict__, "state": JobState.PROCESSING, "updated_at": now, "attempts": job.attempts + 1,
+                            "retry_at": None})
+
+    def defer_job(self, job_id: int, reason: str, retry_in: float) -> float:
+        """processing -> complete, not claimed again for ``retry_in`` s, ``reason`` shown by status (a storage fault:
+        not the series' fault, so the claim is not counted as an attempt). Returns when it is due."""
+        now = time.time()
+        with self._transaction() as db:
+            db.execute("UPDATE jobs SET state=?, attempts=0, retry_at=?, error=?, updated_at=? WHERE id=? AND state=?",
+                       (JobState.COMPLETE, now + retry_in, reason[:2000], now, job_id, JobState.PROCESSING))
+        return now + retry_in
+
+    def release_job(self, job_id: int) -> bool:
+        """processing -> complete for a job a drain interrupted (not a crash: its claim is not counted)."""
+        with self._transaction() as db:
+            return db.execute("UPDATE jobs SET state=?, attempts=MAX(attempts-1, 0), updated_at=? WHERE id=? AND state=?",
+                              (JobState.COMPLETE, time.time(), job_id, JobState.PROCESSING)).rowcount == 1
+
+    def fail_poisoned(self, max_attempts: int) -> list[JobRecord]:
+        """Before :meth:`recover`: jobs found ``processing`` whose ``max_attempts``-th claim did not finish (the node
+        died during each) become ``failed`` with the reason; returns them as they are now."""
+        now = time.time()
+        with self._transaction() as db:
+            rows = db.execute("SELECT id, attempts FROM jobs WHERE state=? AND attempts >= ? ORDER BY id",
+                              (JobState.PROCESSING, max_attempts)).fetchall()
+            for job_id, attempts in rows:
+                db.execute("UPDATE jobs SET state=?, error=?, updated_at=? WHERE id=?",
+                           (JobState.FAILED, f"processing crashed {attempts} times (node.max_job_attempts {max_attempts}): "
+                            "the node died while processing this job each time; its sources are quarantined", now, job_id))
+        return [job for job_id, _ in rows if (job := self.job(job_id)) is not None]
 
     def finish_job(self, job_id: int, state: JobState, *, action: str | None = None, rule: str | None = None,
                    model: str | None = None, error: str | None = None, details: dict[str, Any] | None = None,
                    outputs: Sequence[Path] = (), output_kind: str = "derived", destinations: Sequence[str] = (),
-                   routed: tuple[Iterable[int], Iterable[int]] | None = None) -> int:
+                   routed: tuple[Iterable[int], Iterable[int]] | None = None, not_enhanced: int = 0) -> int:
         """One transition for a processed job: routing marks, outputs with their pending deliveries, new state.
+
+        ``not_enhanced`` (matched instances that produced nothing) makes a job that would settle ``done`` settle
+        ``failed`` instead, its ``error`` naming them.
 
         Re-recording the same outputs (a job redone after a crash) keeps the rows that exist, so a
         delivery already sent is not sent again. Returns the number of deliveries created.
@@ -426,8 +470,10 @@ class Ledger:
                     )
                     created += cur.rowcount
             db.execute(
-                "UPDATE jobs SET state=?, action=?, rule=?, model=?, error=?, details=?, updated_at=? WHERE id=?",
-                (JobState(state), action, rule, model, error, json.dumps(details) if details else None, now, job_id),
+                "UPDATE jobs SET state=?, action=?, rule=?, model=?, error=?, details=?, not_enhanced=?, retry_at=NULL,"
+                " updated_at=? WHERE id=?",
+                (JobState(state), action, rule, model, error, json.dumps(details) if details else None, not_enhanced, now,
+                 job_id),
             )
         return created
 
@@ -447,11 +493,14 @@ class Ledger:
         return [Path(r[0]) for r in self._query("SELECT path FROM outputs WHERE job_id=? ORDER BY id", (job_id,))]
 
     def reprocess(self, job_id: int) -> bool:
-        """A finished job (done, failed, gated) back to ``complete`` with its attempts reset; False if not finished."""
+        """A finished job (done, failed, gated) back to ``complete`` with its attempts reset, or a deferred one made
+        due now; False for a job in any other state. Outputs already recorded keep their deliveries (a sent
+        one is not sent again)."""
         with self._transaction() as db:
             cur = db.execute(
-                "UPDATE jobs SET state=?, attempts=0, error=NULL, updated_at=? WHERE id=? AND state IN (?,?,?)",
-                (JobState.COMPLETE, time.time(), job_id, JobState.DONE, JobState.FAILED, JobState.GATED))
+                "UPDATE jobs SET state=?, attempts=0, error=NULL, retry_at=NULL, not_enhanced=0, updated_at=?"
+                " WHERE id=? AND (state IN (?,?,?) OR (state=? AND retry_at IS NOT NULL))",
+                (JobState.COMPLETE, time.time(), job_id, JobState.DONE, JobState.FAILED, JobState.GATED, JobState.COMPLETE))
             return cur.rowcount == 1
 
     # -- deliveries --------------------------------------------------------------------------
@@ -520,7 +569,7 @@ class Ledger:
         changed: list[tuple[int, JobState]] = []
         with self._transaction() as db:
             rows = db.execute(
-                "SELECT j.id, SUM(d.state=?) AS pending, SUM(d.state=?) AS dead"
+                "SELECT j.id, j.not_enhanced, j.error, SUM(d.state=?) AS pending, SUM(d.state=?) AS dead"
                 " FROM jobs j LEFT JOIN deliveries d ON d.job_id=j.id WHERE j.state=? GROUP BY j.id",
                 (DeliveryState.PENDING, DeliveryState.DEAD_LETTER, JobState.DERIVED)).fetchall()
             for r in rows:
@@ -528,8 +577,12 @@ class Ledger:
                 if pending:
                     continue
                 if dead:
+                    error = f"{dead} deliveries dead-lettered" + (f"; {r['error']}" if r["not_enhanced"] and r["error"] else "")
                     db.execute("UPDATE jobs SET state=?, error=?, updated_at=? WHERE id=?",
-                               (JobState.FAILED, f"{dead} deliveries dead-lettered", now, r["id"]))
+                               (JobState.FAILED, error[:2000], now, r["id"]))
+                    changed.append((r["id"], JobState.FAILED))
+                elif r["not_enhanced"]:  # the others are delivered; the job stays visible as failed with its reasons
+                    db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=?", (JobState.FAILED, now, r["id"]))
                     changed.append((r["id"], JobState.FAILED))
                 else:
                     db.execute("UPDATE jobs SET state=?, updated_at=? WHERE id=?", (JobState.DONE, now, r["id"]))
@@ -546,8 +599,8 @@ class Ledger:
             count = db.execute(
                 f"UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?, updated_at=? WHERE {where}",
                 (DeliveryState.PENDING, now, now, *params)).rowcount
-            db.executemany(
-                "UPDATE jobs SET state=?, error=NULL, updated_at=? WHERE id=? AND state IN (?,?)",
+            db.executemany(  # a job with instances not enhanced keeps saying so
+                "UPDATE jobs SET state=?, error=CASE WHEN not_enhanced > 0 THEN error END, updated_at=? WHERE id=? AND state IN (?,?)",
                 [(JobState.DERIVED, now, j, JobState.FAILED, JobState.DONE) for j in jobs])
         return count
 
@@ -575,7 +628,8 @@ class Ledger:
         """After a crash or drain: jobs caught in ``processing`` go back to ``complete`` to be redone.
 
         Redoing is safe: derived UIDs are deterministic and outputs are written atomically, so a
-        redo overwrites with identical objects instead of adding new ones.
+        redo overwrites with identical objects instead of adding new ones. Their ``attempts`` stay as they
+        are (the claim that never finished counts); call :meth:`fail_poisoned` first.
         """
         with self._transaction() as db:
             ids = [r[0] for r in db.execute("SELECT id FROM jobs WHERE state=?", (JobState.PROCESSING,))]

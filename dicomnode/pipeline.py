@@ -8,6 +8,7 @@ only: recording the outcome in the ledger and sending it are its callers' busine
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -28,9 +29,30 @@ from dicomnode.resident import ModelUnavailable, ResidentModels
 
 log = logging.getLogger(__name__)
 
-__all__ = ["GATED_DIR", "Pipeline", "write_dataset"]
+__all__ = ["GATED_DIR", "OUT_OF_SPACE", "Pipeline", "StorageFull", "out_of_space", "write_dataset"]
 
 GATED_DIR = "gated"  # outputs the quality gate held back are written here, inside the output folder
+OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})  # a full disk or quota: a fault of the node, not of the input
+
+
+class StorageFull(RuntimeError):
+    """The output folder has no room (above the watermark, or a write failed with ENOSPC/EDQUOT).
+
+    Not a fault of the series: :meth:`Pipeline.run` stops the series and raises this; its caller retries later.
+    """
+
+
+def out_of_space(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind ``exc``, if any: pydicom re-raises write errors as a new exception
+    without the errno (``With tag (7FE0,0010) got exception: ...``), the original is its cause."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in OUT_OF_SPACE:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def write_dataset(ds: Dataset, out_dir: Path) -> Path:
@@ -81,13 +103,17 @@ class Pipeline:
         return check
 
     def run(self, series: Series, out_dir: Path, *, model: str | None = None, batch_size: int | None = None,
-            progress: Callable[[int], None] | None = None, gate_policy: GatePolicy | None = None) -> SeriesOutcome:
+            progress: Callable[[int], None] | None = None, gate_policy: GatePolicy | None = None,
+            check_space: Callable[[], str | None] | None = None) -> SeriesOutcome:
         """Process one series into ``out_dir``. ``model`` overrides the rules (every instance, that model).
 
         Outputs the quality gate (the rule's, or ``gate_policy``) fails are written to
         ``out_dir/gated`` and the outcome's ``gate`` says why; the caller holds the series back.
         ``progress`` is called with 1 as each matched instance is finished (written or failed).
         Never raises for a bad instance or an unavailable model: the outcome says what happened.
+        Raises :class:`StorageFull` when ``check_space()`` (called before enhancing and before each output is
+        written) gives a reason, or a write fails with ENOSPC/EDQUOT: outputs written so far stay, a re-run
+        replaces them.
         """
         started = time.perf_counter()
         if model is not None:
@@ -109,6 +135,9 @@ class Pipeline:
             outcome.error = str(exc)
             outcome.failed = [(inst.path, str(exc)) for inst in chosen]
             return outcome
+        full = check_space() if check_space is not None else None
+        if full is not None:  # before decoding anything: the series would only stop half-way
+            raise StorageFull(f"series {series.series_uid} not started: {full}")
         outcome.guidance_id = bound.guidance_id
         info = bound.enhancer.info
         timings: dict[str, float] = {}
@@ -154,9 +183,16 @@ class Pipeline:
                 timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
             if item.error is None:
                 t0 = time.perf_counter()
+                full = check_space() if check_space is not None else None
+                if full is not None:
+                    raise StorageFull(f"series {series.series_uid} stopped before writing: {full}")
                 try:
                     outcome.outputs.append(write_dataset(derived, target))
                 except OSError as exc:
+                    full_error = out_of_space(exc)
+                    if full_error is not None:
+                        raise StorageFull(f"series {series.series_uid} stopped: writing to {target} failed: "
+                                          f"{full_error.strerror or full_error}") from exc
                     item.error = f"write: {exc}"
                 timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
             if item.error is not None:

@@ -15,10 +15,17 @@ Every hand-over is a ledger state change, so a restart (after SIGTERM, a crash o
 resumes from the ledger: ``processing`` jobs are redone (outputs are deterministic), complete jobs
 are processed, pending deliveries are sent. SIGTERM/SIGINT drain: stop accepting associations,
 let open ones finish, let each worker finish its current job, then close.
+
+Faults a job cannot help: a job found ``processing`` at start for the ``node.max_job_attempts``-th time
+(the node died during each of its claims: a poison series) is failed and its sources quarantined
+instead of being redone; a full disk (``storage.disk_high_watermark_percent`` on the output folder, or
+ENOSPC/EDQUOT while writing) sends the job back to wait ``storage.disk_full_retry_seconds``. A worker
+exception fails its job only: the receiver and the dispatchers run in other threads.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -38,7 +45,7 @@ from dicomnode.dispatch import Dispatcher
 from dicomnode.domain import SeriesOutcome
 from dicomnode.ledger import JobRecord, JobState
 from dicomnode.netconfig import configure
-from dicomnode.pipeline import Pipeline
+from dicomnode.pipeline import Pipeline, StorageFull, out_of_space
 from dicomnode.receive import Receiver
 from dicomnode.resident import ResidentModels
 from dicomnode.route import routing_keywords
@@ -86,6 +93,7 @@ class Server:
         self._wake_dispatch: list[threading.Event] = []
         self.pipeline: Pipeline | None = None
         self._threads: list[threading.Thread] = []
+        self._running: dict[str, int] = {}  # worker thread name -> the job it processes now
         self._started = False
         self._lock_file: Any = None
 
@@ -96,6 +104,7 @@ class Server:
         spool = self.spool
         self._lock_spool(spool)
         configure(spool.chunks)
+        self._fail_poisoned(spool)
         redo = spool.ledger.recover()
         retry = spool.ledger.retry_pending_now()
         stale = spool.clean_incoming()
@@ -146,6 +155,18 @@ class Server:
             sorted(self._destinations),
         )
 
+    def _fail_poisoned(self, spool: Spool) -> None:
+        """Jobs the node died processing ``node.max_job_attempts`` times: failed, sources quarantined, queue moves on."""
+        for job in spool.ledger.fail_poisoned(self.config.node.max_job_attempts):
+            log.error("job %d series %s failed: %s", job.id, job.series_uid, job.error)
+            for inst in spool.ledger.instances(job.id):
+                try:
+                    if inst.path.is_file():
+                        spool.quarantine(inst.path, f"job {job.id}: {inst.path.name} is in a series whose processing "
+                                                    f"crashed the node {job.attempts} times", keep_source=True)
+                except OSError as exc:  # the ledger says failed already; a copy for inspection is a bonus
+                    log.warning("cannot quarantine %s of job %d: %s", inst.path.name, job.id, exc)
+
     def _lock_spool(self, spool: Spool) -> None:
         """One serving node per spool: a second one would delete the first's in-flight files."""
         fd = os.open(spool.root / "serve.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -189,6 +210,12 @@ class Server:
             if thread.is_alive():
                 clean = False
                 log.warning("%s still busy at the end of the drain; the ledger resumes it on restart", thread.name)
+        for name, job_id in list(self._running.items()):  # cut short by the drain, not by a crash: not an attempt
+            try:
+                if self.spool.ledger.release_job(job_id):
+                    log.warning("job %d (%s) interrupted by the drain: redone at the next start", job_id, name)
+            except Exception:  # the next start still recovers it, counting the claim
+                log.exception("cannot release job %d", job_id)
         self.receiver.ae.shutdown()
         if clean:
             self.spool.close()
@@ -249,20 +276,39 @@ class Server:
                     self._wake_workers.wait(0.5)
                 continue
             started = time.perf_counter()
+            worker = threading.current_thread().name
+            self._running[worker] = job.id
             try:
                 self.process_job(job)
             except Exception as exc:  # one bad job must not stop the worker
-                log.exception("job %d failed", job.id)
-                self.spool.ledger.set_job_state(job.id, JobState.FAILED, error=f"{exc.__class__.__name__}: {exc}"[:2000])
+                if isinstance(exc, StorageFull) or out_of_space(exc) is not None:
+                    self._defer(job, exc)
+                else:
+                    log.exception("job %d failed", job.id)
+                    self.spool.ledger.set_job_state(job.id, JobState.FAILED, error=f"{exc.__class__.__name__}: {exc}"[:2000])
+            finally:
+                self._running.pop(worker, None)
             log.info("job %d processed in %.2f s", job.id, time.perf_counter() - started)
             self._wake_all_dispatch()
+
+    def _defer(self, job: JobRecord, exc: Exception) -> None:
+        """A storage fault: the job waits ``storage.disk_full_retry_seconds`` and is retried (no quarantine, not done)."""
+        assert self.spool is not None
+        delay = self.config.storage.disk_full_retry_seconds
+        cause = out_of_space(exc)
+        reason = str(exc) if isinstance(exc, StorageFull) or cause is None else f"{errno.errorcode.get(cause.errno or 0)}: {cause}"
+        when = time.strftime("%H:%M:%S", time.localtime(time.time() + delay))
+        self.spool.ledger.defer_job(job.id, f"waiting for disk space (retry at {when}): {reason}", delay)
+        log.error("job %d series %s: storage fault, retrying in %.0f s (at %s): %s", job.id, job.series_uid, delay, when, reason)
 
     def process_job(self, job: JobRecord) -> SeriesOutcome:
         """Run one claimed job through the pipeline and record the outcome as one ledger transition."""
         assert self.spool is not None and self.pipeline is not None
         ledger = self.spool.ledger
+        out_dir = self.spool.outgoing_dir(job.id)
+        high = self.config.storage.disk_high_watermark_percent
         series = series_from_job(job, ledger.instances(job.id), routing_keywords(self.config))
-        outcome = self.pipeline.run(series, self.spool.outgoing_dir(job.id))
+        outcome = self.pipeline.run(series, out_dir, check_space=lambda: Spool.too_full(out_dir, high))
         log.info("job %d series %s: %s by %s (%d of %d instances) -> %s", job.id, job.series_uid, outcome.action,
                  f"rule {outcome.rule!r}" if outcome.rule else "unmatched policy", len(outcome.matched),
                  len(series.instances), ", ".join(outcome.destinations) or "no destination")
@@ -280,7 +326,8 @@ class Server:
             details["gate"] = {**outcome.gate, "destinations": list(outcome.destinations)}
         if outcome.skipped:
             details["skipped"] = [{"file": Path(src).name, "reason": reason} for src, reason in outcome.skipped[:50]]
-        common = {"action": outcome.action, "rule": outcome.rule, "model": outcome.model, "details": details, "routed": routed}
+        common = {"action": outcome.action, "rule": outcome.rule, "model": outcome.model, "details": details, "routed": routed,
+                  "not_enhanced": len(outcome.failed)}
         failures = "; ".join(f"{Path(src).name}: {reason}" for src, reason in outcome.failed)
         if outcome.action == "ignore":
             ledger.finish_job(job.id, JobState.DONE, **common)

@@ -60,6 +60,17 @@ class Spool:
     def outgoing_dir(self, job_id: int) -> Path:
         return make_dir(self.outgoing / f"job-{job_id}")
 
+    @staticmethod
+    def too_full(folder: Path, high_percent: float) -> str | None:
+        """Why the file system holding ``folder`` is too full to write into (use at or above ``high_percent``,
+        storage.disk_high_watermark_percent), or None. One statvfs: cheap enough before every output."""
+        total, used, free = shutil.disk_usage(folder)
+        percent = 100.0 * used / total if total else 100.0
+        if percent >= high_percent:
+            return (f"disk holding {folder} is {percent:.1f}% full ({free // 1024**2} MiB free), at or above "
+                    f"storage.disk_high_watermark_percent {high_percent:g}%")
+        return None
+
     # -- receive -----------------------------------------------------------------------------
     def write_incoming(self, data: bytes | memoryview) -> Path:
         """Land received bytes durably in incoming/ (temp file, fsync, rename)."""

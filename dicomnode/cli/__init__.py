@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "serve": "dicomnode.cli.node",
     "status": "dicomnode.cli.node",
     "resend": "dicomnode.cli.node",
+    "reprocess": "dicomnode.cli.node",
     "check-config": "dicomnode.cli.admin",
     "route": "dicomnode.cli.admin",
     "enhance": "dicomnode.cli.offline",

@@ -1,6 +1,7 @@
-"""`dicomnode serve | status | resend`: run the node, inspect its ledger, re-queue dead letters or gated jobs.
+"""`dicomnode serve | status | resend | reprocess`: run the node, inspect its ledger, re-queue dead letters,
+gated jobs or whole jobs.
 
-``status`` and ``resend`` only open the ledger (SQLite, WAL), so they work while ``serve`` runs
+``status``, ``resend`` and ``reprocess`` only open the ledger (SQLite, WAL), so they work while ``serve`` runs
 and never import torch. Everything printed or logged names studies, series and instances by UID,
 never by patient name, ID or birth date.
 """
@@ -44,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     resend.add_argument("--force", action="store_true",
                         help="with --job: send a job the quality gate held back (status lists them), once, as it is")
     resend.set_defaults(func=cmd_resend)
+
+    reprocess = subparsers.add_parser(
+        "reprocess", help="run a finished job (done, failed, gated) again from its spooled sources, or a waiting one now")
+    reprocess.add_argument("--config", type=Path, default=None, help="node configuration (YAML; default: the embedded default)")
+    reprocess.add_argument("--job", type=int, required=True, help="the job (status lists failed and waiting jobs)")
+    reprocess.set_defaults(func=cmd_reprocess)
 
 
 def _open_ledger(config: NodeConfig) -> Ledger:
@@ -108,6 +115,7 @@ def collect_status(ledger: Ledger, limit: int = 20) -> dict[str, Any]:
     dead = ledger.deliveries(state=DeliveryState.DEAD_LETTER)
     failed_jobs = ledger.jobs(JobState.FAILED)
     gated_jobs = ledger.jobs(JobState.GATED)
+    waiting_jobs = [j for j in ledger.jobs(JobState.COMPLETE) if j.retry_at is not None]
     unmatched = ledger.unmatched_series()
 
     def delivery(d: Any) -> dict[str, Any]:
@@ -134,6 +142,9 @@ def collect_status(ledger: Ledger, limit: int = 20) -> dict[str, Any]:
             {"job": j.id, "series_uid": j.series_uid, "rule": j.rule, "model": j.model, "error": j.error,
              "gate": {k: v for k, v in ((j.details or {}).get("gate") or {}).items() if k in ("measured", "failed", "worst", "failures")}}
             for j in gated_jobs[-limit:]
+        ],
+        "waiting_jobs": [  # deferred by a storage fault, retried automatically
+            {"job": j.id, "series_uid": j.series_uid, "retry_at": j.retry_at, "error": j.error} for j in waiting_jobs[:limit]
         ],
         "unmatched_series": [
             {"job": r.job_id, "study_uid": r.study_uid, "series_uid": r.series_uid, "calling_aet": r.calling_aet,
@@ -179,6 +190,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("failed jobs:")
         for j in info["failed_jobs"]:
             print(f"  job {j['job']} series {j['series_uid']} rule {j['rule']} model {j['model']}: {j['error']}")
+    if info["waiting_jobs"]:
+        print("waiting to be retried after a storage fault (dicomnode reprocess --job ID retries one now):")
+        for j in info["waiting_jobs"]:
+            print(f"  job {j['job']} series {j['series_uid']} at {_when(j['retry_at'])}: {j['error']}")
     if info["gated_jobs"]:
         print("held back by the quality gate (dicomnode resend --force --job ID sends one anyway):")
         for j in info["gated_jobs"]:
@@ -223,4 +238,33 @@ def cmd_resend(args: argparse.Namespace) -> int:
         ledger.close()
     scope = f"job {args.job}" if args.job is not None else "all jobs"
     print(f"{count} dead-lettered deliveries of {scope} back to pending; a running node sends them within seconds")
+    return 0
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    config = config_or_exit(args.config)
+    path = Path(config.storage.root) / "ledger.sqlite3"
+    if not path.exists():
+        print(f"error: no ledger at {path} (has `dicomnode serve` run with this config?)", file=sys.stderr)
+        return 1
+    ledger = Ledger(path)
+    try:
+        job = ledger.job(args.job)
+        if job is None:
+            print(f"error: no job {args.job} in the ledger", file=sys.stderr)
+            return 1
+        missing = [i.path.name for i in ledger.instances(job.id) if not i.path.is_file()]
+        if job.purged or missing:
+            why = "purged by retention" if job.purged else f"{len(missing)} of its source files are missing"
+            print(f"error: job {job.id} cannot be reprocessed: {why}; send the series again", file=sys.stderr)
+            return 1
+        if not ledger.reprocess(job.id):
+            print(f"error: job {job.id} is {job.state}: only done, failed or gated jobs, or jobs waiting after a storage "
+                  "fault, can be reprocessed", file=sys.stderr)
+            return 1
+    finally:
+        ledger.close()
+    log.warning("job %d series %s queued again (reprocess, was %s)", job.id, job.series_uid, job.state)
+    print(f"job {job.id} (was {job.state}) queued to be processed again from its spooled sources; a running node starts "
+          "it within a second. Outputs already sent are not sent again.")
     return 0
