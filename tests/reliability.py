@@ -167,11 +167,17 @@ def node_config(root: Path, port: int, destinations: Mapping[str, Any], *, rules
 
 
 class NodeProcess:
-    """``dicomnode serve`` as a subprocess (so it can be SIGKILLed and restarted like in production)."""
+    """``dicomnode serve`` as a subprocess (so it can be SIGKILLed and restarted like in production).
 
-    def __init__(self, workdir: Path, config: Mapping[str, Any]):
+    ``prefix`` runs it under another command (``prlimit --as=N --``); ``env`` adds environment variables.
+    """
+
+    def __init__(self, workdir: Path, config: Mapping[str, Any], *, prefix: Sequence[str] = (),
+                 env: Mapping[str, str] | None = None):
         self.workdir = workdir
         self.config = dict(config)
+        self.prefix = list(prefix)
+        self.env = dict(env or {})
         self.port = int(config["node"]["port"])
         self.config_path = workdir / "node.yaml"
         self.stderr_path = workdir / "node.stderr.log"
@@ -185,9 +191,9 @@ class NodeProcess:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
         self.starts += 1
         offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
-        self.proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(self.config_path)],
+        self.proc = subprocess.Popen([*self.prefix, str(DICOMNODE), "serve", "--config", str(self.config_path)],
                                      stdout=subprocess.DEVNULL, stderr=self.stderr_path.open("ab"),
-                                     cwd=self.workdir, env=tool_env())
+                                     cwd=self.workdir, env={**tool_env(), **self.env})
         # Wait for the node's own "listening" line rather than probing the port: a bare TCP connect
         # would leave the SCP waiting for an A-ASSOCIATE-RQ (ACSE timeout) and slow its shutdown.
         deadline = time.monotonic() + timeout
