@@ -40,6 +40,8 @@ from dicomnode.destinations.folder import FolderSettings
 from models.registry import MODELS
 
 __all__ = [
+    "AdminConfig",
+    "AdminTLSConfig",
     "CALLING_AET_KEY",
     "ConfigError",
     "DerivePolicy",
@@ -317,6 +319,57 @@ class LoggingConfig(StrictModel):
     file: ConfigPath | None = None
 
 
+# --------------------------------------------------------------------------- admin
+
+
+class AdminTLSConfig(StrictModel):
+    """HTTPS for the admin port: a certificate and its key (PEM)."""
+
+    cert: ConfigPath
+    key: ConfigPath
+
+
+class AdminConfig(StrictModel):
+    """The admin HTTP surface (API, web page, /metrics), started by ``dicomnode serve`` in the node's process.
+
+    Every change needs ``Authorization: Bearer TOKEN`` with a token from ``token_file`` (one per line,
+    ``NAME:TOKEN`` or a bare token); without a token file nothing can be changed. Read-only views are open
+    to loopback clients only; other addresses need the token for them too.
+    """
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", min_length=1)  # loopback by default: not reachable from other machines
+    port: Port = 8080
+    token_file: ConfigPath | None = None
+    tls: AdminTLSConfig | None = None
+
+
+# --------------------------------------------------------------------------- executor
+
+
+class ExecutorConfig(StrictModel):
+    """Where enhancement batches run. ``local`` (the default): the node's own process and devices.
+
+    ``ray``: on Ray actors that hold the models resident (``actors`` per model, each with ``num_gpus`` and
+    ``num_cpus``; ``num_gpus: 1`` = one actor per GPU), scheduled by Ray across the machines of the cluster at
+    ``address`` (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``; none = a private cluster inside the node).
+    Receive, ledger, derive and dispatch stay in the node. A batch whose actor died is sent again (up to
+    ``retries`` times) once Ray has restarted it; when no actor answers the job waits and is retried
+    (docs/scaling.md). Needs the ``ray`` extra (``pip install 'dicomnode[ray]'``) on the node and every worker.
+    """
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    namespace: str = Field("dicomnode", min_length=1)
+    actors: int = Field(1, ge=1)  # actors per model
+    num_gpus: float = Field(0.0, ge=0)  # per actor
+    num_cpus: float = Field(1.0, ge=0)  # per actor
+    retries: int = Field(3, ge=0)  # times a batch is sent again after its actor died
+    call_timeout_seconds: float = Field(600.0, gt=0)  # one batch, including an actor restart
+    start_timeout_seconds: float = Field(300.0, gt=0)  # actors built and models loaded at start-up
+    retry_seconds: float = Field(30.0, gt=0)  # a job that found no live actor waits this long, then runs again
+
+
 # --------------------------------------------------------------------------- root
 
 
@@ -332,6 +385,7 @@ class NodeConfig(StrictModel):
     derive: DerivePolicy = Field(default_factory=dict)  # type: ignore[arg-type]
     dispatch: DispatchPolicy = Field(default_factory=dict)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+    admin: AdminConfig = Field(default_factory=dict)  # type: ignore[arg-type]
 
     @property
     def config_hash(self) -> str:
@@ -374,6 +428,11 @@ class NodeConfig(StrictModel):
                     need(f"destinations.{name}.tls.{attr}", getattr(dest.tls, attr))
         for name, model in self.models.items():
             need(f"models.{name}.weights", model.weights)
+        if self.admin.enabled:
+            need("admin.token_file", self.admin.token_file)
+            if self.admin.tls is not None:
+                need("admin.tls.cert", self.admin.tls.cert)
+                need("admin.tls.key", self.admin.tls.key)
         return problems
 
 

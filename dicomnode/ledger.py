@@ -369,11 +369,12 @@ class Ledger:
         rows = self._query("SELECT * FROM jobs WHERE id=?", (job_id,))
         return _job(rows[0]) if rows else None
 
-    def jobs(self, state: JobState | str | None = None, *, limit: int | None = None, newest_first: bool = False) -> list[JobRecord]:
+    def jobs(self, state: JobState | str | None = None, *, limit: int | None = None, newest_first: bool = False,
+             offset: int = 0) -> list[JobRecord]:
         sql = "SELECT * FROM jobs" + (" WHERE state=?" if state is not None else "")
         sql += " ORDER BY id DESC" if newest_first else " ORDER BY id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
+        if limit is not None or offset:
+            sql += f" LIMIT {int(limit) if limit is not None else -1} OFFSET {max(0, int(offset))}"
         rows = self._query(sql, (str(state),) if state is not None else ())
         return [_job(r) for r in rows]
 
@@ -648,6 +649,50 @@ class Ledger:
         jobs = {r[0]: r[1] for r in self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
         deliveries = {r[0]: r[1] for r in self._query("SELECT state, COUNT(*) FROM deliveries GROUP BY state")}
         return {"jobs": jobs, "deliveries": deliveries}
+
+    def job_counts(self, job_ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """Per job: instances, outputs and deliveries by state (the admin views' counts), in three queries."""
+        ids = [int(i) for i in job_ids]
+        out: dict[int, dict[str, Any]] = {i: {"instances": 0, "bytes": 0, "outputs": 0, "deliveries": {}} for i in ids}
+        if not ids:
+            return out
+        marks = ",".join("?" * len(ids))
+        for r in self._query(f"SELECT job_id, COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE job_id IN ({marks})"
+                             " GROUP BY job_id", ids):
+            out[r[0]].update(instances=r[1], bytes=r[2])
+        for r in self._query(f"SELECT job_id, COUNT(*) FROM outputs WHERE job_id IN ({marks}) GROUP BY job_id", ids):
+            out[r[0]]["outputs"] = r[1]
+        for r in self._query(f"SELECT job_id, state, COUNT(*) FROM deliveries WHERE job_id IN ({marks})"
+                             " GROUP BY job_id, state", ids):
+            out[r[0]]["deliveries"][r[1]] = r[2]
+        return out
+
+    def delivery_counts(self) -> dict[tuple[str, str], int]:
+        """(destination, state) -> deliveries."""
+        return {(r[0], r[1]): r[2] for r in self._query("SELECT destination, state, COUNT(*) FROM deliveries GROUP BY 1, 2")}
+
+    def activity(self, since: float) -> dict[str, Any]:
+        """What happened since ``since`` (epoch s): instances received and their bytes, jobs finished by state."""
+        row = self._query("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM instances WHERE received_at >= ?", (since,))
+        finished = {r[0]: r[1] for r in self._query("SELECT state, COUNT(*) FROM jobs WHERE updated_at >= ? AND state IN (?,?,?)"
+                                                     " GROUP BY state", (since, JobState.DONE, JobState.FAILED, JobState.GATED))}
+        return {"instances": row[0][0] if row else 0, "bytes": row[0][1] if row else 0, "jobs_finished": finished}
+
+    def cancel_job(self, job_id: int, reason: str) -> JobState | None:
+        """Stop a job that is not being processed: a collecting, complete (waiting) or gated job becomes ``failed``
+        with ``reason``; a derived job's pending deliveries are dead-lettered with ``reason`` and the job fails.
+        Returns the state it was in, or None when it cannot be cancelled (processing, done, failed, unknown)."""
+        now = time.time()
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row[0] not in (JobState.COLLECTING, JobState.COMPLETE, JobState.GATED, JobState.DERIVED):
+                return None
+            if row[0] == JobState.DERIVED:
+                db.execute("UPDATE deliveries SET state=?, last_error=?, sending_since=NULL, updated_at=? WHERE job_id=? AND state=?",
+                           (DeliveryState.DEAD_LETTER, reason[:2000], now, job_id, DeliveryState.PENDING))
+            db.execute("UPDATE jobs SET state=?, error=?, retry_at=NULL, updated_at=? WHERE id=?",
+                       (JobState.FAILED, reason[:2000], now, job_id))
+            return JobState(row[0])
 
     def unmatched_series(self) -> list[UnmatchedRecord]:
         return [UnmatchedRecord(**dict(r)) for r in self._query("SELECT * FROM unmatched ORDER BY recorded_at")]

@@ -104,12 +104,13 @@ class Pipeline:
 
     def run(self, series: Series, out_dir: Path, *, model: str | None = None, batch_size: int | None = None,
             progress: Callable[[int], None] | None = None, gate_policy: GatePolicy | None = None,
-            check_space: Callable[[], str | None] | None = None) -> SeriesOutcome:
+            check_space: Callable[[], str | None] | None = None, frames: Callable[[int], None] | None = None) -> SeriesOutcome:
         """Process one series into ``out_dir``. ``model`` overrides the rules (every instance, that model).
 
         Outputs the quality gate (the rule's, or ``gate_policy``) fails are written to
         ``out_dir/gated`` and the outcome's ``gate`` says why; the caller holds the series back.
-        ``progress`` is called with 1 as each matched instance is finished (written or failed).
+        ``progress`` is called with 1 as each matched instance is finished (written or failed), ``frames`` with the
+        number of frames each model call enhanced.
         Never raises for a bad instance or an unavailable model: the outcome says what happened.
         Raises :class:`StorageFull` when ``check_space()`` (called before enhancing and before each output is
         written) gives a reason, or a write fails with ENOSPC/EDQUOT: outputs written so far stay, a re-run
@@ -139,6 +140,7 @@ class Pipeline:
         if full is not None:  # before decoding anything: the series would only stop half-way
             raise StorageFull(f"series {series.series_uid} not started: {full}")
         outcome.guidance_id = bound.guidance_id
+        bound.enhancer.on_frames = frames
         info = bound.enhancer.info
         timings: dict[str, float] = {}
         policy = self._gate_policy(outcome.rule, gate_policy)

@@ -37,6 +37,7 @@ from dicomnode.config import NodeSettings, StorageConfig
 from dicomnode.domain import patient_key
 from dicomnode.durable import FILE_MODE, copy_file, fsync_file
 from dicomnode.ledger import SeriesKey
+from dicomnode.observe import Observer
 from dicomnode.part10 import PATIENT_ID, read_uids
 from dicomnode.security import server_ssl_context
 from dicomnode.spool import Spool
@@ -104,6 +105,7 @@ class Receiver:
         self.disk = disk_guard or DiskGuard(spool.root, storage.disk_high_watermark_percent, storage.disk_low_watermark_percent)
         self.ae = self._build_ae()
         self._server: Any = None
+        self.observer: Observer | None = None  # told of each C-STORE and of the bytes read (metrics); set before start
 
     def _build_ae(self) -> AE:
         s = self.settings
@@ -135,6 +137,7 @@ class Receiver:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
+            *([(evt.EVT_DATA_RECV, self._on_data)] if self.observer is not None else []),
         ]
         tls = server_ssl_context(self.settings.tls) if self.settings.tls is not None else None
         self._server = self.ae.start_server(
@@ -190,14 +193,24 @@ class Receiver:
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
+    def _on_data(self, event: evt.Event) -> None:
+        if self.observer is not None:
+            self.observer.received_bytes(len(event.data))
+
     def _on_store(self, event: evt.Event) -> int:
         calling = str(event.assoc.requestor.ae_title).strip()
         request = event.request
+        started = time.perf_counter()
+        status = STATUS_PROCESSING_FAILURE
         try:
-            return self._store(event, calling, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+            status = self._store(event, calling, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+            return status
         except Exception:  # never let one object take the SCP down; the sender gets a clear failure
             log.exception("store of %s failed", request.AffectedSOPInstanceUID)
             return STATUS_PROCESSING_FAILURE
+        finally:
+            if self.observer is not None:
+                self.observer.stored(status, time.perf_counter() - started)
 
     def _store(self, event: evt.Event, calling: str, cmd_class: str, cmd_sop: str) -> int:
         if self.disk.refuse():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +62,7 @@ class GatedEnhancer(Enhancer):
         self.gate = gate
         self.guidance = guidance
         self.waited_seconds = 0.0
+        self.on_frames: Callable[[int], None] | None = None  # told how many frames each call enhanced (progress)
 
     @contextmanager
     def _slot(self) -> Iterator[None]:
@@ -75,10 +76,15 @@ class GatedEnhancer(Enhancer):
             if guidance is None and self.guidance is not None:
                 if self.guidance.method == "nearest" and self.guidance.exemplars is not None:
                     queries = np.asarray(self.inner.extract_guidance(list(images)), dtype=np.float32)
-                    return [self.inner.enhance([img], guidance=self.guidance.vector_for(q))[0]
-                            for img, q in zip(images, queries, strict=True)]
-                guidance = self.guidance.vector
-            return self.inner.enhance(images, guidance=guidance)
+                    out = [self.inner.enhance([img], guidance=self.guidance.vector_for(q))[0]
+                           for img, q in zip(images, queries, strict=True)]
+                else:
+                    out = self.inner.enhance(images, guidance=self.guidance.vector)
+            else:
+                out = self.inner.enhance(images, guidance=guidance)
+        if self.on_frames is not None:
+            self.on_frames(len(images))
+        return out
 
     def extract_guidance(self, images: Sequence[np.ndarray]) -> np.ndarray:
         with self._slot():

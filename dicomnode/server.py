@@ -32,23 +32,24 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from dicomnode import retention
+from dicomnode import reconfig, retention
 from dicomnode.assemble import Assembler, series_from_job
-from dicomnode.config import NodeConfig
+from dicomnode.config import ConfigError, NodeConfig
 from dicomnode.destinations import Destination, build_destination
 from dicomnode.dispatch import Dispatcher
 from dicomnode.domain import SeriesOutcome
 from dicomnode.ledger import JobRecord, JobState
 from dicomnode.netconfig import configure
+from dicomnode.observe import ObservedDestination, Observer, ProgressBoard
 from dicomnode.pipeline import Pipeline, StorageFull, out_of_space
 from dicomnode.receive import Receiver
 from dicomnode.resident import ResidentModels
-from dicomnode.route import routing_keywords
+from dicomnode.route import decide, routing_keywords
 from dicomnode.spool import Spool, SpoolError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,22 @@ class ServerOptions:
     drain_seconds: float = 30.0  # how long SIGTERM waits for open associations and running jobs
     dispatch_poll_seconds: float = 1.0
     retention_interval_seconds: float = retention.SWEEP_INTERVAL_SECONDS
+
+
+class Addon(Protocol):
+    """Something that runs with the node (the admin HTTP server): started once the node is up, stopped first."""
+
+    def start(self, server: Server) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def _frames(tags: Any) -> int:
+    """NumberOfFrames from an instance's header tags (1 when absent or unreadable)."""
+    try:
+        return max(1, int(str(tags.get("NumberOfFrames") or 1)))
+    except ValueError:
+        return 1
 
 
 def make_destinations(config: NodeConfig) -> dict[str, Destination]:
@@ -81,9 +98,17 @@ class Server:
         destinations: dict[str, Destination] | None = None,
         models: ResidentModels | None = None,
         options: ServerOptions | None = None,
+        observer: Observer | None = None,
+        addons: Sequence[Addon] = (),
+        config_path: Path | None = None,
     ) -> None:
         self.config = config
         self.options = options or ServerOptions()
+        self.observer = observer  # metrics: told of stores, processed jobs and sent batches
+        self.addons = list(addons)  # started with the node, stopped first (the admin HTTP server)
+        self.config_path = config_path  # what SIGHUP and reload() re-read (None: the embedded default)
+        self.progress = ProgressBoard()  # frames done of the jobs being processed (log and admin API)
+        self._reload_lock = threading.Lock()
         self._destinations = destinations
         self.models = models
         self.spool: Spool | None = None
@@ -93,6 +118,7 @@ class Server:
         self._wake_dispatch: list[threading.Event] = []
         self.pipeline: Pipeline | None = None
         self._threads: list[threading.Thread] = []
+        self._dispatcher: Dispatcher | None = None
         self._running: dict[str, int] = {}  # worker thread name -> the job it processes now
         self._started = False
         self._lock_file: Any = None
@@ -122,19 +148,19 @@ class Server:
                 log.error("rule %r cannot run: %s", rule.name, self.models.failures[rule.model])
         if self._destinations is None:
             self._destinations = make_destinations(cfg)
+        if self.observer is not None:
+            self._destinations = {n: ObservedDestination(d, self.observer) for n, d in self._destinations.items()}
         self.pipeline = Pipeline(cfg, self.models)
-        dispatcher = Dispatcher(spool.ledger, self._destinations, cfg.dispatch)
+        self._dispatcher = Dispatcher(spool.ledger, self._destinations, cfg.dispatch)
 
         self.receiver = Receiver(spool, cfg.node, cfg.storage)
+        self.receiver.observer = self.observer
         assembler = Assembler(spool.ledger, cfg.node.series_quiet_seconds, on_complete=lambda _job: self._notify_workers())
         self._spawn("assemble", assembler.run, self._stop)
         for i in range(cfg.node.workers):
             self._spawn(f"worker-{i + 1}", self._worker_loop)
         for name in [*self._destinations, None]:  # one worker per destination; None: unconfigured ones
-            wake = threading.Event()
-            self._wake_dispatch.append(wake)
-            self._spawn(f"dispatch-{name or 'orphans'}", dispatcher.run_destination, name, self._stop, wake,
-                        self.options.dispatch_poll_seconds)
+            self._spawn_dispatch(name)
         self._spawn("housekeeping", self._housekeeping_loop)
         try:
             self.receiver.start()
@@ -154,6 +180,18 @@ class Server:
             cfg.node.ae_title, len(cfg.rules), sorted(self.models.models), sorted(self.models.failures),
             sorted(self._destinations),
         )
+        for addon in self.addons:
+            try:
+                addon.start(self)
+            except Exception as exc:  # the DICOM node matters more than its admin surface: keep serving
+                log.error("%s could not start: %s", type(addon).__name__, exc)
+
+    def _spawn_dispatch(self, name: str | None) -> None:
+        assert self._dispatcher is not None
+        wake = threading.Event()
+        self._wake_dispatch.append(wake)
+        self._spawn(f"dispatch-{name or 'orphans'}", self._dispatcher.run_destination, name, self._stop, wake,
+                    self.options.dispatch_poll_seconds)
 
     def _fail_poisoned(self, spool: Spool) -> None:
         """Jobs the node died processing ``node.max_job_attempts`` times: failed, sources quarantined, queue moves on."""
@@ -193,6 +231,11 @@ class Server:
         """Drain and stop; True when every thread ended within ``timeout`` (default drain_seconds)."""
         if not self._started:
             return True
+        for addon in reversed(self.addons):
+            try:
+                addon.stop()
+            except Exception:
+                log.exception("%s did not stop cleanly", type(addon).__name__)
         timeout = self.options.drain_seconds if timeout is None else timeout
         deadline = time.monotonic() + timeout
         log.info("draining: no new associations; waiting up to %.0f s for open ones and running jobs", timeout)
@@ -225,23 +268,76 @@ class Server:
         return clean
 
     def serve_forever(self) -> int:
-        """Start, block until SIGTERM/SIGINT, drain. Returns the process exit code."""
+        """Start, block until SIGTERM/SIGINT, drain; SIGHUP re-reads the config (:meth:`reload`). Returns the exit code."""
         stop = threading.Event()
+        hangup = threading.Event()
 
         def on_signal(signum: int, _frame: Any) -> None:
             log.info("received %s", signal.Signals(signum).name)
-            stop.set()
+            (hangup if signum == signal.SIGHUP else stop).set()
 
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         try:
             self.start()
-            while not stop.wait(1.0):
-                pass
+            while not stop.wait(0.5):
+                if hangup.is_set():
+                    hangup.clear()
+                    try:
+                        self.reload()
+                    except Exception as exc:  # an invalid file changes nothing; the log says why
+                        log.error("config not reloaded, nothing changed: %s", exc)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.stop()
         return 0
+
+    # -- live configuration ------------------------------------------------------------------
+    def reload(self, path: Path | None = None) -> reconfig.ReloadPlan:
+        """Re-read the config file (``path``, default the one the node started with) and apply it.
+
+        The whole file is checked first (:func:`dicomnode.reconfig.check`) and new or changed models are loaded
+        and destinations built before anything is swapped: any problem raises ConfigError with its key and the
+        node runs on unchanged. Then rules, models, destinations and the dispatch, derive, unmatched and retention
+        settings take effect for the next job and the next batch; open associations and running jobs go on with
+        what they started with. ``node``, ``admin`` and ``storage.root`` apply at the next start (the plan says so).
+        """
+        with self._reload_lock:
+            new = reconfig.check(path or self.config_path)
+            plan = reconfig.plan(self.config, new)
+            cfg = plan.config
+            assert self.models is not None and self._destinations is not None and self._dispatcher is not None
+            fresh = ResidentModels.load(cfg, only=plan.load_models) if plan.load_models else ResidentModels({}, {})
+            if fresh.failures:
+                raise ConfigError([(f"models.{name}", reason) for name, reason in fresh.failures.items()],
+                                  source=str(path or self.config_path or "embedded default"))
+            built: dict[str, Destination] = {}
+            for name in plan.build_destinations:
+                try:
+                    built[name] = build_destination(name, cfg.destinations[name], cfg.node.ae_title)
+                except Exception as exc:  # e.g. TLS material that does not load
+                    raise ConfigError([(f"destinations.{name}", str(exc))]) from None
+            if self.observer is not None:
+                built = {n: ObservedDestination(d, self.observer) for n, d in built.items()}
+            kept = {n: m for n, m in self.models.models.items() if n in cfg.models and n not in plan.load_models}
+            failed = {n: r for n, r in self.models.failures.items() if n in cfg.models and n not in plan.load_models}
+            models = ResidentModels({**kept, **fresh.models}, failed)
+            self._dispatcher.policy = cfg.dispatch
+            for name in plan.drop_destinations:  # pending deliveries to it dead-letter as "not configured", as at a start
+                self._destinations.pop(name, None)
+                self._dispatcher.destinations.pop(name, None)
+            self._destinations.update(built)
+            self._dispatcher.destinations.update(built)
+            started = {t.name for t in self._threads}
+            for name in built:
+                if f"dispatch-{name}" not in started:
+                    self._spawn_dispatch(name)
+            self.models, self.pipeline, self.config = models, Pipeline(cfg, models), cfg
+            log.warning("config reloaded from %s: %s%s", path or self.config_path or "the embedded default",
+                        ", ".join(plan.changed) or "nothing changed",
+                        f"; at the next start only: {', '.join(plan.restart_required)}" if plan.restart_required else "")
+            self._wake_all_dispatch()
+            return plan
 
     def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
         thread = threading.Thread(target=self._guard, args=(name, target, *args), name=name, daemon=True)
@@ -307,8 +403,18 @@ class Server:
         ledger = self.spool.ledger
         out_dir = self.spool.outgoing_dir(job.id)
         high = self.config.storage.disk_high_watermark_percent
-        series = series_from_job(job, ledger.instances(job.id), routing_keywords(self.config))
-        outcome = self.pipeline.run(series, out_dir, check_space=lambda: Spool.too_full(out_dir, high))
+        config, pipeline = self.config, self.pipeline  # one reload-consistent pair for this job
+        series = series_from_job(job, ledger.instances(job.id), routing_keywords(config) | {"NumberOfFrames"})
+        chosen = [series.instances[i] for i in decide(config, [i.tags for i in series.instances], series.calling_aet).matched]
+        self.progress.start(job.id, series.series_uid, sum(_frames(i.tags) for i in chosen), len(chosen))
+        try:
+            outcome = pipeline.run(series, out_dir, check_space=lambda: Spool.too_full(out_dir, high),
+                                   progress=lambda n: self.progress.instances(job.id, n),
+                                   frames=lambda n: self.progress.frames(job.id, n))
+        finally:
+            self.progress.finish(job.id)
+        if self.observer is not None:
+            self.observer.processed(job.id, outcome)
         log.info("job %d series %s: %s by %s (%d of %d instances) -> %s", job.id, job.series_uid, outcome.action,
                  f"rule {outcome.rule!r}" if outcome.rule else "unmatched policy", len(outcome.matched),
                  len(series.instances), ", ".join(outcome.destinations) or "no destination")

@@ -90,6 +90,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = config_or_exit(args.config)
     setup_logging(config, getattr(args, "verbose", 0))
     missing = config.missing_files()
+    weights = [(key, reason) for key, reason in missing if key.startswith("models.") and key.endswith(".weights")]
+    for key, reason in weights:  # that model fails to load with the reason; the node serves its other rules
+        log.error("%s: %s: the rules using this model fail until it is fixed", key, reason)
+    missing = [item for item in missing if item not in weights]
     if missing:
         for key, reason in missing:
             log.error("%s: %s", key, reason)
@@ -98,8 +102,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from dicomnode.server import Server  # heavy imports (torch via models) only for serve
     from dicomnode.spool import SpoolError
 
+    addons, metrics = [], None
+    if config.admin.enabled:
+        from dicomnode.admin.metrics import Metrics
+        from dicomnode.admin.service import AdminService
+
+        metrics = Metrics()
+        addons.append(AdminService(config.admin, metrics))
     try:
-        return Server(config).serve_forever()
+        server = Server(config, observer=metrics, addons=addons, config_path=args.config)
+        return server.serve_forever()
     except (TLSConfigError, SpoolError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
