@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?=
 APT_PACKAGES := dcmtk dicom3tools
+# prometheus, chromium + chromium-driver: the admin surface's tests (a real Prometheus scrape, the page in a browser).
+ADMIN_APT_PACKAGES := prometheus chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup system-deps run lint test test-fast test-slow fuzz bench weights wheel clean
@@ -14,6 +16,8 @@ setup: system-deps $(VENV)/.installed
 system-deps:
 	@command -v dcmsend >/dev/null && command -v dciodvfy >/dev/null || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); }
+	@command -v prometheus >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(ADMIN_APT_PACKAGES); }
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -3,12 +3,12 @@
 const TOKEN_KEY = "dicomnode-admin-token";
 const token = () => sessionStorage.getItem(TOKEN_KEY) || "";
 
-function flash(text, isError) {
+function flash(text, isError, keep) {
   const box = document.getElementById("flash");
   box.textContent = text;
   box.className = isError ? "error" : "";
   box.hidden = false;
-  sessionStorage.setItem("dicomnode-flash", JSON.stringify([text, !!isError]));
+  if (keep) sessionStorage.setItem("dicomnode-flash", JSON.stringify([text, !!isError]));  // shown again after the reload
 }
 
 async function call(url, body, method) {
@@ -69,7 +69,7 @@ function setupButtons() {
         target.textContent = result.ok ? `${d.ok ? "✔" : "✘"} ${d.detail} (${d.seconds} s)` : describe(result);
         target.className = "echo-result " + (result.ok && d.ok ? "ok" : "bad");
       } else {
-        flash(describe(result), !result.ok);
+        flash(describe(result), !result.ok, result.ok && !!button.dataset.reload);
       }
       button.disabled = false;
       if (result.ok && button.dataset.reload) setTimeout(() => window.location.reload(), 600);
@@ -137,7 +137,7 @@ function setupRefresh() {
 
 document.addEventListener("DOMContentLoaded", () => {
   const kept = sessionStorage.getItem("dicomnode-flash");  // a message from before a reload
-  if (kept) { const [text, isError] = JSON.parse(kept); sessionStorage.removeItem("dicomnode-flash"); flash(text, isError); sessionStorage.removeItem("dicomnode-flash"); }
+  if (kept) { const [text, isError] = JSON.parse(kept); sessionStorage.removeItem("dicomnode-flash"); flash(text, isError, false); }
   setupToken();
   setupButtons();
   setupRuleTest();
