@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               "destinations": ["pacs"]}]
     cfg = node_config(work / "var", port, {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}},
                       rules=rules, node={"series_quiet_seconds": 2.0, "max_associations": args.senders + 2,
+                                         "max_connections_per_peer": args.senders + 2,  # every sender is 127.0.0.1
                                          "workers": args.workers},
                       log_file=work / "node.log")
     node = NodeProcess(work, cfg).start()

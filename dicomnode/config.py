@@ -89,10 +89,14 @@ class NodeSettings(StrictModel):
     host: str = Field("0.0.0.0", min_length=1)
     port: Port = 11112
     series_quiet_seconds: float = Field(10.0, gt=0)
-    max_associations: int = Field(10, ge=1)
+    max_associations: int = Field(10, ge=1)  # associations at once; connections still waiting for their A-ASSOCIATE-RQ do not count
+    max_connections_per_peer: int = Field(4, ge=1)  # open connections from one IP address (idle ones included)
+    association_request_timeout_seconds: float = Field(10.0, gt=0)  # connect (and TLS handshake) to A-ASSOCIATE-RQ
     allowed_calling_aets: list[AETitle] = []  # empty = accept any sender
     require_called_aet: bool = True
-    max_pdu_size: int = Field(0, ge=0)  # 0 = unlimited (fastest receive)
+    # Largest P-DATA PDU we accept (told to senders); a PDU declaring more is aborted before it is read.
+    # 1 MiB by measurement (benchmarks/bench_pdu.py); 0 = no announced limit, a PDU then bounded by max_object_bytes.
+    max_pdu_size: int = Field(1024 * 1024, ge=0)
     max_object_bytes: ByteSize = Field(ByteSize(2 * 1024**3), gt=0)  # accepts 2147483648 or "2GiB"
     workers: int = Field(1, ge=1)
     tls: NodeTLSConfig | None = None

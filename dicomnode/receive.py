@@ -2,7 +2,8 @@
 
 Speed comes from never decoding what we receive: the C-STORE handler takes the encoded bytes as
 the sender sent them (``STORE_RECV_CHUNKED_DATASET`` streams them to a file while PDUs arrive;
-``maximum_pdu_size = 0`` lets the peer send the largest PDUs it can), reads only the four UIDs
+``node.max_pdu_size``, 1 MiB, is as fast as larger PDUs and bounds what one PDU can make us buffer),
+reads only the four UIDs
 from the header, fsyncs, renames the file into its job folder and records it in the ledger
 *before* answering Success. A Success therefore always means "durably on our disk".
 
@@ -37,6 +38,7 @@ from dicomnode.config import NodeSettings, StorageConfig
 from dicomnode.domain import patient_key
 from dicomnode.durable import FILE_MODE, copy_file, fsync_file
 from dicomnode.ledger import SeriesKey
+from dicomnode.listener import MAX_PENDING_CONNECTIONS, Limits, start_server
 from dicomnode.observe import Observer
 from dicomnode.part10 import PATIENT_ID, read_uids
 from dicomnode.security import server_ssl_context
@@ -111,7 +113,10 @@ class Receiver:
         s = self.settings
         ae = AE(ae_title=s.ae_title)
         ae.maximum_pdu_size = s.max_pdu_size
-        ae.maximum_associations = s.max_associations
+        # The listener counts requested associations against max_associations itself (idle connections do
+        # not take slots); pynetdicom's own count includes connections still waiting, so it must not bite first.
+        ae.maximum_associations = s.max_associations + MAX_PENDING_CONNECTIONS
+        ae.acse_timeout = s.association_request_timeout_seconds
         ae.require_called_aet = s.require_called_aet
         ae.require_calling_aet = list(s.allowed_calling_aets)
         ae.network_timeout = 60
@@ -140,9 +145,9 @@ class Receiver:
             *([(evt.EVT_DATA_RECV, self._on_data)] if self.observer is not None else []),
         ]
         tls = server_ssl_context(self.settings.tls) if self.settings.tls is not None else None
-        self._server = self.ae.start_server(
-            (self.settings.host, self.settings.port), block=False, evt_handlers=handlers, ssl_context=tls
-        )
+        limits = Limits.from_settings(self.settings, network_timeout=self.ae.network_timeout)
+        self._server = start_server(self.ae, (self.settings.host, self.settings.port), handlers=handlers,
+                                    limits=limits, tls=tls)
         log.info(
             "listening as %s on %s:%d (max %d associations, TLS %s)",
             self.settings.ae_title, self.settings.host, self.port, self.settings.max_associations,
@@ -159,7 +164,7 @@ class Receiver:
         """Wait up to ``timeout`` s for established associations to finish; abort what is left.
 
         A connection that never sends an A-ASSOCIATE-RQ (a port probe, a health check) stays
-        "active" in pynetdicom until its ARTIM timer expires (30 s): after ``negotiation_grace``
+        "active" in pynetdicom until ``association_request_timeout_seconds``: after ``negotiation_grace``
         s such half-open associations are not waited for. Returns False when an established
         association had to be aborted.
         """

@@ -49,7 +49,8 @@ def test_each_bad_input_gets_its_status(scp, tmp_path: Path) -> None:
 
     mismatched = ct_dataset("bad", "mismatch", 0)
     mismatched.SOPClassUID = MRImageStorage  # the dataset says MR, the C-STORE command says CT
-    big = ct_dataset("bad", "big", 0, rows=256, cols=256)  # 128 KiB of pixels > MAX_OBJECT
+    big = ct_dataset("bad", "big", 0, rows=200, cols=200)  # 78 KiB of pixels > MAX_OBJECT
+    huge = ct_dataset("bad", "huge", 0, rows=512, cols=512)  # 512 KiB: far beyond, cut off while it arrives
 
     cases = {
         # name: (object, accepted status range, kept in quarantine)
@@ -58,6 +59,7 @@ def test_each_bad_input_gets_its_status(scp, tmp_path: Path) -> None:
         "garbage": (raw_object(good, b"\x08\x00\x16\x00" + b"\xa5" * 300), range(0xC000, 0xD000), True),
         "SOP class mismatch": (raw_object(mismatched), range(0xA900, 0xAA00), True),
         "too large": (raw_object(big), range(0xA700, 0xA800), False),
+        "far too large": (raw_object(huge), [None], False),  # A-ABORT, no status
     }
     seen = {}
     for name, (obj, expected, kept) in cases.items():

@@ -79,7 +79,7 @@ def test_bounded_associations(tmp_path: Path) -> None:
 
 def test_parallel_senders_into_the_receiver(tmp_path: Path) -> None:
     """4 pynetdicom senders at once into the Receiver: every acknowledged instance is in the ledger."""
-    receiver, spool = start_receiver(tmp_path / "var")
+    receiver, spool = start_receiver(tmp_path / "var", max_connections_per_peer=8)  # all senders on 127.0.0.1
     statuses: dict[int, list[int | None]] = {}
     expected = set()
 
@@ -168,7 +168,7 @@ def test_parallel_senders_through_the_node(tmp_path: Path) -> None:
     with StoreSCP(tmp_path / "pacs") as pacs:
         cfg = node_config(tmp_path / "var", free_port(), {"pacs": {"ae_title": "PACS", "host": "127.0.0.1",
                                                                   "port": pacs.port}},
-                          node={"series_quiet_seconds": 1.0})
+                          node={"series_quiet_seconds": 1.0, "max_connections_per_peer": 2 * senders})  # one address
         ledger = LedgerView(tmp_path / "var")
         with NodeProcess(tmp_path, cfg) as node:
             t0 = time.perf_counter()

@@ -165,13 +165,18 @@ def test_disk_watermarks_and_size_limit(node: tuple[Receiver, Spool, Usage], tmp
     assert "with status SUCCESS  : 1" in dcmsend(receiver.port, files[2])
     assert [i.sop_uid for i in spool.ledger.instances(spool.ledger.jobs()[0].id)] == [dcmread(files[2]).SOPInstanceUID]
 
-    big = dcmread(files[0])
-    big.add_new(0x00291010, "OB", b"\0" * 250_000)  # private payload beyond max_object_bytes
-    big.SOPInstanceUID = generate_uid()
-    big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
-    big.save_as(tmp_path / "big.dcm")
-    assert "with status REFUSED  : 1" in dcmsend(receiver.port, tmp_path / "big.dcm")
-    assert list(spool.incoming.iterdir()) == []
+    for name, payload in (("over.dcm", 180_000), ("big.dcm", 250_000)):  # private payload beyond max_object_bytes
+        big = dcmread(files[0])
+        big.add_new(0x00291010, "OB", b"\0" * payload)
+        big.SOPInstanceUID = generate_uid()
+        big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
+        big.save_as(tmp_path / name)
+    # just over the limit: received, measured and refused (0xA700); far over it: aborted while it arrives
+    assert "with status REFUSED  : 1" in dcmsend(receiver.port, tmp_path / "over.dcm")
+    aborted = dcmsend(receiver.port, tmp_path / "big.dcm")
+    assert "SUCCESS  : 1" not in aborted and "Abort" in aborted, aborted
+    assert list(spool.incoming.iterdir()) == [] and list(spool.chunks.iterdir()) == []
+    assert echoscu(receiver.port) == 0
 
 
 def test_read_uids_names_the_problem(tmp_path: Path) -> None:
