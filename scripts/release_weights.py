@@ -74,6 +74,7 @@ TARGETS = {  # target -> (channels, working max side, domains)
     "fundus": (3, 512, ("fundus",)),
     "endoscopy": (3, 512, ("endoscopy",)),
 }
+DOMAIN_MODALITY = {"fundus": "OP", "endoscopy": "ES", "ccm": "default"}  # the guidance cache each domain is served with
 VAL_FRACTION = 0.12
 SYNTHETIC_PER_HQ = 2
 
@@ -238,6 +239,15 @@ def _recent_losses(log_csv: Path, n: int = 200) -> dict[str, float]:
     return {k: round(float(np.mean([float(r[k]) for r in rows if r.get(k) not in (None, "")])), 6) for k in keys}
 
 
+def _val_pairs(root: Path, modality: str, channels: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The validation pairs (training split) of one modality: fundus for OP, endoscopy for ES, all for CCM."""
+    from models.io import list_images, load_image
+
+    domain = {v: k for k, v in DOMAIN_MODALITY.items()}.get(modality)
+    lq = [p for p in list_images(root / "val_pairs" / "lq") if modality == "default" or p.name.startswith(f"{domain}_")]
+    return ([load_image(p, channels) for p in lq], [load_image(root / "val_pairs" / "hq" / p.name, channels) for p in lq])
+
+
 def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | None = None, color_mode: str = "full",
            haar_weight: float = 1000.0, haar_since: int = 0) -> Path:
     """Weights (fp16) + card from a training checkpoint, and one guidance cache per modality from the training HQ images."""
@@ -285,20 +295,24 @@ def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | Non
         items = refs.get(source_modality) or refs[next(iter(refs))]
         paths, weights = [Path(p) for p, _ in items], [w for _, w in items]
         order = sorted(range(len(paths)), key=lambda i: paths[i])
-        g = gd.build(enhancer, name, [paths[i] for i in order], modality=modality, method="mean", weights=[weights[i] for i in order])
+        heldout = _val_pairs(root, modality, enhancer.info.card.channels if enhancer.info.card else 1)
+        # "auto": mean, single (medoid) and nearest measured on the validation pairs of this modality
+        # (training split); the best is kept and the measurements go into the cache file
+        g = gd.build(enhancer, name, [paths[i] for i in order], modality=modality, method="auto", heldout=heldout,
+                     weights=[weights[i] for i in order])
         gd.save(g, weights_dir / f"{name}.guidance-{modality}.json")
         ids[modality] = g.id
     log.info("%s: exported step %d -> %s, guidance %s", target, state["step"], dst, ids)
     return dst
 
 
-DOMAIN_MODALITY = {"fundus": "OP", "endoscopy": "ES", "ccm": "default"}
-
-
 def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
     """The exported model against CLAHE and the input on the validation pairs (training split, never holdout),
     one table per domain with that domain's guidance cache, and the guidance effect between caches."""
+    import threading
+
     from dicomnode import guidance as gd
+    from dicomnode.resident import GatedEnhancer
     from dicomnode.tools.holdout import guidance_effect
     from models.evaluate import EvalConfig, evaluate, markdown_table
     from models.io import list_images, load_image
@@ -323,15 +337,10 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
                     if not link.exists():
                         link.symlink_to(path)
 
-        class Bound:  # the cached vector bound, as the node binds it
-            def __init__(self, inner, vector):
-                self.inner, self.vector, self.info, self.uses_guidance = inner, vector, inner.info, False
-
-            def enhance(self, images, guidance=None):
-                return self.inner.enhance(images, self.vector)
-
+        bound = GatedEnhancer(enhancer, threading.BoundedSemaphore(1), own)  # as the node binds it (nearest included)
+        bound.uses_guidance = False  # the evaluation must not pass its own guidance
         cfg = EvalConfig(input=split / "lq", reference=split / "hq", out=out / domain, methods=["clahe"],
-                         enhancers={f"hqgnet ({modality})": Bound(enhancer, own.vector)},
+                         enhancers={f"hqgnet ({modality}, {own.method})": bound},
                          metrics=["psnr", "ssim", "lassim", "de", "lassim_in", "chroma", "border"],
                          size=512, device="cpu", fov=TARGETS[target][2] != ("ccm",), progress=False,
                          title=f"validation: {target} / {domain}")

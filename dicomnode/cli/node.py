@@ -22,6 +22,7 @@ from typing import Any
 from dicomnode.cli.common import EXIT_CONFIG, config_or_exit
 from dicomnode.config import NodeConfig
 from dicomnode.ledger import DeliveryState, JobState, Ledger
+from dicomnode.redact import escape_controls
 
 log = logging.getLogger(__name__)
 
@@ -62,12 +63,28 @@ def _open_ledger(config: NodeConfig) -> Ledger:
     return Ledger(path, readonly=True)
 
 
+class EscapingFormatter(logging.Formatter):
+    """One record, one line: control characters in the message (a UID with a newline from a faulty
+    sender, an escape sequence) are written as escapes, so a logged value cannot forge log lines or
+    drive the terminal of whoever reads the log. A traceback keeps its lines, each indented."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return "\n".join("  " + escape_controls(line) for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return "\n".join("  " + escape_controls(line) for line in stack_info.splitlines())
+
+
 def setup_logging(config: NodeConfig, verbose: int = 0) -> None:
     """Service logging from ``logging.level``/``logging.file``; -v on the command line lowers the level."""
     level = getattr(logging, config.logging.level)
     if verbose:
         level = min(level, logging.DEBUG if verbose > 1 else logging.INFO)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
+    fmt = EscapingFormatter("%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
