@@ -3,8 +3,11 @@
 The dispatch policy lives here and nowhere else. Each destination is served by its own worker
 (:meth:`Dispatcher.run_destination`), so a stalled PACS delays only its own deliveries. A batch is
 one call to the destination's ``send`` (one association for a PACS); each file's outcome goes into
-the ledger: sent, or failed and due again after an exponential backoff, or dead-lettered after
-``dispatch.max_attempts``. ``dicomnode resend`` puts dead letters back to pending.
+the ledger as soon as the destination reports it: sent, or failed and due again after an
+exponential backoff, or dead-lettered after ``dispatch.max_attempts``. So a crash in the middle of
+a batch re-sends only the file that was on the wire, not the files already stored. A file the
+destination did not try because the node was stopping is not a failed attempt. ``dicomnode resend``
+puts dead letters back to pending.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from dicomnode.config import DispatchPolicy
-from dicomnode.destinations import Destination
+from dicomnode.destinations import Destination, Progress, SendOutcome
 from dicomnode.ledger import DeliveryRecord, DeliveryState, Ledger
+from dicomnode.redact import exception_text
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,14 @@ class Dispatcher:
             self._send_batch(name, batch)
         return True
 
+    def stop(self, *, abort: bool = False) -> None:
+        """The node is stopping: destinations start no new file; with ``abort`` they cut transfers in flight."""
+        for name, dest in self.destinations.items():
+            try:
+                dest.stop(abort=abort)
+            except Exception:  # noqa: BLE001 - one destination must not keep the others from stopping
+                log.exception("destination %s could not be stopped", name)
+
     def _send_batch(self, name: str, batch: Sequence[DeliveryRecord]) -> None:
         dest = self.destinations.get(name)
         if dest is None:
@@ -65,36 +78,54 @@ class Dispatcher:
                 self.ledger.mark_failed(d.id, f"destination {name!r} is not configured", max_attempts=1, retry_in=0)
             return
         self.ledger.mark_sending([d.id for d in batch])
-        outcomes = self._send(dest, [d.path for d in batch])
-        ok = [d.id for d in batch if outcomes.get(str(d.path), (False, ""))[0]]
-        self.ledger.mark_sent(ok)
-        retrying = dead = 0
+        waiting: dict[str, list[DeliveryRecord]] = {}
         for d in batch:
-            success, detail = outcomes.get(str(d.path), (False, "no outcome returned for this file"))
-            if success:
-                continue
-            retry_in = backoff_seconds(d.attempts + 1, self.policy)
-            state = self.ledger.mark_failed(d.id, detail, max_attempts=self.policy.max_attempts, retry_in=retry_in)
-            if state == DeliveryState.DEAD_LETTER:
-                dead += 1
-                log.error("delivery %d (job %d) to %s dead-lettered after %d attempts: %s", d.id, d.job_id, name, d.attempts + 1, detail)
-            else:
-                retrying += 1
-        log.info("sent %d/%d to %s%s%s", len(ok), len(batch), name, f"; {retrying} retry later" if retrying else "",
-                 f"; {dead} dead-lettered" if dead else "")
+            waiting.setdefault(str(d.path), []).append(d)
+        tally: Counter[str] = Counter()
+
+        def record(outcome: SendOutcome) -> None:
+            pending = waiting.get(str(outcome.path))
+            if pending:
+                self._record(name, pending.pop(0), outcome, tally)
+
+        outcomes = self._send(dest, [d.path for d in batch], record)
+        for path, left in waiting.items():  # outcomes the destination returned without reporting them
+            for d in left:
+                self._record(name, d, outcomes.get(path) or SendOutcome(d.path, False, None, "no outcome returned for this file"), tally)
+        log.info("sent %d/%d to %s%s%s%s", tally["sent"], len(batch), name,
+                 f"; {tally['retry']} retry later" if tally["retry"] else "",
+                 f"; {tally['dead']} dead-lettered" if tally["dead"] else "",
+                 f"; {tally['untried']} not tried (stopping)" if tally["untried"] else "")
+
+    def _record(self, name: str, d: DeliveryRecord, outcome: SendOutcome, tally: Counter[str]) -> None:
+        """One file's outcome into the ledger, as one transaction."""
+        if outcome.ok:
+            self.ledger.mark_sent([d.id])
+            tally["sent"] += 1
+            return
+        if not outcome.attempted:
+            self.ledger.mark_not_sent([d.id])
+            tally["untried"] += 1
+            return
+        detail = (f"status 0x{outcome.status:04X}: " if outcome.status is not None else "") + outcome.detail
+        retry_in = backoff_seconds(d.attempts + 1, self.policy)
+        state = self.ledger.mark_failed(d.id, detail, max_attempts=self.policy.max_attempts, retry_in=retry_in)
+        if state == DeliveryState.DEAD_LETTER:
+            tally["dead"] += 1
+            log.error("delivery %d (job %d) to %s dead-lettered after %d attempts: %s", d.id, d.job_id, name, d.attempts + 1, detail)
+        else:
+            tally["retry"] += 1
 
     @staticmethod
-    def _send(destination: Destination, paths: Sequence[Path]) -> dict[str, tuple[bool, str]]:
+    def _send(destination: Destination, paths: Sequence[Path], progress: Progress) -> dict[str, SendOutcome]:
         try:
-            outcomes = destination.send(list(paths))
+            outcomes = destination.send(list(paths), progress)
         except Exception as exc:  # the contract says send never raises; a bug there must not lose state
-            log.exception("destination %s raised", getattr(destination, "name", "?"))
-            return {str(p): (False, f"{exc.__class__.__name__}: {exc}") for p in paths}
-        result: dict[str, tuple[bool, str]] = {}
-        for o in outcomes:
-            status = f"status 0x{o.status:04X}: " if o.status is not None else ""
-            result[str(o.path)] = (bool(o.ok), f"{status}{o.detail}")
-        return result
+            reason = exception_text(exc)  # the message may quote the object being sent
+            log.error("destination %s raised %s", getattr(destination, "name", "?"), reason,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
+            return {str(p): SendOutcome(Path(p), False, None, reason) for p in paths}
+        return {str(o.path): o for o in outcomes}
 
     def run_destination(self, name: str | None, stop: threading.Event, wake: threading.Event, poll_seconds: float = 1.0) -> None:
         """Worker loop for one destination (``None``: deliveries whose destination is not configured)."""

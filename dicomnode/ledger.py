@@ -528,6 +528,13 @@ class Ledger:
             params.append(str(state))
         return [_delivery(r) for r in self._query(sql + " ORDER BY d.id", params)]
 
+    def sending(self) -> list[DeliveryRecord]:
+        """Pending deliveries of a batch on its way (``sending_since`` set), oldest first."""
+        rows = self._query("SELECT d.*, o.path AS path FROM deliveries d JOIN outputs o ON o.id = d.output_id"
+                           " WHERE d.state=? AND d.sending_since IS NOT NULL ORDER BY d.sending_since, d.id",
+                           (DeliveryState.PENDING,))
+        return [_delivery(r) for r in rows]
+
     def next_due_at(self, destination: str | None = None) -> float | None:
         sql = "SELECT MIN(next_attempt_at) FROM deliveries WHERE state=?"
         params: list[object] = [DeliveryState.PENDING]
@@ -542,6 +549,11 @@ class Ledger:
         since = time.time() if since is None else since
         with self._transaction() as db:
             db.executemany("UPDATE deliveries SET sending_since=? WHERE id=?", [(since, d) for d in delivery_ids])
+
+    def mark_not_sent(self, delivery_ids: Sequence[int]) -> None:
+        """A batch member that was never tried (the node was stopping): no longer sending, no attempt counted."""
+        with self._transaction() as db:
+            db.executemany("UPDATE deliveries SET sending_since=NULL WHERE id=?", [(d,) for d in delivery_ids])
 
     def mark_sent(self, delivery_ids: Sequence[int]) -> None:
         now = time.time()

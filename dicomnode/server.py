@@ -14,7 +14,10 @@ Threads and why:
 Every hand-over is a ledger state change, so a restart (after SIGTERM, a crash or a power cut)
 resumes from the ledger: ``processing`` jobs are redone (outputs are deterministic), complete jobs
 are processed, pending deliveries are sent. SIGTERM/SIGINT drain: stop accepting associations,
-let open ones finish, let each worker finish its current job, then close.
+let open ones finish, let each worker finish its current job and each dispatch worker the file it
+is sending, then close. A transfer still in flight a few seconds before the drain ends (a stalled
+PACS) is cut, so the process ends within ``drain_seconds``; every thread is a daemon and every join
+is bounded, so nothing left over can hold the exit.
 
 Faults a job cannot help: a job found ``processing`` at start for the ``node.max_job_attempts``-th time
 (the node died during each of its claims: a poison series) is failed and its sources quarantined
@@ -131,13 +134,17 @@ class Server:
         self._lock_spool(spool)
         configure(spool.chunks)
         self._fail_poisoned(spool)
+        interrupted = len(spool.ledger.sending())
         redo = spool.ledger.recover()
         retry = spool.ledger.retry_pending_now()
         stale = spool.clean_incoming()
         counts = spool.ledger.counts()
         log.info(
-            "spool %s: jobs %s, deliveries %s%s%s%s", spool.root, counts["jobs"] or "{}", counts["deliveries"] or "{}",
+            "spool %s: jobs %s, deliveries %s%s%s%s%s", spool.root, counts["jobs"] or "{}", counts["deliveries"] or "{}",
             f"; redoing interrupted jobs {redo}" if redo else "",
+            f"; {interrupted} deliveries of a batch in flight when the node stopped (sent again; the file that was"
+            " on the wire may reach its peer twice)"
+            if interrupted else "",
             f"; {retry} pending deliveries due now" if retry else "",
             f"; removed {stale} unacknowledged partial files" if stale else "",
         )
@@ -150,6 +157,8 @@ class Server:
             self._destinations = make_destinations(cfg)
         if self.observer is not None:
             self._destinations = {n: ObservedDestination(d, self.observer) for n, d in self._destinations.items()}
+        for destination in self._destinations.values():
+            destination.resume()
         self.pipeline = Pipeline(cfg, self.models)
         self._dispatcher = Dispatcher(spool.ledger, self._destinations, cfg.dispatch)
 
@@ -247,6 +256,17 @@ class Server:
         self._stop.set()
         self._notify_workers()
         self._wake_all_dispatch()
+        assert self._dispatcher is not None
+        self._dispatcher.stop()  # finish the file on the wire, start no other
+        # A transfer still going near the end of the drain is cut, so its thread can end in time.
+        abort_at = deadline - min(10.0, timeout / 3)  # room for the cut thread to record it and for the exit
+        senders = [t for t in self._threads if t.name.startswith("dispatch-")]
+        for thread in senders:
+            thread.join(max(0.0, abort_at - time.monotonic()))
+        if any(t.is_alive() for t in senders):
+            log.warning("cutting transfers still in flight (%s); they are sent again at the next start",
+                        ", ".join(t.name for t in senders if t.is_alive()))
+            self._dispatcher.stop(abort=True)
         clean = True
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

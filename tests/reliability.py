@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -408,6 +409,18 @@ class LedgerView:
         finally:
             if ledger:
                 ledger.close()
+
+    def _rows(self, sql: str, params: tuple = ()) -> list[tuple]:
+        """Raw read-only SQL for assertions the Ledger API has no query for (attempt counts, errors)."""
+        if not self.path.exists():
+            return []
+        db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10)
+        try:
+            return db.execute(sql, params).fetchall()
+        except sqlite3.OperationalError:  # schema not created yet
+            return []
+        finally:
+            db.close()
 
     def retried(self) -> int:
         return sum(1 for d in self.delivery_records(DeliveryState.PENDING) if d.attempts > 0)

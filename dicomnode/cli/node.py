@@ -14,6 +14,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -100,6 +101,22 @@ def setup_logging(config: NodeConfig, verbose: int = 0) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose > 1 else logging.WARNING)
 
 
+def _exit_without_stragglers(rc: int, grace: float = 2.0) -> int:
+    """After the drain: a library thread that is not a daemon (pynetdicom's, one per association) and is
+    still blocked would keep the process alive past the drain. Wait ``grace`` s for them, then leave
+    without them (the ledger is consistent at every commit, as after a crash)."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+    if stuck:
+        log.warning("exiting with threads still blocked after the drain: %s", ", ".join(stuck))
+        logging.shutdown()
+        os._exit(rc)
+    return rc
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     # Everything the node writes holds patient data: private to the service user (the ledger's
     # WAL files, derived objects, logs), whatever umask the shell had.
@@ -128,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         addons.append(AdminService(config.admin, metrics))
     try:
         server = Server(config, observer=metrics, addons=addons, config_path=args.config)
-        return server.serve_forever()
+        return _exit_without_stragglers(server.serve_forever())
     except (TLSConfigError, SpoolError) as exc:
         log.error("cannot start: %s", exc)
         return EXIT_CONFIG
@@ -147,9 +164,13 @@ def collect_status(ledger: Ledger, limit: int = 20) -> dict[str, Any]:
     waiting_jobs = [j for j in ledger.jobs(JobState.COMPLETE) if j.retry_at is not None]
     unmatched = ledger.unmatched_series()
 
+    sending = ledger.sending()
+    now = time.time()
+
     def delivery(d: Any) -> dict[str, Any]:
         return {"id": d.id, "job": d.job_id, "destination": d.destination, "attempts": d.attempts,
-                "sop_file": Path(d.path).name, "next_attempt_at": d.next_attempt_at, "last_error": d.last_error}
+                "sop_file": Path(d.path).name, "next_attempt_at": d.next_attempt_at,
+                "last_error": escape_controls(d.last_error) if d.last_error else d.last_error}
 
     return {
         "spool": str(ledger.path.parent),
@@ -163,6 +184,10 @@ def collect_status(ledger: Ledger, limit: int = 20) -> dict[str, Any]:
         },
         "dead_letters": [delivery(d) for d in dead[:limit]],
         "pending_deliveries": [delivery(d) for d in pending[:limit]],
+        "retrying": [delivery(d) for d in pending if d.attempts][:limit],
+        # a batch on its way now (or when the node stopped): since when, and for how long so far
+        "sending": [{**delivery(d), "sending_since": d.sending_since, "age_seconds": round(now - d.sending_since, 1)}
+                    for d in sending[:limit]],
         "failed_jobs": [
             {"job": j.id, "series_uid": j.series_uid, "rule": j.rule, "model": j.model, "error": j.error}
             for j in failed_jobs[-limit:]
@@ -204,12 +229,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"deliveries: pending {d['pending']}, sent {d['sent']}, dead_letter {d['dead_letter']}")
     for name, n in sorted(d["pending_by_destination"].items()):
         print(f"  pending to {name}: {n}")
-    if info["pending_deliveries"]:
+    if info["sending"]:
+        print("sending now:")
+        for x in info["sending"]:
+            print(f"  #{x['id']} job {x['job']} -> {x['destination']} {x['sop_file']}: attempt {x['attempts'] + 1}, "
+                  f"in progress for {x['age_seconds']:.0f} s (since {_when(x['sending_since'])})")
+    if info["retrying"]:
         print("pending (retrying):")
-        for x in info["pending_deliveries"]:
-            if x["attempts"]:
-                print(f"  #{x['id']} job {x['job']} -> {x['destination']}: attempt {x['attempts'] + 1} at "
-                      f"{_when(x['next_attempt_at'])}; last error: {x['last_error']}")
+        for x in info["retrying"]:
+            print(f"  #{x['id']} job {x['job']} -> {x['destination']}: attempt {x['attempts'] + 1} at "
+                  f"{_when(x['next_attempt_at'])}; last error: {x['last_error']}")
     if info["dead_letters"]:
         print("dead letters (dicomnode resend --job ID | --all-dead):")
         for x in info["dead_letters"]:

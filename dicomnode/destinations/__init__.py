@@ -13,13 +13,14 @@ import pkgutil
 from dicomnode.destinations.base import (
     Destination,
     DestinationSettings,
+    Progress,
     SendOutcome,
     build_destination,
     destination_type,
     registered_types,
 )
 
-__all__ = ["Destination", "DestinationSettings", "SendOutcome", "build_destination", "destination_type", "registered_types"]
+__all__ = ["Destination", "DestinationSettings", "Progress", "SendOutcome", "build_destination", "destination_type", "registered_types"]
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base":

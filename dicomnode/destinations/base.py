@@ -16,7 +16,8 @@ from typing import Any, ClassVar
 
 from dicomnode.configtypes import StrictModel
 
-__all__ = ["Destination", "DestinationSettings", "SendOutcome", "build_destination", "destination_type", "registered_types"]
+__all__ = ["Destination", "DestinationSettings", "Progress", "SendOutcome", "build_destination", "destination_type",
+           "registered_types"]
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,20 @@ class SendOutcome:
     """What happened to one file: ``ok`` only if the destination stored it.
 
     ``status`` is the C-STORE status code when the peer answered (None otherwise: not connected,
-    refused context, unreadable file, folder destinations).
+    refused context, unreadable file, folder destinations). ``detail`` is kept in the ledger and
+    shown by ``status``: fixed messages, codes and UIDs only, never text the peer wrote
+    (:mod:`dicomnode.redact`). ``attempted`` is False for a file the destination never tried
+    because the node was stopping: it is not a failed attempt.
     """
 
     path: Path
     ok: bool
     status: int | None
     detail: str
+    attempted: bool = True
+
+
+Progress = Callable[[SendOutcome], None]  # called with each file's outcome as soon as it is known
 
 
 class Destination(ABC):
@@ -39,8 +47,20 @@ class Destination(ABC):
     name: str
 
     @abstractmethod
-    def send(self, paths: Sequence[Path]) -> list[SendOutcome]:
-        """Deliver ``paths`` as one batch; one outcome per path, in order. Never raises for peer errors."""
+    def send(self, paths: Sequence[Path], progress: Progress | None = None) -> list[SendOutcome]:
+        """Deliver ``paths`` as one batch; one outcome per path, in order. Never raises for peer errors.
+
+        ``progress`` gets each outcome as soon as it is known, so the ledger records a stored file
+        before the rest of the batch is sent (a crash then re-sends only what was in flight).
+        """
+
+    def stop(self, *, abort: bool = False) -> None:
+        """The node is stopping: start no new file; with ``abort``, also end transfers in flight now."""
+        return None
+
+    def resume(self) -> None:
+        """The node (re)starts: undo :meth:`stop`."""
+        return None
 
     def echo(self) -> tuple[bool, str]:
         """Check the destination is reachable and willing: (ok, what was found)."""

@@ -11,6 +11,14 @@ proposed, each as a context of its own: in one context with several transfer syn
 node would decompress files the PACS could have taken as they are. So a compressed file goes as-is
 where the PACS takes it and is decompressed only where the PACS refuses its compression. Files whose
 own transfer syntax was accepted are streamed from disk undecoded.
+
+Every association is bounded in time, so a PACS that stalls delays only its own deliveries and never
+the node's shutdown: ``timeout_seconds`` bounds connecting, the association handshake, each socket
+send and receive (a PACS that stops reading fails the send after that long without progress) and
+the wait for a C-STORE response, which is allowed one more second per MB of the object because
+pynetdicom starts that wait once the object is queued, not once it has left. :meth:`DicomDestination.stop`
+ends associations in flight at once. Text the PACS writes (an ErrorComment) is not kept: it can name
+the patient; only the status code and the UIDs in it are.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,19 +44,21 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import GENERAL_STATUS, STORAGE_SERVICE_CLASS_STATUS, code_to_category
 
 from dicomnode.configtypes import AETitle, ConfigPath, Port, StrictModel
-from dicomnode.destinations.base import Destination, DestinationSettings, SendOutcome, destination_type
+from dicomnode.destinations.base import Destination, DestinationSettings, Progress, SendOutcome, destination_type
 from dicomnode.encode import decompress_for
+from dicomnode.redact import exception_text, peer_comment
 from dicomnode.security import client_tls_args
 
 __all__ = [
     "DicomDestination", "DicomSettings", "FileMeta", "MAX_CONTEXTS", "TLSClientSettings", "context_groups",
-    "presentation_contexts", "read_file_meta", "status_text",
+    "presentation_contexts", "read_file_meta", "response_timeout", "status_text",
 ]
 
 logger = logging.getLogger(__name__)
 
 STORED_WARNINGS = frozenset({0xB000, 0xB006, 0xB007})  # PS3.4 B.2.3: the instance was stored
 MAX_CONTEXTS = 128  # presentation contexts per association (PS3.8: odd IDs 1..255)
+SECONDS_PER_MB = 1.0  # response wait allowance per MB sent (pynetdicom's wait starts when the object is queued)
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
@@ -75,6 +87,11 @@ class DicomSettings(DestinationSettings):
     tls: TLSClientSettings | None = None
 
 
+def response_timeout(timeout_seconds: float, size_bytes: int) -> float:
+    """How long to wait for the C-STORE response to an object of ``size_bytes``: the timeout plus 1 s per MB."""
+    return timeout_seconds + SECONDS_PER_MB * max(0, size_bytes) / 1e6
+
+
 def status_text(status: int) -> str:
     """'0xA700 Refused: Out of Resources' for a C-STORE status code."""
     entry = STORAGE_SERVICE_CLASS_STATUS.get(status) or GENERAL_STATUS.get(status)
@@ -93,6 +110,10 @@ class FileMeta:
     transfer_syntax: UID
 
 
+class FileMetaError(ValueError):
+    """A file without the UIDs a C-STORE needs (the message is the node's own, fit to log)."""
+
+
 def read_file_meta(path: Path) -> FileMeta:
     """SOP class/instance and transfer syntax from the file meta (falls back to the dataset)."""
     ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
@@ -103,7 +124,7 @@ def read_file_meta(path: Path) -> FileMeta:
     if not sop_class or not sop_instance or not tsyntax:
         missing = [n for n, v in (("SOP Class UID", sop_class), ("SOP Instance UID", sop_instance),
                                   ("Transfer Syntax UID", tsyntax)) if not v]
-        raise ValueError(f"missing {', '.join(missing)}")
+        raise FileMetaError(f"missing {', '.join(missing)}")
     return FileMeta(path, UID(sop_class), UID(sop_instance), UID(tsyntax))
 
 
@@ -141,6 +162,10 @@ class DicomDestination(Destination):
         self.timeout_seconds = timeout_seconds
         self.tls_args = tls_args
         self.max_pdu_size = max_pdu_size
+        self._stopping = threading.Event()
+        self._cut = threading.Event()  # stop(abort=True) cut the connections in flight
+        self._live: set[Association] = set()
+        self._live_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, name: str, cfg: DicomSettings, node_ae_title: str) -> DicomDestination:
@@ -160,7 +185,7 @@ class DicomDestination(Destination):
         tls = " tls" if self.tls_args else ""
         return f"DicomDestination({self.name!r}: {self.ae_title}@{self.host}:{self.port}{tls})"
 
-    def send(self, paths: Sequence[Path]) -> list[SendOutcome]:
+    def send(self, paths: Sequence[Path], progress: Progress | None = None) -> list[SendOutcome]:
         if not paths:
             return []
         outcomes: dict[int, SendOutcome] = {}
@@ -170,9 +195,11 @@ class DicomDestination(Destination):
             try:
                 infos.append((i, read_file_meta(path)))
             except Exception as exc:  # noqa: BLE001 - any unreadable file fails alone
-                outcomes[i] = SendOutcome(path, False, None, f"cannot read DICOM file: {exc}")
+                outcomes[i] = SendOutcome(path, False, None, f"cannot read DICOM file: {_reason(exc)}")
+                if progress is not None:
+                    progress(outcomes[i])
         for group in context_groups(infos):
-            for i, outcome in zip([i for i, _ in group], self._send_group([info for _, info in group])):
+            for i, outcome in zip([i for i, _ in group], self._send_group([info for _, info in group], progress)):
                 outcomes[i] = outcome
         result = [outcomes[i] for i in range(len(paths))]
         sent = sum(o.ok for o in result)
@@ -202,15 +229,33 @@ class DicomDestination(Destination):
             if isinstance(event.pdu, A_ASSOCIATE_RJ):
                 rejections.append(event.pdu)
 
+        def on_open(event: Any) -> None:
+            # pynetdicom clears the socket timeout once connected (AssociationSocket.connect), so a
+            # PACS that stops reading would block its send() for ever, and with it abort() and the
+            # process exit. Put it back: no progress for timeout_seconds fails the send.
+            raw = getattr(event.assoc.dul.socket, "socket", None)
+            if raw is not None:
+                raw.settimeout(self.timeout_seconds)
+            with self._live_lock:
+                self._live.add(event.assoc)
+            if self._stopping.is_set():
+                self._shutdown(event.assoc)
+
+        if self._stopping.is_set():
+            return None, "not sent: the node is stopping"
         try:
-            kwargs: dict[str, Any] = {"ae_title": self.ae_title, "evt_handlers": [(evt.EVT_PDU_RECV, on_pdu)]}
+            kwargs: dict[str, Any] = {"ae_title": self.ae_title,
+                                      "evt_handlers": [(evt.EVT_PDU_RECV, on_pdu), (evt.EVT_CONN_OPEN, on_open)]}
             if self.tls_args is not None:
                 kwargs["tls_args"] = self.tls_args
             assoc = ae.associate(self.host, self.port, **kwargs)
         except Exception as exc:  # noqa: BLE001 - socket/TLS errors surface here on some paths
-            return None, f"cannot connect to {where}: {exc}"
+            return None, f"cannot connect to {where}: {exception_text(exc)}"
         if assoc.is_established:
             return assoc, ""
+        self._forget(assoc)
+        if self._stopping.is_set():
+            return None, "not sent: the node is stopping"
         if rejections or assoc.is_rejected:
             rsp = rejections[0] if rejections else assoc.acceptor.primitive
             if rsp is not None and getattr(rsp, "result_str", None):
@@ -240,6 +285,38 @@ class DicomDestination(Destination):
         finally:
             if assoc.is_established:
                 assoc.release()
+            self._forget(assoc)
+
+    def stop(self, *, abort: bool = False) -> None:
+        """Start no new association or file; with ``abort``, cut the connections in flight now.
+
+        Cutting is a socket shutdown, not an A-ABORT: the PDU would queue behind the unsent data of a
+        PACS that stopped reading. The send blocked on it fails at once, so the sending thread returns.
+        """
+        self._stopping.set()
+        if abort:
+            self._cut.set()
+            with self._live_lock:
+                live = list(self._live)
+            for assoc in live:
+                self._shutdown(assoc)
+
+    def resume(self) -> None:
+        self._stopping.clear()
+        self._cut.clear()
+
+    @staticmethod
+    def _shutdown(assoc: Association) -> None:
+        raw = getattr(assoc.dul.socket, "socket", None)
+        if raw is not None:
+            try:
+                raw.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed
+
+    def _forget(self, assoc: Association) -> None:
+        with self._live_lock:
+            self._live.discard(assoc)
 
     def _diagnose_no_answer(self, where: str) -> str:
         """Why no association came about, found by connecting again ourselves.
@@ -258,7 +335,7 @@ class DicomDestination(Destination):
                     with context.wrap_socket(sock, server_hostname=server_hostname):
                         pass
                 except (ssl.SSLError, OSError) as exc:
-                    return f"TLS handshake with {where} failed: {exc}"
+                    return f"TLS handshake with {where} failed: {exception_text(exc)}"
                 return (f"{where} completed the TLS handshake but sent no association response (the PACS may "
                         "require a client certificate, or refuse ours)")
         except ConnectionRefusedError:
@@ -268,24 +345,37 @@ class DicomDestination(Destination):
         except OSError as exc:
             return f"cannot connect to {where}: {exc.strerror or exc}"
 
-    def _send_group(self, infos: Sequence[FileMeta]) -> list[SendOutcome]:
+    def _send_group(self, infos: Sequence[FileMeta], progress: Progress | None = None) -> list[SendOutcome]:
         if not infos:
             return []
+        outcomes: list[SendOutcome] = []
+
+        def record(outcome: SendOutcome) -> None:
+            outcomes.append(outcome)
+            if progress is not None:
+                progress(outcome)
+
         ae = self._make_ae(infos)
         assoc, reason = self._associate(ae)
         if assoc is None:
-            logger.warning("%s: %s", self.name, reason)
-            return [SendOutcome(f.path, False, None, reason) for f in infos]
-        outcomes: list[SendOutcome] = []
+            stopping = self._stopping.is_set()
+            if not stopping:
+                logger.warning("%s: %s", self.name, reason)
+            for f in infos:
+                record(SendOutcome(f.path, False, None, reason, attempted=not stopping))
+            return outcomes
         try:
             for info in infos:
-                if not assoc.is_established:
-                    outcomes.append(SendOutcome(info.path, False, None, "association ended before this file was sent"))
-                    continue
-                outcomes.append(self._store_one(assoc, info))
+                if self._stopping.is_set():
+                    record(SendOutcome(info.path, False, None, "not sent: the node is stopping", attempted=False))
+                elif not assoc.is_established:
+                    record(SendOutcome(info.path, False, None, "association ended before this file was sent"))
+                else:
+                    record(self._store_one(assoc, info))
         finally:
             if assoc.is_established:
                 assoc.release()
+            self._forget(assoc)
         return outcomes
 
     def _store_one(self, assoc: Association, info: FileMeta) -> SendOutcome:
@@ -306,17 +396,34 @@ class DicomDestination(Destination):
             else:
                 payload, note = self._as_uncompressed(info, accepted_ts)
         except Exception as exc:  # noqa: BLE001 - a file that cannot be decoded fails alone
-            return SendOutcome(info.path, False, None, f"cannot convert {info.transfer_syntax.name} for sending: {exc}")
+            return SendOutcome(info.path, False, None,
+                               f"cannot convert {info.transfer_syntax.name} for sending: {exception_text(exc)}")
+        try:
+            size = info.path.stat().st_size
+        except OSError:
+            size = 0
+        wait = response_timeout(self.timeout_seconds, size)
+        assoc.dimse_timeout = wait
+        started = time.monotonic()
         try:
             rsp = assoc.send_c_store(payload)
         except Exception as exc:  # noqa: BLE001 - encoding/IO errors for this file
-            return SendOutcome(info.path, False, None, f"C-STORE not sent: {exc}")
+            return SendOutcome(info.path, False, None, f"C-STORE not sent: {exception_text(exc)}")
         if not rsp or "Status" not in rsp:
-            detail = f"no C-STORE response within {self.timeout_seconds:g} s or association aborted"
+            took = time.monotonic() - started
+            if self._cut.is_set():
+                detail = f"association cut after {took:.0f} s: the node is stopping"
+            elif took >= 0.9 * wait:
+                detail = f"no C-STORE response within {round(wait, 1):g} s"
+            else:
+                detail = (f"association ended after {took:.0f} s without a C-STORE response (the PACS closed it, "
+                          f"aborted, or read nothing for {self.timeout_seconds:g} s)")
             logger.warning("%s: SOP instance %s: %s", self.name, info.sop_instance, detail)
+            if assoc.is_established:  # the connection closed under it: end it (bounded by the socket timeout)
+                assoc.abort()
             return SendOutcome(info.path, False, None, detail)
         status = int(rsp.Status)
-        comment = f" ({rsp.ErrorComment})" if rsp.get("ErrorComment") else ""
+        comment = f" ({peer_comment(rsp.get('ErrorComment'))})" if rsp.get("ErrorComment") else ""
         if status == 0x0000:
             return SendOutcome(info.path, True, status, f"stored{note}")
         if status in STORED_WARNINGS:
@@ -336,6 +443,11 @@ class DicomDestination(Destination):
         logger.info("%s: SOP instance %s: PACS refused %s for %s, sent decompressed", self.name, info.sop_instance,
                     decoded_from.name, info.sop_class.name)
         return ds, f" (decompressed from {decoded_from.name}: PACS refused it)"
+
+
+def _reason(exc: Exception) -> str:
+    """Why a file could not be read, fit for the ledger: the node's own message, else the redacted exception."""
+    return str(exc) if isinstance(exc, FileMetaError) else exception_text(exc)
 
 
 def context_groups(infos: Sequence[tuple[int, FileMeta]]) -> list[list[tuple[int, FileMeta]]]:

@@ -17,9 +17,10 @@ from typing import ClassVar, Literal
 from pydantic import field_validator
 
 from dicomnode.configtypes import ConfigPath
-from dicomnode.destinations.base import Destination, DestinationSettings, SendOutcome, destination_type
+from dicomnode.destinations.base import Destination, DestinationSettings, Progress, SendOutcome, destination_type
 from dicomnode.destinations.dicom import read_file_meta
 from dicomnode.durable import copy_file
+from dicomnode.redact import exception_text
 from dicomnode.uids import is_valid_uid
 
 __all__ = ["FolderDestination", "FolderSettings"]
@@ -76,7 +77,7 @@ class FolderDestination(Destination):
     def __repr__(self) -> str:
         return f"FolderDestination({self.name!r}: {self.folder})"
 
-    def send(self, paths: Sequence[Path]) -> list[SendOutcome]:
+    def send(self, paths: Sequence[Path], progress: Progress | None = None) -> list[SendOutcome]:
         if not paths:
             return []
         try:
@@ -85,7 +86,11 @@ class FolderDestination(Destination):
             detail = f"cannot create folder {self.folder}: {exc.strerror or exc}"
             logger.warning("%s: %s", self.name, detail)
             return [SendOutcome(Path(p), False, None, detail) for p in paths]
-        outcomes = [self._write_one(Path(p)) for p in paths]
+        outcomes = []
+        for p in paths:
+            outcomes.append(self._write_one(Path(p)))
+            if progress is not None:
+                progress(outcomes[-1])
         sent = sum(o.ok for o in outcomes)
         (logger.info if sent == len(outcomes) else logger.warning)("%s: %d of %d written", self.name, sent, len(outcomes))
         return outcomes
@@ -94,7 +99,7 @@ class FolderDestination(Destination):
         try:
             sop_instance = read_file_meta(path).sop_instance
         except Exception as exc:  # noqa: BLE001
-            return SendOutcome(path, False, None, f"cannot read DICOM file: {exc}")
+            return SendOutcome(path, False, None, f"cannot read DICOM file: {exception_text(exc)}")
         if not is_valid_uid(str(sop_instance)):
             return SendOutcome(path, False, None, f"invalid SOP Instance UID {sop_instance!r}")
         target = self.folder / f"{sop_instance}.dcm"
