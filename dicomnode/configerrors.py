@@ -9,17 +9,22 @@ default they read it from the schema, which defines every default once.
 
 from __future__ import annotations
 
+import getpass
 import re
+import socket
+import ssl
+import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ValidationError
 
 from dicomnode.configtypes import did_you_mean
 
-__all__ = ["ConfigError", "convert_errors", "cross_check", "dedupe", "document_order"]
+__all__ = ["ConfigError", "convert_errors", "cross_check", "dedupe", "document_order", "environment_problems"]
 
 
 class ConfigError(ValueError):
@@ -252,3 +257,84 @@ def dedupe(errors: list[tuple[str, str]]) -> list[tuple[str, str]]:
             seen.add(item)
             out.append(item)
     return out
+
+
+# --------------------------------------------------------------------------- checks on this machine
+
+
+def environment_problems(config: Any) -> list[tuple[str, str]]:
+    """What only the machine can tell about a valid config, as (key path, reason): TLS keys that do not
+    belong to their certificates, a bind address that is not this host's, folders and files the node
+    could not write. Files that do not exist are left to ``NodeConfig.missing_files``."""
+    problems: list[tuple[str, str]] = []
+    tls = config.node.tls
+    if tls is not None:
+        problems += _key_pair("node.tls", tls.cert, tls.key)
+    for name, dest in config.destinations.items():
+        dest_tls = getattr(dest, "tls", None)
+        if dest_tls is not None and dest_tls.cert is not None and dest_tls.key is not None:
+            problems += _key_pair(f"destinations.{name}.tls", dest_tls.cert, dest_tls.key)
+    problems += _bind_address("node.host", config.node.host)
+    problems += _writable("storage.root", Path(config.storage.root), folder=True)
+    if config.logging.file is not None:
+        problems += _writable("logging.file", Path(config.logging.file), folder=False)
+    return problems
+
+
+def _key_pair(prefix: str, cert: Path, key: Path) -> list[tuple[str, str]]:
+    if not Path(cert).is_file() or not Path(key).is_file():
+        return []
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=lambda: b"")  # never prompt on the terminal
+    except ssl.SSLError as exc:
+        text = f"{exc.reason or ''} {exc}"
+        if "KEY_VALUES_MISMATCH" in text or "key values mismatch" in text:
+            return [(f"{prefix}.key", f"the private key {key} does not belong to the certificate {cert}")]
+        if "BAD_DECRYPT" in text or "bad decrypt" in text:
+            return [(f"{prefix}.key", f"{key} is encrypted; the node needs an unencrypted key (mode 0600)")]
+        return [(f"{prefix}.cert", f"cannot load the certificate {cert} with the key {key}: {exc.reason or exc}")]
+    except OSError as exc:
+        return [(f"{prefix}.key", f"cannot read {key} or {cert}: {exc.strerror or exc}")]
+    return []
+
+
+def _bind_address(key: str, host: str) -> list[tuple[str, str]]:
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return [(key, f"{host!r} is neither an IP address nor a name this host resolves ({exc.strerror})")]
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(address)  # port 0: only the address is checked (the node may be running on its port)
+        except OSError as exc:
+            return [(key, f"{host} ({address[0]}) is not an address of this host: {exc.strerror or exc}")]
+    return []
+
+
+def _writable(key: str, path: Path, *, folder: bool) -> list[tuple[str, str]]:
+    """Probe by writing (permission bits say nothing about root, read-only mounts or full quotas)."""
+    who = f"checked as user {getpass.getuser()}; run check-config as the service's user"
+    if path.exists():
+        if folder != path.is_dir():
+            return [(key, f"{path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}")]
+        try:
+            if folder:
+                tempfile.TemporaryFile(dir=path).close()
+            else:
+                with path.open("ab"):
+                    pass
+        except OSError as exc:
+            return [(key, f"{path} is not writable: {exc.strerror or exc} ({who})")]
+        return []
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return [(key, f"cannot create {path}: {parent} is not a folder")]
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as exc:
+        return [(key, f"cannot create {path}: {parent} is not writable: {exc.strerror or exc} ({who})")]
+    return []

@@ -359,3 +359,53 @@ def test_partial_objects_are_swept_at_start_up(tmp_path: Path) -> None:
         assert spool.clean_incoming() == 1 and not list(spool.chunks.iterdir())
     finally:
         spool.close()
+
+
+# ------------------------------------------------------------------------------------------ 5. check-config
+def _check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str], **sections) -> tuple[int, str]:
+    import yaml
+
+    from dicomnode.cli import main
+
+    data = {"node": {"host": "127.0.0.1", "port": 11112}, "storage": {"root": str(tmp_path / "var")},
+            "destinations": {"outbox": {"folder": str(tmp_path / "out")}},
+            "rules": [{"name": "all", "destinations": ["outbox"]}]}
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    path = tmp_path / "node.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code = main(["check-config", str(path)])
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+def test_check_config_tells_what_only_this_machine_can(certs: Certs, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _check_config(tmp_path, capsys)
+    assert code == 0 and out.startswith("OK"), out
+    ok_tls = {"cert": str(certs.server_cert), "key": str(certs.server_key), "ca": str(certs.ca)}
+    assert _check_config(tmp_path, capsys, node={"tls": ok_tls})[0] == 0
+
+    code, out = _check_config(tmp_path, capsys, node={"tls": {**ok_tls, "key": str(certs.client_key)}})
+    assert code == 2 and f"node.tls.key: the private key {certs.client_key} does not belong to the certificate " \
+                          f"{certs.server_cert}" in out, out
+    code, out = _check_config(tmp_path, capsys, destinations={"pacs": {
+        "ae_title": "PACS", "host": "127.0.0.1", "port": 2762,
+        "tls": {"ca": str(certs.ca), "cert": str(certs.client_cert), "key": str(certs.rogue_key)}}})
+    assert "destinations.pacs.tls.key: the private key" in out, out
+
+    code, out = _check_config(tmp_path, capsys, node={"host": "192.0.2.7"})  # TEST-NET-1: never ours
+    assert code == 2 and "node.host: 192.0.2.7 (192.0.2.7) is not an address of this host" in out, out
+    code, out = _check_config(tmp_path, capsys, node={"host": "no-such-host.invalid"})
+    assert code == 2 and "node.host: 'no-such-host.invalid' is neither an IP address nor a name" in out, out
+
+    code, out = _check_config(tmp_path, capsys, storage={"root": "/sys/dicomnode-test/var"},
+                              logging={"file": "/sys/dicomnode-test.log"})
+    assert code == 2, out
+    assert "storage.root: cannot create /sys/dicomnode-test/var: /sys is not writable" in out, out
+    assert "logging.file: cannot create /sys/dicomnode-test.log: /sys is not writable" in out, out
+    a_file = tmp_path / "plain.txt"
+    a_file.write_text("x")
+    code, out = _check_config(tmp_path, capsys, storage={"root": str(a_file / "var")}, logging={"file": str(tmp_path)})
+    assert f"storage.root: cannot create {a_file / 'var'}: {a_file} is not a folder" in out, out
+    assert f"logging.file: {tmp_path} is a folder, not a file" in out, out

@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "check-config",
         help="validate a config file; list every problem with its key",
         description="Validate a config file. Prints 'OK: N rules, M models, K destinations', or every "
-        "problem with its key path (exit status 2). Missing or corrupt model weights and missing TLS files count as problems.",
+        "problem with its key path (exit status 2). Missing or corrupt model weights, missing TLS files, a TLS key "
+        "that does not belong to its certificate, a node.host that is not an address of this machine and a "
+        "storage.root or logging.file this user cannot write count as problems.",
     )
     check.add_argument("file", nargs="?", type=Path, metavar="FILE", help="the YAML config file")
     check.add_argument("--config", dest="config_opt", type=Path, metavar="FILE", help="same as FILE")

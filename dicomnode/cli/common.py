@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from dicomnode.config import ConfigError, NodeConfig, load_config
+from dicomnode.configerrors import environment_problems
 from models.registry import ModelLoadError, read_card
 
 EXIT_CONFIG = 2  # every command exits with this when its config file is invalid or unreadable
@@ -16,12 +17,13 @@ __all__ = ["EXIT_CONFIG", "config_or_exit", "config_problems", "count", "expand_
 
 def config_problems(path: Path | None, *, files: bool = True) -> tuple[NodeConfig | None, list[str]]:
     """The config (``None``: the embedded default), or the lines that say why it cannot be used
-    (with ``files``: missing or corrupt weights and missing TLS files too)."""
+    (with ``files``: missing or corrupt weights, missing TLS files, TLS keys that do not match their
+    certificates, a bind address that is not this host's, storage.root or logging.file not writable)."""
     try:
         config = load_config(path)
     except ConfigError as exc:
         return None, str(exc).splitlines()
-    missing = (config.missing_files() + _weights_problems(config)) if files else []
+    missing = (config.missing_files() + _weights_problems(config) + environment_problems(config)) if files else []
     if missing:
         lines = [f"invalid config {path or 'embedded default'} ({len(missing)} problem{'s' if len(missing) != 1 else ''}):"]
         lines += [f"  {key}: {reason}" for key, reason in missing]
