@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "status": "dicomnode.cli.node",
     "resend": "dicomnode.cli.node",
     "reprocess": "dicomnode.cli.node",
+    "jobs": "dicomnode.cli.ops",
+    "echo": "dicomnode.cli.ops",
     "check-config": "dicomnode.cli.admin",
     "route": "dicomnode.cli.admin",
     "enhance": "dicomnode.cli.offline",

@@ -70,4 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--size", type=int, default=384, help="square input size in pixels (default 384, the paper's)")
     info.add_argument("--channels", type=int, choices=(1, 3), default=None, help="input channels (default: the model's)")
     info.set_defaults(func=_info)
+    from dicomnode.cli.ops import register_models_list  # noqa: PLC0415 - the configured models: `models list`
+
+    register_models_list(sub)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])
