@@ -6,9 +6,11 @@ with ``require_client_cert`` a client without one is refused during the handshak
 PDU is read). For destinations, the peer's certificate is verified against ``tls.ca`` (or the system
 trust store when no CA is given) and ``cert``/``key`` are presented when the PACS asks for them.
 
-Host names are deliberately not checked against the peer certificate: DICOM peers are addressed by
-IP and AE title far more often than by DNS name, and dcmtk does not check them either; trust comes
-from the CA chain. Only TLS 1.2 and newer is offered (BCP 195, which dcmtk's default profile needs).
+A destination's certificate must also name the host the node connects to (``host``, a DNS name or an
+IP address in its subjectAltName), so a certificate the CA issued to another machine cannot stand in
+for the PACS; ``verify_hostname: false`` turns that off for a CA that signs only the site's own peers.
+Client certificates are not matched to host names (modalities are identified by certificate and AE
+title). Only TLS 1.2 and newer is offered (BCP 195, which dcmtk's default profile needs).
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def client_ssl_context(tls_cfg: Any) -> ssl.SSLContext:
 
     The PACS certificate must chain to ``ca`` (system trust store when unset); ``cert`` and ``key``
     are presented as the node's client certificate when both are given (one without the other is
-    an error, never silently ignored).
+    an error, never silently ignored). The PACS certificate must name the host connected to unless
+    ``verify_hostname`` is false.
     """
     ca = _existing(_path(tls_cfg, "ca"), "CA")
     cert = _existing(_path(tls_cfg, "cert"), "certificate")
@@ -98,7 +101,8 @@ def client_ssl_context(tls_cfg: Any) -> ssl.SSLContext:
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = MINIMUM_TLS_VERSION
-    ctx.check_hostname = False  # see module docstring: trust comes from the CA chain
+    verify = tls_cfg.get("verify_hostname", True) if isinstance(tls_cfg, dict) else getattr(tls_cfg, "verify_hostname", True)
+    ctx.check_hostname = bool(verify)  # the certificate must name the host in client_tls_args (see module docstring)
     ctx.verify_mode = ssl.CERT_REQUIRED
     if ca is not None:
         _load_ca(ctx, ca, "destination tls")

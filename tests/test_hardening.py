@@ -409,3 +409,40 @@ def test_check_config_tells_what_only_this_machine_can(certs: Certs, tmp_path: P
     code, out = _check_config(tmp_path, capsys, storage={"root": str(a_file / "var")}, logging={"file": str(tmp_path)})
     assert f"storage.root: cannot create {a_file / 'var'}: {a_file} is not a folder" in out, out
     assert f"logging.file: {tmp_path} is a folder, not a file" in out, out
+
+
+# ------------------------------------------------------------------------------------------ 5. host names
+def _cert_for(certs: Certs, folder: Path, name: str, san: str) -> tuple[Path, Path]:
+    """A server certificate from the test CA that names ``san`` (not 127.0.0.1)."""
+    key, csr, cert, ext = (folder / f"{name}.{x}" for x in ("key", "csr", "pem", "ext"))
+    run = lambda *a: subprocess.run(["openssl", *a], check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")
+    ext.write_text(f"basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName={san}\n")
+    run("x509", "-req", "-in", str(csr), "-CA", str(certs.ca), "-CAkey", str(certs.ca.with_name("ca.key")),
+        "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return cert, key
+
+
+def test_tls_destinations_verify_the_host_name(certs: Certs, tmp_path: Path) -> None:
+    """A PACS certificate from the right CA but issued to another host is refused unless verify_hostname: false."""
+    require_tools("storescp", "openssl")
+    from dicomnode.config import parse_config
+    from dicomnode.destinations.dicom import DicomDestination
+
+    from reliability import StoreSCP
+
+    other_cert, other_key = _cert_for(certs, tmp_path, "other", "DNS:archive.example.org")
+    wrong = Certs(certs.ca, other_cert, other_key, certs.client_cert, certs.client_key, certs.rogue_cert,
+                  certs.rogue_key)
+    for server_certs, verify, ok in ((certs, True, True), (wrong, True, False), (wrong, False, True)):
+        with StoreSCP(tmp_path / "pacs", certs=server_certs) as pacs:
+            tls = {"ca": str(certs.ca), "cert": str(certs.client_cert), "key": str(certs.client_key),
+                   **({} if verify else {"verify_hostname": False})}
+            cfg = parse_config({"destinations": {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port,
+                                                          "tls": tls}},
+                                "rules": [{"name": "all", "destinations": ["pacs"]}]}, tmp_path)
+            dest = DicomDestination.from_settings("pacs", cfg.destinations["pacs"], "DICOMNODE")
+            answered, reason = dest.echo()
+            assert answered == ok, (server_certs.server_cert.name, verify, reason)
+            if not ok:
+                assert "mismatch" in reason or "match" in reason, reason

@@ -65,13 +65,14 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 class TLSClientSettings(StrictModel):
     """TLS when the node connects to a peer: ``ca`` verifies the peer, ``cert``/``key`` identify us.
 
-    Host names are not checked (peers are addressed by IP and AE title; trust comes from the CA
-    chain, as in dcmtk): see :mod:`dicomnode.security`.
+    The peer's certificate must name ``host`` (DNS name or IP address in its subjectAltName) unless
+    ``verify_hostname: false``: see :mod:`dicomnode.security`.
     """
 
     ca: ConfigPath | None = None  # None = the system's trusted CAs
     cert: ConfigPath | None = None
     key: ConfigPath | None = None
+    verify_hostname: bool = True  # false: any certificate from ``ca`` is accepted, whatever host it names
 
 
 class DicomSettings(DestinationSettings):
