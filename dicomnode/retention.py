@@ -8,7 +8,11 @@ growing store of PHI nobody audits. ``sweep`` removes, by age of the job's last 
   a human can still look at them and ``dicomnode resend`` them);
 * quarantined bytes (and their reason files) after ``storage.retention_days_failed``;
 * leftovers in ``incoming/`` older than a day (a crash mid-transfer: never acknowledged, so the
-  sender has them and will resend).
+  sender has them and will resend);
+* files written by a ``folder`` destination (``*.dcm`` and leftover partial files) after
+  ``storage.retention_days_delivered``, when the folder is inside ``storage.root`` or its
+  destination says ``swept_by_retention: true`` (:func:`outbox_folders`); by file age, since the
+  node cannot know whether the reader of the folder has taken them.
 
 ``None`` means keep forever. Jobs that are still collecting, processing or delivering are never
 touched whatever their age. The ledger rows stay (marked ``purged``) so ``status`` and audits still
@@ -19,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicomnode.config import StorageConfig
+from dicomnode.config import NodeConfig, StorageConfig
+from dicomnode.destinations.folder import FolderSettings
 from dicomnode.ledger import JobState
 from dicomnode.spool import Spool
 
@@ -42,6 +48,7 @@ class RetentionSummary:
     bytes_freed: int = 0
     quarantine_removed: int = 0
     incoming_removed: int = 0
+    outbox_removed: int = 0
     errors: list[str] = field(default_factory=list)
 
     @property
@@ -52,7 +59,8 @@ class RetentionSummary:
         return (f"retention: {self.jobs_purged['done']} delivered, {self.jobs_purged['failed']} failed and "
                 f"{self.jobs_purged['gated']} gated jobs purged, "
                 f"{self.quarantine_removed} quarantined and {self.incoming_removed} stale incoming files removed, "
-                f"{self.files_removed} files / {self.bytes_freed / 1e6:.1f} MB freed"
+                + (f"{self.outbox_removed} delivered files removed from folder destinations, " if self.outbox_removed else "")
+                + f"{self.files_removed} files / {self.bytes_freed / 1e6:.1f} MB freed"
                 + (f", {len(self.errors)} errors" if self.errors else ""))
 
 
@@ -81,11 +89,32 @@ def _remove_tree(folder: Path, summary: RetentionSummary) -> bool:
     return ok
 
 
-def _remove_old_files(folder: Path, older_than: float, summary: RetentionSummary) -> int:
+def outbox_folders(config: NodeConfig) -> list[Path]:
+    """The folder destinations retention sweeps: inside ``storage.root``, or ``swept_by_retention: true``."""
+    root = Path(config.storage.root).resolve()
+    folders = []
+    for settings in config.destinations.values():
+        if not isinstance(settings, FolderSettings) or settings.swept_by_retention is False:
+            continue
+        folder = Path(settings.folder).resolve()
+        if settings.swept_by_retention or folder.is_relative_to(root):
+            folders.append(folder)
+    return folders
+
+
+def _is_outbox_file(path: Path) -> bool:
+    """What a folder destination writes: ``UID.dcm``, or ``.UID.dcm.<hex>.part`` left by a crash."""
+    return path.suffix == ".dcm" or (path.name.startswith(".") and path.name.endswith(".part"))
+
+
+def _remove_old_files(folder: Path, older_than: float, summary: RetentionSummary,
+                      only: Callable[[Path], bool] | None = None) -> int:
     removed = 0
     if not folder.is_dir():
         return 0
     for path in folder.iterdir():
+        if only is not None and not only(path):
+            continue
         try:
             st = path.lstat()
             if not path.is_file() or st.st_mtime >= older_than:
@@ -102,8 +131,8 @@ def _remove_old_files(folder: Path, older_than: float, summary: RetentionSummary
     return removed
 
 
-def sweep(storage: StorageConfig, spool: Spool, now: float | None = None) -> RetentionSummary:
-    """Apply ``storage.retention_days_*`` to the spool; safe to run while the node serves.
+def sweep(storage: StorageConfig, spool: Spool, now: float | None = None, outboxes: Sequence[Path] = ()) -> RetentionSummary:
+    """Apply ``storage.retention_days_*`` to the spool and to ``outboxes`` (:func:`outbox_folders`); safe while serving.
 
     ``now`` (epoch seconds) is injectable so tests and audits can ask "what would go at time T".
     A job is marked purged only when all its files are gone, so a failed deletion is retried.
@@ -123,7 +152,11 @@ def sweep(storage: StorageConfig, spool: Spool, now: float | None = None) -> Ret
         summary.quarantine_removed = _remove_old_files(
             spool.quarantine_dir, now - storage.retention_days_failed * DAY, summary)
     summary.incoming_removed = _remove_old_files(spool.incoming, now - INCOMING_STALE_SECONDS, summary)
-    if summary.total_jobs or summary.quarantine_removed or summary.incoming_removed or summary.errors:
+    if storage.retention_days_delivered is not None:
+        for folder in outboxes:
+            summary.outbox_removed += _remove_old_files(folder, now - storage.retention_days_delivered * DAY, summary,
+                                                        only=_is_outbox_file)
+    if summary.total_jobs or summary.quarantine_removed or summary.incoming_removed or summary.outbox_removed or summary.errors:
         log.info("%s", summary)
     for error in summary.errors[:10]:
         log.warning("retention could not remove %s", error)

@@ -487,7 +487,7 @@ class Server:
         assert self.spool is not None
         while not self._stop.is_set():
             try:
-                retention.sweep(self.config.storage, self.spool)
+                retention.sweep(self.config.storage, self.spool, outboxes=retention.outbox_folders(self.config))
             except Exception:
                 log.exception("retention sweep failed; retrying at the next interval")
             self._stop.wait(self.options.retention_interval_seconds)

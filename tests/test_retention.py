@@ -161,3 +161,44 @@ def test_running_server_applies_retention(tmp_path: Path) -> None:
         assert len(list((tmp_path / "out").glob("*.dcm"))) == 2  # what was delivered stays delivered
     finally:
         server.stop(timeout=10)
+
+
+def test_folder_destination_files_are_private_and_swept_when_inside_the_root(tmp_path: Path, spool: Spool) -> None:
+    """A folder destination writes 0600 by default; retention sweeps it only inside storage.root or when told to."""
+    import stat
+
+    from dicomnode.config import parse_config
+    from dicomnode.destinations.folder import FolderDestination
+    from dicomnode.retention import outbox_folders
+
+    from reliability import node_config
+
+    source = tmp_path / "src.dcm"
+    ct_dataset("retention", "outbox", 0).save_as(source, enforce_file_format=True)
+    inside, share, opted = spool.root / "outbox", tmp_path / "share", tmp_path / "opted"
+    config = parse_config(node_config(spool.root, 11112, {
+        "inside": {"folder": str(inside)}, "share": {"folder": str(share)},
+        "opted": {"folder": str(opted), "swept_by_retention": True, "file_mode": "0640"},
+        "kept": {"folder": str(spool.root / "kept"), "swept_by_retention": False}}), tmp_path)
+    assert outbox_folders(config) == [inside.resolve(), opted.resolve()]
+    destinations = {name: FolderDestination.from_settings(name, settings, "NODE") for name, settings in config.destinations.items()}
+    written = {}
+    for name, dest in destinations.items():
+        (outcome,) = dest.send([source])
+        assert outcome.ok, outcome
+        (written[name],) = dest.folder.glob("*.dcm")
+    assert {n: stat.S_IMODE(p.stat().st_mode) for n, p in written.items()} == {
+        "inside": 0o600, "share": 0o600, "opted": 0o640, "kept": 0o600}
+    partial = inside / ".1.2.3.dcm.0123abcd.part"
+    partial.write_bytes(b"half")
+    unrelated = inside / "notes.txt"
+    unrelated.write_text("not ours")
+    now = time.time()
+    for path in (*written.values(), partial, unrelated):
+        os.utime(path, (now - 8 * DAY, now - 8 * DAY))
+
+    summary = sweep(_config(), spool, now, outboxes=outbox_folders(config))
+    assert summary.outbox_removed == 3 and "3 delivered files removed from folder destinations" in str(summary)
+    assert not written["inside"].exists() and not written["opted"].exists() and not partial.exists()
+    assert written["share"].exists() and written["kept"].exists() and unrelated.exists()
+    assert sweep(_config(delivered=None), spool, now + 1000 * DAY, outboxes=[share]).outbox_removed == 0

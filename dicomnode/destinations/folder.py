@@ -4,6 +4,11 @@ Each file is written as ``SOPInstanceUID.dcm`` durably (temporary name, fsync, r
 a reader watching the folder never sees a partial file, and a retry overwrites the same name instead
 of duplicating the instance. Files are private to the service user (0600) unless ``file_mode`` says
 otherwise (e.g. ``"0640"`` for a group that reads the share).
+
+Retention (:mod:`dicomnode.retention`) deletes the folder's ``*.dcm`` files older than
+``storage.retention_days_delivered`` when the folder is inside ``storage.root`` or when
+``swept_by_retention: true`` says so; a folder elsewhere (a share another system empties) is left alone
+unless configured (``swept_by_retention: false`` keeps even a folder inside the root).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ class FolderSettings(DestinationSettings):
     type: Literal["folder"] = "folder"
     folder: ConfigPath
     file_mode: str = "0600"
+    swept_by_retention: bool | None = None  # None: swept when the folder is inside storage.root
 
     @field_validator("file_mode")
     @classmethod
