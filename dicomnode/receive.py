@@ -193,7 +193,9 @@ class Receiver:
 
     def _on_rejected(self, event: evt.Event) -> None:
         req = event.assoc.requestor
-        log.warning("association rejected: calling AE %r from %s", req.ae_title, req.address)
+        log.warning("association from %s rejected: %s", req.address, rejection_reason(
+            self.settings, str(req.ae_title).strip(), str(getattr(req.primitive, "called_ae_title", "") or "").strip(),
+            len([a for a in self.ae.active_associations if a.is_acceptor])))
 
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
@@ -279,6 +281,20 @@ class Receiver:
             return False
 
 
+def rejection_reason(settings: NodeSettings, calling: str, called: str, active: int = 0) -> str:
+    """Why an association was rejected, in the order pynetdicom checks: the called AE title (ours), the calling
+    AE title (``node.allowed_calling_aets``), then the association limit."""
+    reasons = []
+    if settings.require_called_aet and called != settings.ae_title.strip():
+        reasons.append(f"called AE {called!r} is not ours ({settings.ae_title!r}; node.require_called_aet)")
+    if settings.allowed_calling_aets and calling not in [a.strip() for a in settings.allowed_calling_aets]:
+        reasons.append(f"calling AE {calling!r} is not in node.allowed_calling_aets")
+    if not reasons:
+        reasons.append(f"calling AE {calling!r}, called AE {called!r}: too many associations ({active} open) "
+                       "or a negotiation the node does not support")
+    return "; ".join(reasons)
+
+
 def echo(host: str, port: int, ae_title: str, calling_ae_title: str = "ECHOSCU", timeout: float = 10.0) -> bool:
     """C-ECHO a peer; True when it answers Success (used by status checks and tests)."""
     ae = AE(ae_title=calling_ae_title)
@@ -294,4 +310,4 @@ def echo(host: str, port: int, ae_title: str, calling_ae_title: str = "ECHOSCU",
         assoc.release()
 
 
-__all__: Sequence[str] = ("DiskGuard", "Receiver", "echo", "read_uids", "transfer_syntaxes")
+__all__: Sequence[str] = ("DiskGuard", "Receiver", "echo", "read_uids", "rejection_reason", "transfer_syntaxes")

@@ -9,16 +9,20 @@ import pytest
 
 
 @pytest.mark.slow
-def test_demo_writes_its_page(tmp_path: Path) -> None:
-    from dicomnode.demo import run_demo
+def test_demo_writes_its_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dicomnode.tools.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", timeout=300, show_progress=False)
+    monkeypatch.chdir(tmp_path)  # `dicomnode demo --out demo/`: a relative --out is relative to the working directory
+    result = run_demo(Path("demo/"), timeout=300, show_progress=False)
     page = result.page.read_text()
     assert result.page == tmp_path / "demo" / "index.html"
+    assert result.seconds < 120
     by_key = {i.sample.key: i for i in result.items}
     assert {"fundus", "ccm", "ct", "mr"} <= set(by_key)
     enhanced = [i for i in result.items if i.output is not None]
-    assert {i.sample.key for i in enhanced} == {"fundus", "ccm"} and len(enhanced) == 3
+    assert {"ccm"} <= {i.sample.key for i in enhanced}
+    fundus = by_key["fundus"]  # enhanced, or held back by the quality gate with that reason on the page
+    assert fundus.output is not None or "quality gate" in fundus.note
     for item in enhanced:
         ds = pydicom.dcmread(item.output)
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" and "guidance g-" in ds.DerivationDescription

@@ -354,7 +354,7 @@ def run_demo(out: Path, *, config_path: Path | None = None, timeout: float = 600
             states = _wait(server, len(samples), expected, results, timeout, lambda n: None)
         finally:
             server.stop()
-        items = _collect(samples, results, out)
+        items = _collect(samples, results, out, states)
         page = write_page(out, items, failed_models, states, time.perf_counter() - t0)
         bar.update(1)
     finally:
@@ -364,7 +364,7 @@ def run_demo(out: Path, *, config_path: Path | None = None, timeout: float = 600
     return DemoResult(page, items, time.perf_counter() - t0, {by_series.get(k, k): v for k, v in states.items()})
 
 
-def _collect(samples: Sequence[Sample], results: Path, out: Path) -> list[DemoItem]:
+def _collect(samples: Sequence[Sample], results: Path, out: Path, states: dict[str, str] | None = None) -> list[DemoItem]:
     outputs: dict[str, Path] = {}
     for p in sorted(results.glob("*.dcm")) if results.is_dir() else []:
         ds = pydicom.dcmread(p, stop_before_pixels=True)
@@ -380,8 +380,13 @@ def _collect(samples: Sequence[Sample], results: Path, out: Path) -> list[DemoIt
             item.metrics_before = image_metrics(before)
             produced = outputs.get(str(ds.SOPInstanceUID))
             if produced is None:
-                item.note = "no rule of the configuration matches this series: left alone" if not s.expect_enhanced \
-                    else "expected an enhanced image but none arrived (see the node log)"
+                state = (states or {}).get(s.series_uid)
+                if not s.expect_enhanced:
+                    item.note = "no rule of the configuration matches this series: left alone"
+                elif state == JobState.GATED:
+                    item.note = "enhanced, but held back by the quality gate (the node log and `dicomnode jobs show` say why)"
+                else:
+                    item.note = f"expected an enhanced image but none arrived (job {state or 'not found'}; see the node log)"
             else:
                 item.output = produced
                 after = _frame(produced)
