@@ -102,7 +102,7 @@ def status_json(node: NodeProcess) -> dict:
     """What `dicomnode status --json` prints, read in-process (the CLI costs seconds per call here)."""
     spool = Spool(node.config["storage"]["root"])
     try:
-        return json.loads(json.dumps(collect_status(spool)))
+        return json.loads(json.dumps(collect_status(spool.ledger)))
     finally:
         spool.close()
 
