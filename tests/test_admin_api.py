@@ -222,3 +222,21 @@ def test_non_loopback_reads_need_the_token(tmp_path: Path) -> None:
 
 def test_admin_port_is_loopback_by_default() -> None:
     assert load_config(None).admin.host == "127.0.0.1"
+
+
+def test_progress_of_long_jobs_is_logged_and_shown(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from dicomnode.observe import ProgressBoard
+
+    board = ProgressBoard(log_every=0.0)
+    board.start(7, "1.2.3", frames_total=40, instances_total=2)
+    with caplog.at_level(logging.INFO, logger="dicomnode.observe"):
+        board.frames(7, 8)
+        board.frames(7, 12)
+        board.instances(7)
+    assert board.get(7) == {**board.get(7), "frames_done": 20, "frames_total": 40, "instances_done": 1, "percent": 50.0}
+    assert "job 7 series 1.2.3: 20 of 40 frames enhanced, 0 of 2 instances done" in caplog.text
+    assert list(board.snapshot()) == [7]
+    board.finish(7)
+    assert board.get(7) is None and board.snapshot() == {}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -139,10 +138,11 @@ def _chromium() -> Any:
 
 @pytest.mark.slow
 def test_web_page_in_chromium(node_with_admin: Any, tmp_path: Path) -> None:
-    from dicomnode.tools.demo import send
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
+
+    from dicomnode.tools.demo import send
 
     server, admin = node_with_admin
     files = ct_series(tmp_path / "in", 3)
