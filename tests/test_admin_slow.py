@@ -201,3 +201,28 @@ def test_web_page_in_chromium(node_with_admin: Any, tmp_path: Path) -> None:
     finally:
         browser.quit()
     assert (ARTIFACTS / "admin-dashboard.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_sighup_reloads_the_config(tmp_path: Path) -> None:
+    import signal
+
+    config = node_config(tmp_path / "var", free_port(), {"out": {"folder": str(tmp_path / "out")}},
+                         extra={"admin": {"enabled": False}})
+    with NodeProcess(tmp_path / "node", config) as node:
+        assert node.proc is not None
+        data = yaml.safe_load(node.config_path.read_text())
+        data["rules"][0]["name"] = "ct-renamed"
+        data["models"]["clahe"]["kind"] = "clahey"  # invalid first: nothing changes, the log says why
+        node.config_path.write_text(yaml.safe_dump(data))
+        node.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "config not reloaded, nothing changed" in node.stderr(), 30, what="the refusal")
+        assert "models.clahe.kind" in node.stderr()
+        data["models"]["clahe"]["kind"] = "clahe"
+        node.config_path.write_text(yaml.safe_dump(data))
+        node.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "config reloaded from" in node.stderr(), 30, what="the reload")
+        sent = dcmsend(node.port, ct_series(tmp_path / "in", 2))
+        assert sent.returncode == 0, sent.stderr
+        wait_until(lambda: "rule 'ct-renamed'" in node.stderr(), 60, what="a series routed by the reloaded rule")
+        assert node.alive()
