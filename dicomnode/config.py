@@ -48,6 +48,7 @@ __all__ = [
     "DestinationConfig",
     "DicomSettings",
     "DispatchPolicy",
+    "ExecutorConfig",
     "FolderSettings",
     "LoggingConfig",
     "MatchValue",
@@ -390,6 +391,7 @@ class NodeConfig(StrictModel):
     dispatch: DispatchPolicy = Field(default_factory=dict)  # type: ignore[arg-type]
     logging: LoggingConfig = Field(default_factory=dict)  # type: ignore[arg-type]
     admin: AdminConfig = Field(default_factory=dict)  # type: ignore[arg-type]
+    executor: ExecutorConfig = Field(default_factory=dict)  # type: ignore[arg-type]
 
     @property
     def config_hash(self) -> str:

@@ -24,7 +24,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicomnode.imaging import PixelDecodeError, iter_frames, pixel_info
-from models.registry import Enhancer
+from models.registry import Enhancer, EnhancerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ class _Run:
         started = time.perf_counter()
         try:
             outputs: list[np.ndarray | None] = list(self._run_model([p[2] for p in batch]))
+        except EnhancerUnavailable:  # no fault of these frames: the caller retries the series later
+            raise
         except Exception as exc:
             log.warning("model failed on a batch of %d frames (%s); retrying frame by frame", len(batch), exc)
             outputs = []
@@ -160,6 +162,8 @@ class _Run:
                     continue
                 try:
                     outputs.append(self._run_model([frame])[0])
+                except EnhancerUnavailable:
+                    raise
                 except Exception as single:
                     outputs.append(None)
                     self._fail(inst, f"model {self.enhancer.info.name}: {_describe(single)}")
@@ -214,7 +218,8 @@ def enhance_instances(
     :class:`~dicomnode.imaging.PixelDecodeError` (e.g. over the decode budget); ``measure(source, output,
     index, nframes)`` is called for every enhanced frame while its source frame is still at hand (the
     quality gate's figures, in ``checks``); ``timings`` accumulates seconds per stage (read, decode,
-    model, gate). Never raises for a bad instance.
+    model, gate). Never raises for a bad instance; raises :class:`~models.registry.EnhancerUnavailable` when the
+    enhancer cannot run at all (a remote executor without live workers), so that the series is retried whole.
     """
     run = _Run(enhancer, batch_size, timings if timings is not None else {}, admit, measure)
     for path in sources:

@@ -46,6 +46,7 @@ from dicomnode.config import ConfigError, NodeConfig
 from dicomnode.destinations import Destination, build_destination
 from dicomnode.dispatch import Dispatcher
 from dicomnode.domain import SeriesOutcome
+from dicomnode.executor import load_models
 from dicomnode.ledger import JobRecord, JobState
 from dicomnode.netconfig import configure
 from dicomnode.observe import ObservedDestination, Observer, ProgressBoard
@@ -54,6 +55,7 @@ from dicomnode.receive import Receiver
 from dicomnode.resident import ResidentModels
 from dicomnode.route import decide, routing_keywords
 from dicomnode.spool import Spool, SpoolError
+from models.registry import EnhancerUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +151,7 @@ class Server:
             f"; removed {stale} unacknowledged partial files" if stale else "",
         )
         if self.models is None:
-            self.models = ResidentModels.load(cfg)
+            self.models = load_models(cfg)
         for rule in cfg.rules:
             if rule.model is not None and rule.model in self.models.failures:
                 log.error("rule %r cannot run: %s", rule.name, self.models.failures[rule.model])
@@ -327,7 +329,7 @@ class Server:
             plan = reconfig.plan(self.config, new)
             cfg = plan.config
             assert self.models is not None and self._destinations is not None and self._dispatcher is not None
-            fresh = ResidentModels.load(cfg, only=plan.load_models) if plan.load_models else ResidentModels({}, {})
+            fresh = load_models(cfg, only=plan.load_models) if plan.load_models else ResidentModels({}, {})
             if fresh.failures:
                 raise ConfigError([(f"models.{name}", reason) for name, reason in fresh.failures.items()],
                                   source=str(path or self.config_path or "embedded default"))
@@ -399,6 +401,10 @@ class Server:
             except Exception as exc:  # one bad job must not stop the worker
                 if isinstance(exc, StorageFull) or out_of_space(exc) is not None:
                     self._defer(job, exc)
+                elif isinstance(exc, EnhancerUnavailable):  # no live executor worker: the series waits, whole
+                    delay = self.config.executor.retry_seconds
+                    self.spool.ledger.defer_job(job.id, f"waiting for the executor: {exc}"[:2000], delay)
+                    log.error("job %d series %s: %s; retrying in %.0f s", job.id, job.series_uid, exc, delay)
                 else:
                     log.exception("job %d failed", job.id)
                     self.spool.ledger.set_job_state(job.id, JobState.FAILED, error=f"{exc.__class__.__name__}: {exc}"[:2000])

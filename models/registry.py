@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 __all__ = [
     "Enhancer",
+    "EnhancerUnavailable",
     "MODELS",
     "ModelCard",
     "ModelInfo",
@@ -46,6 +47,13 @@ __all__ = [
 
 class ModelLoadError(RuntimeError):
     """A model cannot be built: unknown kind, missing/corrupt weights, bad model card."""
+
+
+class EnhancerUnavailable(RuntimeError):
+    """The enhancer cannot run now (e.g. its remote executor has no live worker): no fault of the input.
+
+    Callers do not fail the images for it: the series is retried later as a whole.
+    """
 
 
 # CID 7203 (image derivation) code names; no AI-specific code exists in that group.

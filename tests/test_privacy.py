@@ -82,7 +82,7 @@ def test_no_phi_in_logs_and_owner_only_files(tmp_path: Path) -> None:
             p = PATIENTS[0]
             mismatch = ct_dataset("phi-bad", "s1", 0, patient=p)
             mismatch.SOPClassUID = MRImageStorage
-            big = ct_dataset("phi-bad", "big", 0, patient=p, rows=512, cols=512)
+            big = ct_dataset("phi-bad", "big", 0, patient=p, rows=320, cols=320)  # just over the limit: refused 0xA700 (far over aborts the association)
             truncated = ct_dataset("phi-bad", "trunc", 0, patient=p)
             statuses = send_raw(node.port, [raw_object(mismatch), raw_object(big),
                                             raw_object(truncated, encoded_body(truncated)[:400])], tmp_path / "raw")
