@@ -3,7 +3,8 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?=
-APT_PACKAGES := dcmtk dicom3tools
+# orthanc + orthanc-dicomweb: the PACS of the compose topology test (tests/test_orthanc.py), without containers.
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
 # prometheus, chromium + chromium-driver: the admin surface's tests (a real Prometheus scrape, the page in a browser).
 ADMIN_APT_PACKAGES := prometheus chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -14,7 +15,8 @@ setup: system-deps $(VENV)/.installed
 
 # dcmtk (dcmsend, storescp, dcmdump, dcmj2pnm) and dicom3tools (dciodvfy) are the real DICOM peers of the tests.
 system-deps:
-	@command -v dcmsend >/dev/null && command -v dciodvfy >/dev/null || \
+	@command -v dcmsend >/dev/null && command -v dciodvfy >/dev/null && command -v Orthanc >/dev/null \
+	  && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES); }
 	@command -v prometheus >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 	  { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(ADMIN_APT_PACKAGES); }

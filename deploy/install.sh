@@ -91,7 +91,7 @@ dicomnode=$venv/bin/dicomnode
 say "installed $("$dicomnode" --version) into $venv"
 mkdir -p "$PREFIX/doc"
 for doc in operations.md configuration.md scaling.md security.md; do
-    [ -f "$repo/docs/$doc" ] && cp "$repo/docs/$doc" "$PREFIX/doc/"
+    if [ -f "$repo/docs/$doc" ]; then cp "$repo/docs/$doc" "$PREFIX/doc/"; fi
 done
 
 # 2. the service user (only on the real root, as root)
