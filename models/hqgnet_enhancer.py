@@ -13,7 +13,9 @@ into provenance and the derived UIDs):
 * ``max_side``: the working resolution's longer side (default: the card's);
 * ``color_mode``: ``full`` (the model's colours) or ``luminance`` (the model's lightness with the
   input's chroma, so hue and saturation cannot shift); default the card's ``color_mode`` or ``full``;
-* ``fov``: keep the black surround of fundus/endoscopy frames untouched (default: as trained).
+* ``fov``: keep the black surround of fundus/endoscopy frames untouched (default: as trained);
+* ``field_smoothing``: low-pass the affine fields (Gaussian sigma as a fraction of the working side), so
+  the model corrects illumination and colour without modulating fine structure (default: the card's, else 0).
 
 Channel mismatch is resolved rather than refused: a gray model enhances the intensity of an RGB
 frame and keeps its hue; an RGB model given a gray frame sees it in three channels and returns the
@@ -40,7 +42,7 @@ from models.registry import Enhancer, ModelCard, ModelInfo, ModelLoadError, read
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("batch_size", "max_side", "color_mode", "fov")
+OPTIONS = ("batch_size", "max_side", "color_mode", "fov", "field_smoothing")
 COLOR_MODES = ("full", "luminance")
 LARGE_FRAME = 4_000_000  # pixels: such frames go through the model one at a time
 GUIDANCE_CROPS = 4
@@ -50,7 +52,7 @@ class HQGNetEnhancer(Enhancer):
     uses_guidance = True
 
     def __init__(self, net: HQGNet, card: ModelCard, device: str, *, batch_size: int, max_side: int | None,
-                 color_mode: str, fov: bool):
+                 color_mode: str, fov: bool, field_smoothing: float = 0.0):
         self.net = net
         self.card = card
         self.device = device
@@ -58,6 +60,7 @@ class HQGNetEnhancer(Enhancer):
         self.max_side = max_side
         self.color_mode = color_mode
         self.fov = fov
+        self.field_smoothing = field_smoothing
         self.channels = int(net.cfg.channels)
         self.size = int(card.size or 256)
         self.guidance_dim = int(net.cfg.guidance_dim)
@@ -66,7 +69,8 @@ class HQGNetEnhancer(Enhancer):
             self.net = self.net.to(memory_format=torch.channels_last)
             self._dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # what decides the pixels (the device too: CUDA runs in bf16/fp16), named in provenance and derived UIDs
-        pixel_options = {"max_side": max_side, "color_mode": color_mode, "fov": fov, "device": torch.device(device).type}
+        pixel_options = {"max_side": max_side, "color_mode": color_mode, "fov": fov, "field_smoothing": field_smoothing,
+                         "device": torch.device(device).type}
         self.info = ModelInfo(kind=card.kind, name=card.name or "HQG-Net", version=f"{card.version} ({net.cfg.name})",
                               weights_sha256=card.weights_sha256, card=card, options=pixel_options)
 
@@ -148,7 +152,7 @@ class HQGNetEnhancer(Enhancer):
 
     def _run(self, x: torch.Tensor, v_z: torch.Tensor) -> torch.Tensor:
         if self.net.cfg.head == "affine":
-            return apply_fields(x, self.net.correction(x, v_z, max_side=self.max_side))
+            return apply_fields(x, self.net.correction(x, v_z, max_side=self.max_side, smooth=self.field_smoothing))
         if self.max_side is not None and max(x.shape[-2:]) > self.max_side:
             # image head: enhance the working-resolution copy, carry its output/input ratio back
             scale = self.max_side / max(x.shape[-2:])
@@ -224,7 +228,13 @@ def _option(options: Mapping[str, Any], card: ModelCard, device: torch.device) -
     fov = options.get("fov", card.extra.get("fov", False))
     if not isinstance(fov, bool):
         raise ModelLoadError(f"hqgnet option fov must be true or false, got {fov!r}")
-    return {"batch_size": batch_size, "max_side": max_side, "color_mode": color_mode, "fov": fov}
+    try:
+        smoothing = float(options.get("field_smoothing", card.extra.get("field_smoothing", 0.0)))
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"hqgnet option field_smoothing must be a number: {exc}") from exc
+    if not 0.0 <= smoothing <= 0.5:
+        raise ModelLoadError(f"hqgnet option field_smoothing must be in [0, 0.5] (a fraction of the working side), got {smoothing}")
+    return {"batch_size": batch_size, "max_side": max_side, "color_mode": color_mode, "fov": fov, "field_smoothing": smoothing}
 
 
 def build(*, weights: Path | None, device: str, options: Mapping[str, Any]) -> HQGNetEnhancer:

@@ -249,6 +249,7 @@ def _val_pairs(root: Path, modality: str, channels: int) -> tuple[list[np.ndarra
 
 
 def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | None = None, color_mode: str = "full",
+           field_smoothing: float = 0.0,
            haar_weight: float = 1000.0, haar_since: int = 0) -> Path:
     """Weights (fp16) + card from a training checkpoint, and one guidance cache per modality from the training HQ images."""
     import torch
@@ -270,7 +271,7 @@ def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | Non
     card = {
         "kind": "hqgnet", "name": "HQG-Net", "version": "2.0.0", "config": cfg.to_dict(), "channels": cfg.channels,
         "size": 192, "working_max_side": int(manifest["max_side"]), "fov": bool(manifest.get("fov", False)),
-        "color_mode": color_mode, "for": DISPLAY[target],
+        "color_mode": color_mode, "field_smoothing": field_smoothing, "for": DISPLAY[target],
         "training_data": {"source": "shared/data/train (SOURCES.md), validation split held out",
                           "counts": json.loads((root / "counts.json").read_text())},
         "g": {"iterations": g_card.extra.get("iterations"), "probe": g_card.extra.get("probe"),
@@ -365,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights-dir", type=Path, default=REPO / "models" / "weights")
     parser.add_argument("--checkpoint", type=Path, default=None, help="export: this checkpoint instead of the last")
     parser.add_argument("--color-mode", choices=("full", "luminance"), default="full", help="export: the card's default output mode")
+    parser.add_argument("--field-smoothing", type=float, default=0.05,
+                        help="export: the card's default field smoothing (Gaussian sigma / working side; 0 = none)")
     parser.add_argument("--target", choices=tuple(TARGETS), required=True)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
@@ -387,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
               device=args.device, seed=args.seed, haar_weight=args.haar_weight)
     if args.stage in ("export", "all"):
         export(args.target, args.work, args.weights_dir, checkpoint=args.checkpoint, color_mode=args.color_mode,
+               field_smoothing=args.field_smoothing,
                haar_weight=args.haar_weight, haar_since=args.haar_since)
     if args.stage in ("validate", "all"):
         validate(args.target, args.work, args.weights_dir / f"hqgnet-{args.target}.pt", args.work / args.target / "validation")

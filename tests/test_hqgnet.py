@@ -276,3 +276,23 @@ def test_models_info_prints_parts(capsys):
     assert "M params" in lines[-1] and "G MACs" in lines[-1]
     assert main(["models", "info", "hqgnet", "--size", "384"]) == 0
     assert "published" in capsys.readouterr().out
+
+
+def test_field_smoothing_low_passes_the_correction_and_names_itself() -> None:
+    """Smoothed fields vary less from pixel to pixel; the option is a pixel option (it reaches the derived UIDs)."""
+    import torch
+
+    from models.hqgnet import HQGNet, HQGNetConfig
+
+    torch.manual_seed(0)
+    net = HQGNet(HQGNetConfig(name="lite", channels=1, head="affine")).eval()
+    with torch.no_grad():
+        net.gen.out.weight.normal_(0, 0.05)  # a non-identity head, so the fields have structure to smooth
+        x = torch.rand(1, 1, 96, 128)
+        v = torch.randn(1, net.cfg.guidance_dim)
+        raw = net.correction(x, v)
+        smooth = net.correction(x, v, smooth=0.1)
+    assert raw.shape == smooth.shape
+    roughness = lambda f: (f[..., 1:, :] - f[..., :-1, :]).abs().mean()  # noqa: E731
+    assert roughness(smooth) < 0.5 * roughness(raw)
+    assert torch.allclose(raw.mean(), smooth.mean(), atol=0.02)  # the overall correction is kept
