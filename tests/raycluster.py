@@ -2,7 +2,7 @@
 
 Both are ``ray start --block`` processes in their own sessions, so stopping them ends everything they started
 (their process groups, killed by id). Small settings: one CPU and 100 MB of object store per node, no dashboard,
-no usage reporting, a private temp dir.
+no usage reporting, a private temp dir, workers at normal priority.
 
 Ray replaces 127.0.0.1 in ``--address``/``--node-ip-address`` with the address other machines would reach this
 one at (the route toward a public DNS server; nothing is sent). On a real cluster that is what one wants; here
@@ -48,7 +48,11 @@ class RayCluster:
         self.address = f"127.0.0.1:{self.port}"
         self.temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
         self.procs: list[subprocess.Popen] = []
-        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+        # The nodes must not see the driver's switch (DRIVER_ENV): `ray start` refuses to join a worker with it.
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+        # Ray runs its workers at nice 15 (the raylet first); on a machine shared with other work that starves the
+        # actors behind everything else, so the test cluster runs them at the node's own priority.
+        self.env = {**env, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1", "RAY_worker_niceness": "0"}
 
     def _start(self, args: list[str], log: str) -> None:
         common = ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus}", "--num-gpus=0",
@@ -59,16 +63,20 @@ class RayCluster:
 
     def alive_nodes(self) -> int:
         out = subprocess.run([str(RAY), "status", f"--address={self.address}"], capture_output=True, text=True,
-                             env={**self.env, **DRIVER_ENV}, timeout=60).stdout
+                             env={**self.env, **DRIVER_ENV}, timeout=60).stdout  # a driver: stays on loopback
         active = out.split("Active:", 1)[1].split("Pending:", 1)[0] if "Active:" in out else ""
         return sum(1 for line in active.splitlines() if "node_" in line)
 
     def start(self, timeout: float = 120) -> RayCluster:
-        self._start(["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp}"], "head.log")
-        self._wait(1, timeout)
-        for i in range(self.workers):
-            self._start([f"--address={self.address}"], f"worker{i}.log")
-        self._wait(1 + self.workers, timeout)
+        try:
+            self._start(["--head", f"--port={self.port}", "--include-dashboard=false", f"--temp-dir={self.temp}"], "head.log")
+            self._wait(1, timeout)
+            for i in range(self.workers):
+                self._start([f"--address={self.address}"], f"worker{i}.log")
+            self._wait(1 + self.workers, timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def _wait(self, nodes: int, timeout: float) -> None:
