@@ -10,6 +10,7 @@ default they read it from the schema, which defines every default once.
 from __future__ import annotations
 
 import getpass
+import importlib.util
 import re
 import socket
 import ssl
@@ -278,6 +279,8 @@ def environment_problems(config: Any) -> list[tuple[str, str]]:
     problems += _writable("storage.root", Path(config.storage.root), folder=True)
     if config.logging.file is not None:
         problems += _writable("logging.file", Path(config.logging.file), folder=False)
+    if getattr(getattr(config, "executor", None), "kind", "local") == "ray" and importlib.util.find_spec("ray") is None:
+        problems.append(("executor.kind", "ray needs the Ray package on this node: pip install 'dicomnode[ray]'"))
     return problems
 
 

@@ -5,8 +5,8 @@ the file completely first (schema, cross-section checks, the files it names, eac
 model card): a file with any problem raises :class:`ConfigError` listing every key and reason, and the node
 keeps running on its current config untouched. :func:`plan` compares the running config with the new one:
 rules, destinations, models, dispatch, derive, unmatched, retention and logging settings apply live; what the
-listening socket, the spool or the admin port were built from (``node``, ``storage.root``, ``admin``) takes
-effect at the next start, and the plan names those keys.
+listening socket, the spool, the admin port or the executor were built from (``node``, ``storage.root``,
+``admin``, ``executor``) takes effect at the next start, and the plan names those keys.
 """
 
 from __future__ import annotations
@@ -76,10 +76,11 @@ def _differences(old: Any, new: Any, prefix: str) -> list[str]:
 def plan(old: NodeConfig, new: NodeConfig) -> ReloadPlan:
     """Compare the running config with a checked new one (see the module docstring for what applies live)."""
     restart = _differences(old.node, new.node, "node") + _differences(old.admin, new.admin, "admin")
+    restart += _differences(old.executor, new.executor, "executor")  # the Ray connection and actors are made at start
     if Path(old.storage.root) != Path(new.storage.root):
         restart.append("storage.root")
     applied = new.model_copy(update={
-        "node": old.node, "admin": old.admin, "storage": new.storage.model_copy(update={"root": old.storage.root})})
+        "node": old.node, "admin": old.admin, "executor": old.executor, "storage": new.storage.model_copy(update={"root": old.storage.root})})
     result = ReloadPlan(applied, restart_required=restart)
     for name, model in new.models.items():
         if name not in old.models or _dump(old.models[name]) != _dump(model):

@@ -82,6 +82,48 @@ def test_a_job_whose_executor_is_away_waits_and_runs_again_whole(tmp_path: Path)
         server.stop()
 
 
+def _config(tmp_path: Path, **executor) -> object:
+    return parse_config({"storage": {"root": str(tmp_path / "var")}, "destinations": {"out": {"folder": str(tmp_path / "out")}},
+                         "models": {"hqgnet-color": SHIPPED},
+                         "rules": [{"name": "op", "match": {"Modality": "OP"}, "model": "hqgnet-color", "destinations": ["out"]}],
+                         "executor": executor}, tmp_path)
+
+
+def test_executor_config_defaults_to_local_and_ray_changes_wait_for_a_restart(tmp_path: Path) -> None:
+    from dicomnode import reconfig
+
+    local = _config(tmp_path)
+    assert local.executor.kind == "local" and local.executor.actors == 1
+    ray_cfg = _config(tmp_path, kind="ray", address="127.0.0.1:6379", actors=2, num_gpus=1)
+    plan = reconfig.plan(local, ray_cfg)
+    assert {"executor.kind", "executor.address", "executor.actors", "executor.num_gpus"} <= set(plan.restart_required)
+    assert plan.config.executor.kind == "local"  # the running node keeps its executor until restarted
+    with pytest.raises(Exception, match="executor.actors"):
+        _config(tmp_path, kind="ray", actors=0)
+
+
+def test_without_ray_the_models_fail_with_the_reason_and_check_config_says_so(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    from dicomnode import executor
+    from dicomnode.configerrors import environment_problems
+    from models.registry import ModelLoadError
+
+    cfg = _config(tmp_path, kind="ray")
+
+    def no_ray():
+        raise ModelLoadError("executor.kind is ray but Ray is not installed (test); pip install 'dicomnode[ray]'")
+
+    monkeypatch.setattr(executor, "_ray", no_ray)
+    models = executor.load_models(cfg)
+    assert not models.models and "Ray is not installed" in models.failures["hqgnet-color"]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    assert ("executor.kind", "ray needs the Ray package on this node: pip install 'dicomnode[ray]'") in environment_problems(cfg)
+    assert executor.portable_weights(cfg.models["hqgnet-color"].weights) == "builtin:hqgnet-color.pt"
+    assert executor.portable_weights(tmp_path / "x.pt") == str(tmp_path / "x.pt")
+
+
 # --------------------------------------------------------------------------- a real Ray cluster
 
 
