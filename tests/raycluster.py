@@ -14,6 +14,7 @@ lookup answer 127.0.0.1 too (its only other effect is in ``ray start``, which th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,7 @@ class RayCluster:
                 pass
             proc.wait(10)
         self.procs = []
+        shutil.rmtree(self.temp, ignore_errors=True)  # Ray's session folders and logs
 
     def __enter__(self) -> RayCluster:
         return self.start()
