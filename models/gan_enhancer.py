@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.color import apply_to_intensity, intensity
+from models.padding import fill_batch
 from models.registry import Enhancer, ModelInfo, ModelLoadError, read_card
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ class GANEnhancer(Enhancer):
         for indices in groups.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                batch = torch.from_numpy(np.stack([self._to_model(frames[i]) for i in chunk])).to(self.device)
+                batch = fill_batch(torch.from_numpy(np.stack([self._to_model(frames[i]) for i in chunk])).to(self.device),
+                                   self.batch_size)
                 with self._autocast():
                     out = self._generate(batch)
                 out = out.float().clamp(0, 1).cpu().numpy()
@@ -134,7 +136,7 @@ def _load(
         net.load_state_dict({k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}, strict=True)
     except (RuntimeError, OSError, AttributeError) as exc:
         raise ModelLoadError(f"{weights}: weights do not match the {name} architecture of its card: {exc}") from exc
-    values: dict[str, int | None] = {"batch_size": options.get("batch_size", 4), "max_side": options.get("max_side", card.working_max_side)}
+    values: dict[str, int | None] = {"batch_size": options.get("batch_size", 4 if torch.device(device).type == "cuda" else 1), "max_side": options.get("max_side", card.working_max_side)}
     for key, value in values.items():
         try:
             values[key] = None if value is None and key == "max_side" else int(value)  # type: ignore[arg-type]
@@ -144,7 +146,7 @@ def _load(
             raise ModelLoadError(f"{kind}: option {key}={value!r} {exc}") from exc
     batch_size, max_side = int(values["batch_size"] or 1), values["max_side"]
     info = ModelInfo(kind=kind, name=name, version=card.version, weights_sha256=card.weights_sha256, card=card,
-                     options={"max_side": max_side, "device": torch.device(device).type})
+                     options={"max_side": max_side, "device": torch.device(device).type, "batch_size": batch_size})
     log.info("loaded %s weights sha256 %s on %s (working side %s)", name, str(card.weights_sha256)[:12], device, max_side or "native")
     return GANEnhancer(net, int(config["channels"]), info, device, batch_size=batch_size, amp=bool(options.get("amp", True)),
                        max_side=max_side)

@@ -6,10 +6,11 @@ model's correction (smooth per-pixel gain and offset fields, the affine head) is
 full frame, whose own detail is kept. Guidance images are shown to G the way training did: crops of
 the training size at the working scale, inside the field of view, their embeddings averaged.
 
-Options (``models.NAME.options`` in the node config; all but ``batch_size`` change pixels and so go
-into provenance and the derived UIDs):
+Options (``models.NAME.options`` in the node config; all of them decide pixels and so go into
+provenance and the derived UIDs):
 
-* ``batch_size``: frames per forward pass (default 4 on CPU, 16 on CUDA);
+* ``batch_size``: frames per forward pass (default 1 on CPU, where larger passes measured slower, 16 on
+  CUDA); every pass is filled to this size, so a frame's pixels never depend on its neighbours;
 * ``max_side``: the working resolution's longer side (default: the card's);
 * ``color_mode``: ``full`` (the model's colours) or ``luminance`` (the model's lightness with the
   input's chroma, so hue and saturation cannot shift); default the card's ``color_mode`` or ``full``;
@@ -38,6 +39,7 @@ from models.color import apply_to_intensity, intensity, keep_chroma
 from models.fov import feather, fov_mask, has_surround
 from models.hqgnet import STRIDE, HQGNet, HQGNetConfig, apply_fields, build_hqgnet
 from models.io import fit_square, load_state_dict, resize_long_side
+from models.padding import fill_batch
 from models.registry import Enhancer, ModelCard, ModelInfo, ModelLoadError, read_card
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,9 @@ class HQGNetEnhancer(Enhancer):
             self.net = self.net.to(memory_format=torch.channels_last)
             self._dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         # what decides the pixels (the device too: CUDA runs in bf16/fp16), named in provenance and derived UIDs
+        # and the pass size, which can move the last bit of a pixel (see models.padding.fill_batch)
         pixel_options = {"max_side": max_side, "color_mode": color_mode, "fov": fov, "field_smoothing": field_smoothing,
-                         "device": torch.device(device).type}
+                         "device": torch.device(device).type, "batch_size": batch_size}
         self.info = ModelInfo(kind=card.kind, name=card.name or "HQG-Net", version=f"{card.version} ({net.cfg.name})",
                               weights_sha256=card.weights_sha256, card=card, options=pixel_options)
 
@@ -194,7 +197,8 @@ class HQGNetEnhancer(Enhancer):
                 step = 1 if shape[0] * shape[1] > LARGE_FRAME else self.batch_size
                 for start in range(0, len(idx), step):
                     chunk = idx[start : start + step]
-                    for i, out in zip(chunk, self._array(self._run(self._tensor([views[i] for i in chunk]), v_z)), strict=True):
+                    batch = fill_batch(self._tensor([views[i] for i in chunk]), step)
+                    for i, out in zip(chunk, self._array(self._run(batch, v_z))[: len(chunk)], strict=True):
                         results[i] = out
         final = []
         for img, out in zip(frames, results, strict=True):
@@ -213,7 +217,7 @@ def _option(options: Mapping[str, Any], card: ModelCard, device: torch.device) -
     if unknown:
         raise ModelLoadError(f"unknown hqgnet options: {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
     try:
-        batch_size = int(options.get("batch_size", 16 if device.type == "cuda" else 4))
+        batch_size = int(options.get("batch_size", 16 if device.type == "cuda" else 1))
         max_side = options.get("max_side", card.working_max_side)
         max_side = None if max_side is None else int(max_side)
     except (TypeError, ValueError) as exc:

@@ -24,3 +24,18 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
         return x, (h, w)
     mode = "reflect" if ph < h and pw < w else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode), (h, w)
+
+
+def fill_batch(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Repeat the last frame of (N, C, H, W) until the batch holds ``size`` frames (callers drop the extras).
+
+    CPU and GPU kernels choose their algorithm (and so their summation order) by batch shape: the
+    same frame in a pass of 1 and in a pass of 4 can differ in the last bit, and rounding to 8 bits
+    then flips a pixel. Every forward pass of a model therefore has the same batch size, so a
+    frame's pixels depend only on the frame, the weights and the options, never on its neighbours
+    in a series or on how many frames a request held.
+    """
+    n = x.shape[0]
+    if n >= size:
+        return x
+    return torch.cat([x, x[-1:].expand(size - n, *x.shape[1:])], dim=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,21 @@ def require_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (apt-get install dcmtk dicom3tools; `make test` installs them)")
+
+
+@pytest.fixture(autouse=True)
+def _process_wide_dicom_settings() -> Iterator[None]:
+    """Restore what :func:`dicomnode.netconfig.configure` sets process-wide after each test.
+
+    A node started in-process points ``tempfile.tempdir`` into its spool; a later test's pynetdicom
+    peer (a FakePACS) would otherwise stream objects into that test's deleted folder."""
+    import tempfile
+
+    from pynetdicom import _config
+
+    saved = (tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET)
+    yield
+    tempfile.tempdir, _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET = saved
 
 
 @pytest.fixture

@@ -296,3 +296,21 @@ def test_field_smoothing_low_passes_the_correction_and_names_itself() -> None:
     roughness = lambda f: (f[..., 1:, :] - f[..., :-1, :]).abs().mean()  # noqa: E731
     assert roughness(smooth) < 0.5 * roughness(raw)
     assert torch.allclose(raw.mean(), smooth.mean(), atol=0.02)  # the overall correction is kept
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_frames_pixels_do_not_depend_on_its_neighbours(batch_size: int) -> None:
+    """One frame alone, first of two and last of four gives the same bits (kernels pick algorithms by batch shape;
+    an identical request must give identical pixels and the same derived UIDs)."""
+    from dicomnode import guidance as gd
+    from dicomnode.configtypes import builtin_dir
+    from models.hqgnet_enhancer import build
+
+    enh = build(weights=builtin_dir() / "hqgnet-ccm.pt", device="cpu", options={"batch_size": batch_size})
+    assert enh.info.options["batch_size"] == batch_size
+    vec = gd.load(builtin_dir() / "hqgnet-ccm.guidance-default.json").vector
+    rng = np.random.default_rng(3)
+    frames = [np.clip(rng.normal(0.4, 0.15, (96, 128)), 0, 1).astype(np.float32) for _ in range(4)]
+    alone = enh.enhance(frames[:1], vec)[0]
+    assert np.array_equal(alone, enh.enhance(frames[:2], vec)[0])
+    assert np.array_equal(alone, enh.enhance(frames[1:] + frames[:1], vec)[3])
