@@ -44,8 +44,7 @@ def config(root: Path, kind: str, address: str, actors: int, batch: int):
         "storage": {"root": str(root)},
         "destinations": {"out": {"folder": str(root / "out")}},
         "models": {"hqgnet-color": {"kind": "hqgnet", "weights": "builtin:hqgnet-color.pt", "batch_size": batch,
-                                    "guidance": {"default": "builtin:hqgnet-color.guidance-default.json",
-                                                 "OP": "builtin:hqgnet-color.guidance-OP.json"}}},
+                                    "guidance": {"OP": "builtin:hqgnet-color.guidance-OP.json"}}},
         "rules": [{"name": "fundus", "match": {"Modality": "OP"}, "model": "hqgnet-color", "destinations": ["out"]}],
         "executor": {"kind": kind, "address": address, "actors": actors, "num_cpus": 1},
     }, root)

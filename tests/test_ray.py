@@ -34,7 +34,7 @@ from raycluster import DRIVER_ENV, RayCluster, ray_available
 from reliability import LedgerView, NodeProcess, StoreSCP, dcmsend, node_config, wait_until
 
 SHIPPED = {"kind": "hqgnet", "weights": "builtin:hqgnet-color.pt",
-           "guidance": {"default": "builtin:hqgnet-color.guidance-default.json", "OP": "builtin:hqgnet-color.guidance-OP.json"}}
+           "guidance": {"OP": "builtin:hqgnet-color.guidance-OP.json"}}
 
 
 # --------------------------------------------------------------------------- the node's side, no Ray

@@ -1,5 +1,6 @@
-"""The shipped HQG-Net-lite weights: consistent cards and guidance, loaded by the default config,
-and a series through the running node that comes back enhanced, deterministic and better."""
+"""The shipped HQG-Net-lite weights: consistent cards and guidance, loaded by the default config, HQ
+guidance that changes the output, and a series through the running node that comes back enhanced,
+deterministic and better."""
 
 from __future__ import annotations
 
@@ -13,16 +14,16 @@ import pytest
 from dicomnode import guidance as gd
 from dicomnode.config import parse_config
 from dicomnode.configtypes import builtin_dir
-from dicomnode.resident import ResidentModels
+from dicomnode.resident import ModelUnavailable, ResidentModels
 from dicomnode.tools.demo import demo_config, send
 from models.guidance import GUIDANCE_METHODS
-from models.io import load_image
+from models.io import list_images, load_image, resize_long_side
 from models.registry import read_card
 
 from factories import free_port, image_dataset, write
 
 WEIGHTS = builtin_dir()
-SHIPPED = {"hqgnet-ccm": ("default",), "hqgnet-color": ("default", "OP", "ES", "XC")}
+SHIPPED = {"hqgnet-ccm": ("default",), "hqgnet-color": ("OP", "ES")}
 SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 
 
@@ -33,27 +34,41 @@ def test_cards_weights_and_guidance_are_consistent() -> None:
         card = read_card(weights)  # verifies the sha256
         total += weights.stat().st_size
         assert card.kind == "hqgnet" and card.config["name"] == "lite"
-        shipped = card.extra["shipped"]
-        assert shipped["evaluation"]["table"] and "input" in shipped["evaluation"]["table"]
-        assert shipped["guidance_measurement"]["chosen"] in GUIDANCE_METHODS
-        assert (WEIGHTS / f"{name}.md").is_file()
+        assert card.weights_dtype == "float16"
+        probe = card.extra["g"]["probe"]  # G's embedding, measured on images G was not trained on
+        assert probe["n_images"] > 0 and 0 <= probe["hq_vs_lq_accuracy"] <= 1
+        text = (WEIGHTS / f"{name}.md").read_text()
+        assert "| input |" in text and "holdout" in text.lower(), f"{name}.md must carry its held-out table"
+        caches = {}
         for modality in modalities:
             g = gd.load(WEIGHTS / f"{name}.guidance-{modality}.json")
             gd.check_weights(g, card.weights_sha256, name)
             assert g.modality == modality and g.vector.shape == (card.config["guidance_dim"],)
-            assert shipped["guidance"][modality]["id"] == g.id
+            assert g.method in GUIDANCE_METHODS and g.n_refs == len(g.refs) > 0
+            caches[modality] = g
+        if len(caches) > 1:  # one cache per modality, each from that modality's own HQ images
+            a, b = caches.values()
+            assert not set(a.refs) & set(b.refs), "modality caches must be built from different HQ images"
+            assert not np.allclose(a.vector, b.vector)
+    assert all(r.startswith(("drimdb", "drive", "hrf", "eyepacs")) for r in gd.load(WEIGHTS / "hqgnet-color.guidance-OP.json").refs)
+    assert all(r.startswith(("cvc", "kvasir")) for r in gd.load(WEIGHTS / "hqgnet-color.guidance-ES.json").refs)
     assert total < 50e6, f"shipped weights are {total / 1e6:.1f} MB (limit 50 MB)"
 
 
-def test_default_config_loads_both_models_with_guidance(tmp_path: Path) -> None:
+def test_default_config_routes_and_binds_each_modalitys_guidance(tmp_path: Path) -> None:
     cfg = demo_config(None, tmp_path / "var", tmp_path / "out", free_port())
     resident = ResidentModels.load(cfg)
     assert resident.failures == {}
     assert set(SHIPPED) <= set(resident.models)
-    bound = resident.bind("hqgnet-color", "OP")
-    assert bound.guidance_id == gd.load(WEIGHTS / "hqgnet-color.guidance-OP.json").id
-    assert resident.bind("hqgnet-color", "SM").guidance_id == gd.load(WEIGHTS / "hqgnet-color.guidance-default.json").id
+    assert resident.bind("hqgnet-color", "OP").guidance_id == gd.load(WEIGHTS / "hqgnet-color.guidance-OP.json").id
+    assert resident.bind("hqgnet-color", "ES").guidance_id == gd.load(WEIGHTS / "hqgnet-color.guidance-ES.json").id
+    with pytest.raises(ModelUnavailable, match="no HQ guidance for modality 'SM'"):
+        resident.bind("hqgnet-color", "SM")  # no cache, no default: the job fails with the reason
     assert resident.bind("hqgnet-ccm", "OP").guidance_id == gd.load(WEIGHTS / "hqgnet-ccm.guidance-default.json").id
+    # routing follows the held-out evidence (docs/models.md): CCM to HQG-Net, fundus and endoscopy to CLAHE
+    rules = {r.name: r.model for r in cfg.rules}
+    assert rules["ccm-by-description"] == rules["ccm-by-device"] == "hqgnet-ccm"
+    assert cfg.models[rules["endoscopy"]].kind == cfg.models[rules["fundus-photography"]].kind == "clahe"
 
 
 def test_corrupt_shipped_weights_fail_start_up_clearly(tmp_path: Path) -> None:
@@ -67,13 +82,35 @@ def test_corrupt_shipped_weights_fail_start_up_clearly(tmp_path: Path) -> None:
         "storage": {"root": str(tmp_path / "var")},
         "destinations": {"out": {"folder": str(tmp_path / "out")}},
         "models": {"hqgnet-ccm": {"kind": "hqgnet", "weights": str(bad)},
-                   "hqgnet-color": {"kind": "hqgnet", "weights": str(WEIGHTS / "hqgnet-color.pt")}},
+                   "hqgnet-color": {"kind": "hqgnet", "weights": str(WEIGHTS / "hqgnet-color.pt"),
+                                    "guidance": {"ES": "builtin:hqgnet-color.guidance-ES.json"}}},
         "rules": [{"name": "ccm", "match": {"Modality": "OP"}, "model": "hqgnet-ccm", "destinations": ["out"]},
                   {"name": "es", "match": {"Modality": "ES"}, "model": "hqgnet-color", "destinations": ["out"]}],
     }, tmp_path)
     resident = ResidentModels.load(cfg)
     assert "hqgnet-ccm" in resident.failures and "corrupt" in resident.failures["hqgnet-ccm"]
     assert "hqgnet-color" in resident.models  # the other model still serves
+
+
+def _holdout_frames(shared_data: Path, domain: str, n: int = 6) -> list[np.ndarray]:
+    """The first ``n`` real low-quality held-out images of ``domain`` at the model's working side."""
+    paths = list_images(shared_data / "holdout" / domain / "real_lq")[:n]
+    assert paths, f"no held-out {domain} images"
+    return [resize_long_side(load_image(p, 3), 512) for p in paths]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("domain", "own", "other"), [("fundus", "OP", "ES"), ("endoscopy", "ES", "OP")])
+def test_hq_guidance_changes_the_output(shared_data: Path, domain: str, own: str, other: str) -> None:
+    """The paper's mechanism, measured: guided by the other modality's HQ images, the output of the same held-out
+    images moves by at least 10 % of what the model changes (mean |out_own - out_other| / mean |out_own - input|)."""
+    from dicomnode.tools.holdout import guidance_effect
+    from models.registry import build_model
+
+    enh = build_model("hqgnet", weights=WEIGHTS / "hqgnet-color.pt", device="cpu")
+    vec = {m: gd.load(WEIGHTS / f"hqgnet-color.guidance-{m}.json").vector for m in (own, other)}
+    effect, _, _ = guidance_effect(enh, vec[own], vec[other], _holdout_frames(shared_data, domain))
+    assert effect >= 0.10, f"guidance effect {effect:.3f}: the model ignores which modality guides it"
 
 
 def _series(folder: Path, img: np.ndarray, count: int) -> list[Path]:
