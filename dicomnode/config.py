@@ -268,11 +268,11 @@ class GatePolicy(StrictModel):
     """
 
     enabled: bool = True
-    min_lassim: float = Field(0.6, ge=0, le=1)  # structure kept: LaSSIM(input, output) at least this
+    min_lassim: float = Field(0.65, ge=0, le=1)  # structure kept: LaSSIM(input, output) at least this
     max_chroma_shift: float = Field(6.0, gt=0)  # colour cast: mean CIEDE2000 with lightness removed, at most this
     min_std: float = Field(0.01, ge=0)  # a frame whose intensity std falls below this is flat
     max_saturated: float = Field(0.25, ge=0, le=1)  # fraction of pixels at 0 or 1 the output may add
-    max_border_change: float = Field(6.0, gt=0)  # mean |change| of the field-of-view surround, 8-bit levels
+    max_border_change: float = Field(10.0, gt=0)  # mean |change| of the field-of-view surround, 8-bit levels
 
 
 class Rule(StrictModel):

@@ -71,7 +71,7 @@ def venv_with_wheel(venv: Path, wheel: Path) -> Path:
 
 
 def fundus_series(folder: Path, count: int, *, study: str = "install-study", size: int = 192) -> list[Path]:
-    """``count`` OP (fundus) instances of skimage's retina photograph: the default rules send them to hqgnet-color."""
+    """``count`` OP (fundus) instances of skimage's retina photograph: the default rules send them to clahe-fov."""
     from skimage.data import retina
     from skimage.transform import resize
 
@@ -79,6 +79,20 @@ def fundus_series(folder: Path, count: int, *, study: str = "install-study", siz
     pixels = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
     return [write(image_dataset(pixels, study=study, series="fundus", index=i, modality="OP",
                                 ImageLaterality="R"), folder / f"op{i}.dcm") for i in range(count)]
+
+
+def ccm_series(folder: Path, count: int, *, study: str = "install-study", size: int = 192) -> list[Path]:
+    """``count`` gray OP instances described as corneal confocal microscopy, with uneven illumination: the
+    default rules send them to the shipped HQG-Net (hqgnet-ccm)."""
+    from skimage.data import camera
+    from skimage.transform import resize
+
+    img = resize(camera(), (size, size), anti_aliasing=True)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = img * (0.45 + 0.55 * np.exp(-((yy - 0.4) ** 2 + (xx - 0.5) ** 2) / 0.18))  # vignetting
+    pixels = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    return [write(image_dataset(pixels, study=study, series="ccm", index=i, modality="OP",
+                                description="Corneal confocal microscopy"), folder / f"ccm{i}.dcm") for i in range(count)]
 
 
 class Served:

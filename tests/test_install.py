@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import require_tools
-from installs import DEPS_SITE, REPO, Served, build_wheel, clean_env, fundus_series, venv_with_wheel
+from installs import DEPS_SITE, REPO, Served, build_wheel, ccm_series, clean_env, fundus_series, venv_with_wheel
 from reliability import StoreSCP, dcmsend, free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -84,9 +84,9 @@ def test_wheel_serves_a_series_end_to_end_outside_the_repository(wheel: Path, tm
         _quick(config)
         check = subprocess.run([str(bin_dir / "dicomnode"), "check-config", str(config)], cwd=work, env=env,
                                capture_output=True, text=True)
-        assert check.returncode == 0 and check.stdout.startswith("OK: 4 rules, 2 models, 2 destinations"), check.stderr
+        assert check.returncode == 0 and check.stdout.startswith("OK: 4 rules, 3 models, 2 destinations"), check.stderr
 
-        sources = fundus_series(tmp_path / "study", 2)
+        sources = ccm_series(tmp_path / "study", 2)  # routed to the shipped HQG-Net weights inside the wheel
         with Served([str(bin_dir / "dicomnode"), "serve", "--config", str(config)], work, tmp_path / "serve.log", env) as node:
             sent = dcmsend(port, sources)
             assert sent.returncode == 0, sent.stderr
@@ -97,7 +97,7 @@ def test_wheel_serves_a_series_end_to_end_outside_the_repository(wheel: Path, tm
     received = _enhanced(pacs_dir)
     assert len(received) == 2 and len({d.SOPInstanceUID for d in received}) == 2
     source_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in sources}
-    weights_sha = hashlib.sha256((REPO / "models/weights/hqgnet-color.pt").read_bytes()).hexdigest()  # the wheel's copy
+    weights_sha = hashlib.sha256((REPO / "models/weights/hqgnet-ccm.pt").read_bytes()).hexdigest()  # the wheel's copy
     for ds in received:
         assert ds.SeriesDescription.endswith("[enhanced, not for diagnosis]")
         assert "HQG-Net" in str(ds.DerivationDescription) and weights_sha in str(ds.DerivationDescription)

@@ -24,7 +24,7 @@ import yaml
 from dicomnode.config import load_config
 
 from conftest import require_tools
-from installs import fundus_series
+from installs import ccm_series
 from reliability import NodeProcess, dcmsend, free_port, wait_until
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -121,7 +121,7 @@ def test_orthanc_pacs_gets_the_enhanced_series_in_the_source_study(tmp_path: Pat
                 return False
 
         wait_until(orthanc_up, 60, what="Orthanc's HTTP port")
-        sources = fundus_series(tmp_path / "study", 2, study="orthanc-study")
+        sources = ccm_series(tmp_path / "study", 2, study="orthanc-study")  # default rules: the shipped HQG-Net
         study = str(pydicom.dcmread(sources[0], stop_before_pixels=True).StudyInstanceUID)
         sent = dcmsend(dicom_port, sources, aec="ORTHANC")
         assert sent.returncode == 0, sent.stderr
@@ -145,7 +145,7 @@ def test_orthanc_pacs_gets_the_enhanced_series_in_the_source_study(tmp_path: Pat
         for ds in retrieved:
             assert ds.StudyInstanceUID == study and "HQG-Net" in str(ds.DerivationDescription)
             assert {str(i.ReferencedSOPInstanceUID) for i in ds.SourceImageSequence} <= source_uids
-            assert ds.pixel_array.shape == (192, 192, 3)
+            assert ds.pixel_array.shape == (192, 192)
         # Orthanc did not forward the node's own output back to it (autoroute.lua): one job only.
         time.sleep(2.0)
         status = node.cli("status", "--json")
