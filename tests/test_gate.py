@@ -80,6 +80,36 @@ def test_each_failure_is_stopped_with_its_reason(fundus: np.ndarray, damage, exp
     assert any(expected in r for r in reasons), reasons
 
 
+@pytest.mark.slow
+def test_the_default_routes_outputs_on_held_out_images_pass(shared_data: Path) -> None:
+    """The calibration's promise (docs/quality-gate.md), checked: with the default gate, the default config's
+    models pass on held-out images they never saw (CCM by the shipped HQG-Net, fundus and endoscopy by
+    CLAHE with fov), and the same images tinted red or blurred are stopped."""
+    from dicomnode.tools.demo import demo_config
+    from models.io import list_images, load_image, resize_long_side
+
+    from factories import free_port
+
+    cfg = demo_config(None, shared_data.parent / "unused-var", shared_data.parent / "unused-out", free_port())
+    models = ResidentModels.load(cfg, only=["hqgnet-ccm", "clahe-fov"])
+    assert models.failures == {}
+    cases = [("ccm/real_lq", 1, models.bind("hqgnet-ccm", "OP").enhancer),
+             ("ccm/real_pairs/raw", 1, models.bind("hqgnet-ccm", "OP").enhancer),
+             ("fundus/real_lq", 3, models.bind("clahe-fov", "OP").enhancer),
+             ("endoscopy/real_lq", 3, models.bind("clahe-fov", "ES").enhancer)]
+    for folder, channels, enhancer in cases:
+        paths = list_images(shared_data / "holdout" / folder)[:4]
+        assert paths, folder
+        for path in paths:
+            img = resize_long_side(load_image(path, channels), 512)
+            out = enhancer.enhance([img])[0]
+            assert verdict(img, out) == [], f"{folder}/{path.name}: {gate.measure(img, out)}"
+            if channels == 3:
+                assert any("colour" in r for r in verdict(img, red_tint(img))), path.name
+            if folder.startswith(("ccm", "fundus")):  # endoscopy blur is the known gap (docs/quality-gate.md)
+                assert any("structure" in r for r in verdict(img, erase_structure(img))), path.name
+
+
 def test_gray_images_are_checked_for_structure_not_for_a_surround():
     ct = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm")).pixel_array.astype(np.float32)
     ct = (ct - ct.min()) / (ct.max() - ct.min())
