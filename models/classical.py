@@ -19,7 +19,7 @@ from scipy.ndimage import gaussian_filter
 from skimage import exposure
 
 from models.color import apply_to_intensity
-from models.fov import feather, fov_mask, has_surround
+from models.fov import keep_surround
 from models.registry import Enhancer, ModelInfo
 
 VERSION = "1.0"
@@ -91,10 +91,7 @@ class ClassicalEnhancer(Enhancer):
     def _one(self, img: np.ndarray) -> np.ndarray:
         out = self._func(img, **self._params)
         if self.fov and np.ndim(img) == 3:
-            mask = fov_mask(img)
-            if has_surround(mask):
-                m = feather(mask)[..., None]
-                out = (m * out + (1.0 - m) * np.clip(np.asarray(img, dtype=np.float32), 0, 1)).astype(np.float32)
+            out = keep_surround(img, out)
         return out
 
     def enhance(self, images: Sequence[np.ndarray], guidance: np.ndarray | None = None) -> list[np.ndarray]:

@@ -28,8 +28,12 @@ _KAPPA = 24389.0 / 27.0
 
 
 def intensity(rgb: np.ndarray) -> np.ndarray:
-    """The HSV value (channel maximum) of an (H, W, 3) frame in [0, 1]."""
-    return np.asarray(rgb, dtype=np.float32).max(axis=2)
+    """The HSV value (channel maximum) of an (H, W, 3) frame in [0, 1].
+
+    Two element-wise maxima rather than ``max(axis=2)``: numpy's reduction over a 3-wide last axis is
+    about 10x slower on a large photograph."""
+    a = np.asarray(rgb, dtype=np.float32)
+    return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
 
 
 def apply_to_intensity(image: np.ndarray, op: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -46,9 +50,11 @@ def apply_to_intensity(image: np.ndarray, op: Callable[[np.ndarray], np.ndarray]
     if img.ndim == 2:
         return new
     dark = value <= 1e-6
-    gain = np.where(dark, 0.0, new / np.maximum(value, 1e-6))
-    out = np.where(dark[..., None], new[..., None], img * gain[..., None])
-    return np.clip(out, 0, 1).astype(np.float32)
+    gain = new / np.maximum(value, 1e-6)
+    out = img * gain[..., None]  # in place from here: a photograph is tens of megabytes per copy
+    if dark.any():
+        out[dark] = new[dark][:, None]
+    return np.clip(out, 0, 1, out=out)
 
 
 def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
@@ -84,7 +90,17 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 
 
 def keep_chroma(original: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
-    """The enhanced frame's lightness with the original's chroma (a*, b*): a correction that cannot shift colour."""
-    lab = rgb_to_lab(original)
-    lab[..., 0] = rgb_to_lab(enhanced)[..., 0]
-    return lab_to_rgb(lab)
+    """The enhanced frame's lightness with the original's chroma (a*, b*): a correction that cannot shift colour.
+
+    OpenCV's sRGB <-> CIELAB (D65) conversion does the work: it runs on every frame the colour model
+    outputs, at full resolution, and is about 10x faster than :func:`rgb_to_lab` on an 8-megapixel
+    photograph (0.05 vs 0.4-1.8 s). It agrees with it to within 0.7 in a*/b* and round-trips to 4e-4; the
+    metrics keep the exact formulas above.
+    """
+    import cv2  # noqa: PLC0415 - OpenCV only here: the metrics and the rest of the module are numpy
+
+    src = np.ascontiguousarray(np.clip(np.asarray(original, dtype=np.float32), 0.0, 1.0))
+    out = np.ascontiguousarray(np.clip(np.asarray(enhanced, dtype=np.float32), 0.0, 1.0))
+    lab = cv2.cvtColor(src, cv2.COLOR_RGB2Lab)
+    lab[..., 0] = cv2.cvtColor(out, cv2.COLOR_RGB2Lab)[..., 0]
+    return np.clip(cv2.cvtColor(lab, cv2.COLOR_Lab2RGB), 0.0, 1.0).astype(np.float32, copy=False)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from models.color import apply_to_intensity, intensity, keep_chroma
-from models.fov import feather, fov_mask, has_surround
+from models.fov import fov_mask, keep_surround
 from models.hqgnet import STRIDE, HQGNet, HQGNetConfig, apply_fields, build_hqgnet
 from models.io import fit_square, load_state_dict, resize_long_side
 from models.padding import fill_batch
@@ -170,11 +170,7 @@ class HQGNetEnhancer(Enhancer):
         if original.ndim == 3 and out.ndim == 3 and self.color_mode == "luminance":
             out = keep_chroma(original, out)
         if self.fov:
-            mask = fov_mask(original)
-            if has_surround(mask):
-                m = feather(mask)
-                m = m[..., None] if original.ndim == 3 else m
-                out = m * out + (1.0 - m) * original
+            return keep_surround(original, out)
         return np.ascontiguousarray(np.clip(out, 0, 1), dtype=np.float32)
 
     def enhance(self, images: Sequence[np.ndarray], guidance: np.ndarray | None = None) -> list[np.ndarray]:

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from skimage import data
 
 from models.registry import ModelLoadError, build_model
@@ -62,3 +63,41 @@ def test_fov_option_keeps_the_black_surround_of_a_colour_frame():
     assert np.abs(kept - img)[eroded].max() < 1e-6
     assert np.abs(kept - plain)[~outside].mean() < 0.01  # inside the field it is the same CLAHE
     assert build_model("clahe", options={"fov": True}).info.options["fov"] is True  # in the derived UIDs
+
+
+def test_colour_preserving_output_keeps_the_inputs_chroma_and_takes_the_new_lightness() -> None:
+    """keep_chroma (HQG-Net's luminance mode) on a real photograph: the chroma shift the gate and the tables
+    measure stays near zero while the lightness follows the enhanced frame."""
+    from skimage.data import retina
+
+    from models.color import keep_chroma, rgb_to_lab
+    from models.metrics.color import chroma_shift
+
+    img = (retina()[::4, ::4] / 255.0).astype(np.float32)
+    brighter = np.clip(img * 1.3 + 0.05, 0, 1)
+    tinted = brighter.copy()
+    tinted[..., 1] *= 0.7  # the enhanced frame also shifted the colour: keep_chroma must undo that
+    out = keep_chroma(img, tinted)
+    assert out.dtype == np.float32 and out.shape == img.shape
+    assert chroma_shift(out, img) < 0.5 < chroma_shift(tinted, img)
+    field = img.max(axis=2) > 0.1
+    lightness = np.abs(rgb_to_lab(out)[..., 0] - rgb_to_lab(tinted)[..., 0])[field]
+    assert float(np.median(lightness)) < 1.0
+
+
+def test_keep_surround_leaves_the_black_surround_and_keeps_the_field() -> None:
+    from skimage.data import retina
+
+    from models.fov import fov_mask, keep_surround
+
+    img = (retina()[::4, ::4] / 255.0).astype(np.float32)
+    lifted = np.clip(img + 0.2, 0, 1)
+    out = keep_surround(img, lifted)
+    mask = fov_mask(img)
+    assert 0.3 < mask.mean() < 0.95
+    inner = ndi.binary_erosion(mask, iterations=6)
+    outer = ~ndi.binary_dilation(mask, iterations=2)
+    assert np.allclose(out[inner], lifted[inner], atol=1e-3)
+    assert np.allclose(out[outer], img[outer], atol=1e-3)
+    gray = img.max(axis=2)
+    assert np.array_equal(keep_surround(gray, gray), gray)  # nothing changed: the same pixels back
