@@ -352,7 +352,7 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
             other = next(g for m, g in caches.items() if g.id != own.id)
             inputs = [load_image(p, channels) for p in list_images(split / "lq")]
             refs = [load_image(p, channels) for p in list_images(split / "hq")]
-            effect, own_psnr, random_psnr = guidance_effect(enhancer, own.vector, other.vector, inputs, refs)
+            effect, own_psnr, random_psnr = guidance_effect(enhancer, own, other, inputs, refs)
             print(f"guidance effect {modality} vs {other.modality}: {effect:.3f}; PSNR own cache {own_psnr:.2f} dB, "
                   f"random vector {random_psnr:.2f} dB")
             summary[domain]["guidance_effect"] = {"effect": effect, "psnr_own": own_psnr, "psnr_random": random_psnr}

@@ -108,8 +108,8 @@ def test_hq_guidance_changes_the_output(shared_data: Path, domain: str, own: str
     from models.registry import build_model
 
     enh = build_model("hqgnet", weights=WEIGHTS / "hqgnet-color.pt", device="cpu")
-    vec = {m: gd.load(WEIGHTS / f"hqgnet-color.guidance-{m}.json").vector for m in (own, other)}
-    effect, _, _ = guidance_effect(enh, vec[own], vec[other], _holdout_frames(shared_data, domain))
+    caches = {m: gd.load(WEIGHTS / f"hqgnet-color.guidance-{m}.json") for m in (own, other)}  # as the node uses them
+    effect, _, _ = guidance_effect(enh, caches[own], caches[other], _holdout_frames(shared_data, domain))
     assert effect >= 0.10, f"guidance effect {effect:.3f}: the model ignores which modality guides it"
 
 

@@ -26,6 +26,7 @@ import numpy as np
 from skimage.io import imsave
 
 from dicomnode.config import NodeConfig
+from dicomnode.guidance import Guidance
 from dicomnode.resident import ModelUnavailable, ResidentModels
 from dicomnode.route import decide
 from models.degrade import degrade
@@ -137,20 +138,33 @@ class GuidanceEffect:
     n: int
 
 
-def guidance_effect(enhancer: Enhancer, own: np.ndarray, other: np.ndarray, inputs: Sequence[np.ndarray],
-                    references: Sequence[np.ndarray] | None = None, *, seed: int = 0) -> tuple[float, float | None, float | None]:
-    """(effect, PSNR with ``own``, PSNR with a random vector of ``own``'s norm) over ``inputs`` (see GuidanceEffect)."""
+def guidance_effect(enhancer: Enhancer, own: Guidance | np.ndarray, other: Guidance | np.ndarray,
+                    inputs: Sequence[np.ndarray], references: Sequence[np.ndarray] | None = None, *,
+                    seed: int = 0) -> tuple[float, float | None, float | None]:
+    """(effect, PSNR with ``own``, PSNR with a random vector of ``own``'s norm) over ``inputs`` (see GuidanceEffect).
+
+    ``own`` and ``other`` are cache records (used as the node uses them: a ``nearest`` record gives each
+    image its nearest exemplar) or plain vectors.
+    """
     from models.metrics.fullref import psnr
 
+    def vector(g: Guidance | np.ndarray, query: np.ndarray | None) -> np.ndarray:
+        return g.vector_for(query) if isinstance(g, Guidance) else np.asarray(g, dtype=np.float32)
+
+    def needs_query(g: Guidance | np.ndarray) -> bool:
+        return isinstance(g, Guidance) and g.method == "nearest" and g.exemplars is not None
+
+    base = own.vector if isinstance(own, Guidance) else np.asarray(own, dtype=np.float32)
     rng = np.random.default_rng(seed)
-    noise = rng.standard_normal(np.asarray(own).shape).astype(np.float32)
-    random = noise / np.linalg.norm(noise) * float(np.linalg.norm(own))
+    noise = rng.standard_normal(base.shape).astype(np.float32)
+    random = noise / np.linalg.norm(noise) * float(np.linalg.norm(base))
     moved = between = 0.0
     own_scores: list[float] = []
     random_scores: list[float] = []
     for i, img in enumerate(inputs):
-        a = enhancer.enhance([img], guidance=own)[0]
-        b = enhancer.enhance([img], guidance=other)[0]
+        query = enhancer.extract_guidance([img])[0] if needs_query(own) or needs_query(other) else None
+        a = enhancer.enhance([img], guidance=vector(own, query))[0]
+        b = enhancer.enhance([img], guidance=vector(other, query))[0]
         moved += float(np.abs(a - img).mean())
         between += float(np.abs(a - b).mean())
         if references is not None:
@@ -186,7 +200,7 @@ def _guidance_rows(config: NodeConfig, models: ResidentModels, hs: HoldoutSet, l
         if hs.reference is not None:
             refs = [load_image(hs.reference / p.name, hs.domain.channels) if (hs.reference / p.name).exists()
                     else load_image(next(hs.reference.glob(p.stem + ".*")), hs.domain.channels) for p in inputs_paths]
-        effect, own_psnr, random_psnr = guidance_effect(resident.enhancer, own.vector, other.vector, inputs, refs)
+        effect, own_psnr, random_psnr = guidance_effect(resident.enhancer, own, other, inputs, refs)
         rows.append(GuidanceEffect(name, f"{own.modality} ({own.id})", f"{other.modality} ({other.id})", effect, own_psnr,
                                    random_psnr, len(inputs)))
     return rows
