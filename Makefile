@@ -9,7 +9,7 @@ APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
 ADMIN_APT_PACKAGES := prometheus chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps run lint test test-fast test-slow fuzz bench weights wheel clean
+.PHONY: setup system-deps run lint test test-fast test-slow fuzz bench weights wheel gpu-wheels clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -72,6 +72,16 @@ wheel: setup
 	rm -rf build dist/dicomnode-*.whl
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
 	rm -rf build
+
+# Wheels for benchmarks/gpu_check.sh on a GPU machine without internet (its own torch is kept): the project's
+# other dependencies for that machine's Python (PYVER), into gpu-wheels/ (git-ignored; carry it there).
+PYVER ?= 3.12
+GPU_WHEEL_PACKAGES := pydicom pynetdicom highdicom pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle \
+  pyjpegls pywavelets pydantic pydantic-core annotated-types typing-inspection fastapi starlette uvicorn \
+  python-multipart
+gpu-wheels: setup
+	$(BIN)/pip download -q --dest gpu-wheels --no-deps --only-binary=:all: --python-version $(PYVER) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any $(GPU_WHEEL_PACKAGES)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
