@@ -91,7 +91,7 @@ class ClassicalEnhancer(Enhancer):
     def _one(self, img: np.ndarray) -> np.ndarray:
         out = self._func(img, **self._params)
         if self.fov and np.ndim(img) == 3:
-            out = keep_surround(img, out)
+            out = keep_surround(img, out, in_place=True)  # out is this call's own array
         return out
 
     def enhance(self, images: Sequence[np.ndarray], guidance: np.ndarray | None = None) -> list[np.ndarray]:

@@ -99,8 +99,11 @@ def keep_chroma(original: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
     """
     import cv2  # noqa: PLC0415 - OpenCV only here: the metrics and the rest of the module are numpy
 
-    src = np.ascontiguousarray(np.clip(np.asarray(original, dtype=np.float32), 0.0, 1.0))
-    out = np.ascontiguousarray(np.clip(np.asarray(enhanced, dtype=np.float32), 0.0, 1.0))
-    lab = cv2.cvtColor(src, cv2.COLOR_RGB2Lab)
-    lab[..., 0] = cv2.cvtColor(out, cv2.COLOR_RGB2Lab)[..., 0]
-    return np.clip(cv2.cvtColor(lab, cv2.COLOR_Lab2RGB), 0.0, 1.0).astype(np.float32, copy=False)
+    def prepared(a: np.ndarray) -> np.ndarray:  # contiguous float32 in [0, 1], copied only when it is not
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        return np.clip(a, 0.0, 1.0) if a.size and (a.min() < 0.0 or a.max() > 1.0) else a
+
+    lab = cv2.cvtColor(prepared(original), cv2.COLOR_RGB2Lab)
+    lab[..., 0] = cv2.cvtColor(prepared(enhanced), cv2.COLOR_RGB2Lab)[..., 0]
+    rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB, dst=lab)  # in place: one frame fewer at the peak
+    return np.clip(rgb, 0.0, 1.0, out=rgb)

@@ -97,15 +97,20 @@ def feather(mask: np.ndarray, radius: float = 2.0) -> np.ndarray:
     return np.clip(ndi.gaussian_filter(inner.astype(np.float32), radius / 2.0), 0.0, 1.0)
 
 
-def keep_surround(original: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
+def keep_surround(original: np.ndarray, enhanced: np.ndarray, *, in_place: bool = False) -> np.ndarray:
     """``enhanced`` inside the field of view, ``original`` in its black surround, blended by :func:`feather`.
 
-    Returns float32 in [0, 1]; frames without a surround come back as ``enhanced``. Computed in place on
-    a copy of ``enhanced`` (``out = original + m * (enhanced - original)``): on an 8-megapixel photograph
-    every temporary is about 100 MB.
+    Returns float32 in [0, 1]; frames without a surround come back as ``enhanced``. Computed in place
+    (``out = original + m * (enhanced - original)``) on a copy of ``enhanced``, or on ``enhanced`` itself
+    with ``in_place`` (callers that own the array): on an 8-megapixel photograph every copy is 100 MB.
     """
-    src = np.clip(np.asarray(original, dtype=np.float32), 0.0, 1.0)
-    out = np.array(enhanced, dtype=np.float32)  # a copy: the caller's array is not modified
+    src = np.asarray(original, dtype=np.float32)
+    if src.size and (src.min() < 0.0 or src.max() > 1.0):
+        src = np.clip(src, 0.0, 1.0)
+    if in_place and isinstance(enhanced, np.ndarray) and enhanced.dtype == np.float32 and enhanced.flags.writeable:
+        out = enhanced
+    else:
+        out = np.array(enhanced, dtype=np.float32)
     mask = fov_mask(src)
     if not has_surround(mask):
         return np.clip(out, 0.0, 1.0, out=out)

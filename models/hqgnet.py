@@ -431,10 +431,16 @@ def apply_fields(y: Tensor, fields: Tensor) -> Tensor:
     c = y.shape[1]
     if fields.shape[1] != 2 * c:
         raise ValueError(f"fields need {2 * c} channels for a {c}-channel image, got {fields.shape[1]}")
+    if not torch.is_grad_enabled():
+        # inference: the same values, in place, gain and offset up-sampled one at a time (a 4096² RGB frame
+        # is 200 MB per full-size tensor), no straight-through copy
+        size = y.shape[-2:]
+        out = F.interpolate(fields[:, :c].float(), size=size, mode="bilinear", align_corners=False)
+        out.clamp_(-3.0, 3.0).exp_().mul_(y.float())
+        out.add_(F.interpolate(fields[:, c:].float(), size=size, mode="bilinear", align_corners=False))
+        return out.clamp_(0.0, 1.0).to(y.dtype)
     f = F.interpolate(fields.float(), size=y.shape[-2:], mode="bilinear", align_corners=False)
     log_gain, offset = f[:, :c].clamp(-3.0, 3.0), f[:, c:]
-    if not torch.is_grad_enabled():  # inference: the same values with in-place ops and no straight-through copy
-        return torch.addcmul(offset, y.float(), log_gain.exp_()).clamp_(0.0, 1.0).to(y.dtype)
     out = y.float() * torch.exp(log_gain) + offset
     return (out + (out.clamp(0.0, 1.0) - out).detach()).to(y.dtype)
 

@@ -83,14 +83,18 @@ class HQGNetEnhancer(Enhancer):
         return torch.autocast("cuda", dtype=self._dtype) if self._cuda else nullcontext()
 
     def _tensor(self, frames: Sequence[np.ndarray]) -> torch.Tensor:
-        arr = np.stack([f[None] if f.ndim == 2 else np.transpose(f, (2, 0, 1)) for f in frames])
-        t = torch.from_numpy(np.ascontiguousarray(np.clip(arr, 0, 1), dtype=np.float32)).to(self.device)
+        # one copy into (N, C, H, W) float32 (frames are already clipped by _check): a 4096² RGB frame is 200 MB
+        arr = np.stack([f[None] if f.ndim == 2 else np.transpose(f, (2, 0, 1)) for f in frames]).astype(np.float32, copy=False)
+        t = torch.from_numpy(arr).to(self.device)
         return t.contiguous(memory_format=torch.channels_last) if self._cuda else t
 
     @staticmethod
     def _array(t: torch.Tensor) -> list[np.ndarray]:
-        out = t.float().clamp(0, 1).cpu().numpy()
-        return [o[0] if o.shape[0] == 1 else np.transpose(o, (1, 2, 0)) for o in out]
+        """Frames in their own layout, each contiguous: (H, W) or (H, W, 3)."""
+        t = t.float().clamp_(0, 1).cpu()
+        if t.shape[1] == 1:
+            return [o[0].numpy() for o in t]
+        return [o.numpy() for o in t.permute(0, 2, 3, 1).contiguous()]
 
     def _model_view(self, img: np.ndarray) -> np.ndarray:
         """A frame in the model's channels (for guidance; enhance handles the mismatch itself)."""
@@ -107,7 +111,8 @@ class HQGNetEnhancer(Enhancer):
             img = img[..., 0]
         if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
             raise ValueError(f"frames must be (H, W) gray or (H, W, 3) RGB, got shape {img.shape}")
-        return np.clip(img, 0.0, 1.0)
+        # copied only when out of range: the node's decoded frames are already in [0, 1]
+        return np.clip(img, 0.0, 1.0) if img.size and (img.min() < 0.0 or img.max() > 1.0) else img
 
     # -- guidance ----------------------------------------------------------------------------------
 
@@ -170,7 +175,7 @@ class HQGNetEnhancer(Enhancer):
         if original.ndim == 3 and out.ndim == 3 and self.color_mode == "luminance":
             out = keep_chroma(original, out)
         if self.fov:
-            return keep_surround(original, out)
+            return keep_surround(original, out, in_place=True)  # out is this call's own array
         return np.ascontiguousarray(np.clip(out, 0, 1), dtype=np.float32)
 
     def enhance(self, images: Sequence[np.ndarray], guidance: np.ndarray | None = None) -> list[np.ndarray]:
@@ -194,7 +199,9 @@ class HQGNetEnhancer(Enhancer):
                 for start in range(0, len(idx), step):
                     chunk = idx[start : start + step]
                     batch = fill_batch(self._tensor([views[i] for i in chunk]), step)
-                    for i, out in zip(chunk, self._array(self._run(batch, v_z))[: len(chunk)], strict=True):
+                    outs = self._array(self._run(batch, v_z))[: len(chunk)]
+                    del batch  # the input copy goes before the next chunk (or _finish) allocates
+                    for i, out in zip(chunk, outs, strict=True):
                         results[i] = out
         final = []
         for img, out in zip(frames, results, strict=True):
