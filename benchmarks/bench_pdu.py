@@ -22,8 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-from bench_receive import DICOMNODE, env, free_port, make_series, stop, wait_echo
+from bench_receive import env, free_port, make_series, start_node, stop
 from tqdm import tqdm
 
 PYNETDICOM_SENDER = """
@@ -43,24 +42,6 @@ bad = [p.name for p in sorted(folder.glob("*.dcm")) if assoc.send_c_store(p).Sta
 assoc.release()
 sys.exit(f"not stored: {bad}" if bad else 0)
 """
-
-
-def start_node(work: Path, port: int, max_pdu_size: int) -> subprocess.Popen:
-    shutil.rmtree(work / "var", ignore_errors=True)
-    config = {
-        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port, "series_quiet_seconds": 3600,
-                 "max_pdu_size": max_pdu_size},
-        "storage": {"root": str(work / "var")},
-        "destinations": {"outbox": {"folder": str(work / "outbox")}},
-        "rules": [{"name": "bench", "match": {"Modality": "NONE"}, "destinations": ["outbox"]}],
-        "logging": {"level": "WARNING"},
-    }
-    path = work / "node.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(path)], env=env(),
-                            stdout=subprocess.DEVNULL, stderr=(work / "node.log").open("ab"))
-    wait_echo(port, "DICOMNODE", proc)
-    return proc
 
 
 def send(sender: str, port: int, folder: Path, count: int) -> float:
@@ -98,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for pdu in args.pdu:
                     port = free_port()
-                    proc = start_node(work, port, pdu)
+                    proc = start_node(work, port, max_pdu_size=pdu)
                     try:
                         for sender in args.senders:
                             times[pdu, sender].append(send(sender, port, work / "data", args.count))

@@ -97,10 +97,11 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_node(work: Path, port: int) -> subprocess.Popen:
+def start_node(work: Path, port: int, **node: object) -> subprocess.Popen:
+    """``dicomnode serve`` on ``port`` that spools everything and enhances nothing; ``node`` adds node settings."""
     shutil.rmtree(work / "var", ignore_errors=True)
     config = {
-        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port, "series_quiet_seconds": 3600},
+        "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port, "series_quiet_seconds": 3600, **node},
         "storage": {"root": str(work / "var")},
         "destinations": {"outbox": {"folder": str(work / "outbox")}},
         "rules": [{"name": "bench", "match": {"Modality": "NONE"}, "destinations": ["outbox"]}],

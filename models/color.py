@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["apply_to_intensity", "intensity", "keep_chroma", "lab_to_rgb", "rgb_to_lab"]
+__all__ = ["apply_to_intensity", "intensity", "keep_chroma", "lab_to_rgb", "rgb_to_lab", "unit_range"]
 
 _RGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
                         [0.2126729, 0.7151522, 0.0721750],
@@ -25,6 +25,12 @@ _XYZ_TO_RGB = np.linalg.inv(_RGB_TO_XYZ.astype(np.float64)).astype(np.float32)
 _WHITE = np.array([0.95047, 1.0, 1.08883], dtype=np.float32)  # D65
 _EPS = 216.0 / 24389.0
 _KAPPA = 24389.0 / 27.0
+
+
+def unit_range(image: np.ndarray) -> np.ndarray:
+    """``image`` as float32 in [0, 1], copied only when it is not already: frames are often 100+ MB."""
+    a = np.asarray(image, dtype=np.float32)
+    return np.clip(a, 0.0, 1.0) if a.size and (a.min() < 0.0 or a.max() > 1.0) else a
 
 
 def intensity(rgb: np.ndarray) -> np.ndarray:
@@ -99,11 +105,7 @@ def keep_chroma(original: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
     """
     import cv2  # noqa: PLC0415 - OpenCV only here: the metrics and the rest of the module are numpy
 
-    def prepared(a: np.ndarray) -> np.ndarray:  # contiguous float32 in [0, 1], copied only when it is not
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        return np.clip(a, 0.0, 1.0) if a.size and (a.min() < 0.0 or a.max() > 1.0) else a
-
-    lab = cv2.cvtColor(prepared(original), cv2.COLOR_RGB2Lab)
-    lab[..., 0] = cv2.cvtColor(prepared(enhanced), cv2.COLOR_RGB2Lab)[..., 0]
+    lab = cv2.cvtColor(np.ascontiguousarray(unit_range(original)), cv2.COLOR_RGB2Lab)
+    lab[..., 0] = cv2.cvtColor(np.ascontiguousarray(unit_range(enhanced)), cv2.COLOR_RGB2Lab)[..., 0]
     rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB, dst=lab)  # in place: one frame fewer at the peak
     return np.clip(rgb, 0.0, 1.0, out=rgb)

@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import convex_hull_image
 
-from models.color import intensity
+from models.color import intensity, unit_range
 
 WORK_SIDE = 512
 
@@ -104,9 +104,7 @@ def keep_surround(original: np.ndarray, enhanced: np.ndarray, *, in_place: bool 
     (``out = original + m * (enhanced - original)``) on a copy of ``enhanced``, or on ``enhanced`` itself
     with ``in_place`` (callers that own the array): on an 8-megapixel photograph every copy is 100 MB.
     """
-    src = np.asarray(original, dtype=np.float32)
-    if src.size and (src.min() < 0.0 or src.max() > 1.0):
-        src = np.clip(src, 0.0, 1.0)
+    src = unit_range(original)
     if in_place and isinstance(enhanced, np.ndarray) and enhanced.dtype == np.float32 and enhanced.flags.writeable:
         out = enhanced
     else:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.color import apply_to_intensity, intensity, keep_chroma
+from models.color import apply_to_intensity, intensity, keep_chroma, unit_range
 from models.fov import fov_mask, keep_surround
 from models.hqgnet import STRIDE, HQGNet, HQGNetConfig, apply_fields, build_hqgnet
 from models.io import fit_square, load_state_dict, resize_long_side
@@ -111,8 +111,7 @@ class HQGNetEnhancer(Enhancer):
             img = img[..., 0]
         if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
             raise ValueError(f"frames must be (H, W) gray or (H, W, 3) RGB, got shape {img.shape}")
-        # copied only when out of range: the node's decoded frames are already in [0, 1]
-        return np.clip(img, 0.0, 1.0) if img.size and (img.min() < 0.0 or img.max() > 1.0) else img
+        return unit_range(img)  # the node's decoded frames are already in [0, 1]: not copied
 
     # -- guidance ----------------------------------------------------------------------------------
 

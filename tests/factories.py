@@ -7,7 +7,8 @@ Datasets get deterministic UIDs from seed strings (reruns are identical) and the
 from __future__ import annotations
 
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,44 @@ def decode(ds: Dataset) -> Decoded:
 def sample(name: str) -> Dataset:
     """A file bundled with pydicom, read (skips when the installed pydicom lacks it)."""
     return pydicom.dcmread(bundled(name))
+
+
+def sample_series(name: str, folder: Path, count: int, *, description: str | None = None) -> list[Path]:
+    """``count`` instances of a file bundled with pydicom in one new series (fresh Series/SOP UIDs)."""
+    from pydicom.uid import generate_uid
+
+    ds = sample(name)
+    ds.SeriesInstanceUID = generate_uid()
+    if description is not None:
+        ds.SeriesDescription = description
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(count):
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i + 1
+        path = folder / f"{Path(name).stem}_{i}.dcm"
+        ds.save_as(path)
+        out.append(path)
+    return out
+
+
+@contextmanager
+def node_with_admin_service(config_path: Path) -> Iterator[tuple[Any, Any]]:
+    """The node of ``config_path`` started in-process with its admin service (HTTP API, metrics, page):
+    yields (server, admin); stopped on exit."""
+    from dicomnode.admin.metrics import Metrics
+    from dicomnode.admin.service import AdminService
+    from dicomnode.config import load_config
+    from dicomnode.server import Server, ServerOptions
+
+    config = load_config(config_path)
+    metrics = Metrics()
+    admin = AdminService(config.admin, metrics)
+    server = Server(config, observer=metrics, addons=[admin], config_path=config_path,
+                    options=ServerOptions(drain_seconds=5, dispatch_poll_seconds=0.1))
+    server.start()
+    try:
+        yield server, admin
+    finally:
+        server.stop()

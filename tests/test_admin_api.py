@@ -14,14 +14,11 @@ import pytest
 import yaml
 
 from dicomnode.admin.auth import AUDIT_FILE, is_loopback
-from dicomnode.admin.metrics import Metrics
-from dicomnode.admin.service import AdminService
 from dicomnode.config import load_config
 from dicomnode.ledger import JobState
-from dicomnode.server import Server, ServerOptions
 from dicomnode.tools.demo import send
 
-from factories import free_port, write_series
+from factories import free_port, node_with_admin_service, write_series
 
 TOKEN = "s3cret-admin-token-for-tests"
 
@@ -60,16 +57,8 @@ def running(tmp_path: Path) -> Any:
     (tmp_path / "tokens").write_text(f"# admins\nalice:{TOKEN}\n")
     config_path = tmp_path / "node.yaml"
     config_path.write_text(yaml.safe_dump(node_yaml(tmp_path)))
-    config = load_config(config_path)
-    metrics = Metrics()
-    admin = AdminService(config.admin, metrics)
-    server = Server(config, observer=metrics, addons=[admin], config_path=config_path,
-                    options=ServerOptions(drain_seconds=5, dispatch_poll_seconds=0.1))
-    server.start()
-    try:
+    with node_with_admin_service(config_path) as (server, admin):
         yield server, admin, config_path
-    finally:
-        server.stop()
 
 
 def test_loopback() -> None:

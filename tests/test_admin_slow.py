@@ -16,37 +16,19 @@ from typing import Any
 
 import pytest
 import yaml
-from pydicom.uid import generate_uid
 
-from dicomnode.admin.metrics import Metrics
-from dicomnode.admin.service import AdminService
-from dicomnode.config import load_config
 from dicomnode.ledger import JobState
-from dicomnode.server import Server, ServerOptions
 
 from conftest import REPO, require_tools
-from factories import free_port, sample
+from factories import free_port, node_with_admin_service, sample_series
 from reliability import NodeProcess, dcmsend, node_config, wait_until
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 TOKEN = "chromium-test-token-0123456789"
 
 
-def ct_series(folder: Path, count: int, name: str = "CT_small.dcm", description: str = "abdomen") -> list[Path]:
-    """``count`` instances of a pydicom test image in one new series."""
-    ds = sample(name)
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesDescription = description
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(count):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        path = folder / f"{Path(name).stem}_{i}.dcm"
-        ds.save_as(path)
-        out.append(path)
-    return out
+def ct_series(folder: Path, count: int) -> list[Path]:
+    return sample_series("CT_small.dcm", folder, count, description="abdomen")
 
 
 # ------------------------------------------------------------------------------------------- Prometheus
@@ -111,16 +93,8 @@ def node_with_admin(tmp_path: Path) -> Any:
         "dispatch": {"max_attempts": 1, "backoff_initial_seconds": 0.1},
         "admin": {"host": "127.0.0.1", "port": free_port(), "token_file": str(tmp_path / "tokens")},
     }))
-    config = load_config(config_path)
-    metrics = Metrics()
-    admin = AdminService(config.admin, metrics)
-    server = Server(config, observer=metrics, addons=[admin], config_path=config_path,
-                    options=ServerOptions(drain_seconds=5, dispatch_poll_seconds=0.1))
-    server.start()
-    try:
+    with node_with_admin_service(config_path) as (server, admin):
         yield server, admin
-    finally:
-        server.stop()
 
 
 def _chromium() -> Any:

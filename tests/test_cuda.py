@@ -18,6 +18,7 @@ import torch
 
 from dicomnode import guidance as gd
 from dicomnode.configtypes import builtin_dir
+from models.metrics import psnr
 from models.registry import build_model
 
 from factories import free_port, image_dataset, write
@@ -43,11 +44,6 @@ def _ccm_frames(n: int, size: int = 384) -> list[np.ndarray]:
     return [np.clip(shade * rng.uniform(0.2, 0.8, (size, size)), 0, 1).astype(np.float32) for _ in range(n)]
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
-
-
 def test_the_device_output_matches_fp32_on_the_cpu(device: str) -> None:
     """bf16 autocast and channels_last on CUDA change the pixels only at the level of rounding."""
     frames = _ccm_frames(4)
@@ -58,7 +54,7 @@ def test_the_device_output_matches_fp32_on_the_cpu(device: str) -> None:
     out, ref = on_device.enhance(frames, vector), reference.enhance(frames, vector)
     for o, r, f in zip(out, ref, frames, strict=True):
         assert o.shape == f.shape and o.dtype == np.float32
-        assert _psnr(o, r) > 40.0, f"device output differs from fp32: {_psnr(o, r):.1f} dB"
+        assert psnr(o, r) > 40.0, f"device output differs from fp32: {psnr(o, r):.1f} dB"
         assert np.abs(o - f).mean() > 0.01  # the model did change the frame
 
 

@@ -81,7 +81,7 @@ def test_each_failure_is_stopped_with_its_reason(fundus: np.ndarray, damage, exp
 
 
 @pytest.mark.slow
-def test_the_default_routes_outputs_on_held_out_images_pass(shared_data: Path) -> None:
+def test_the_default_routes_outputs_on_held_out_images_pass(shared_data: Path, tmp_path: Path) -> None:
     """The calibration's promise (docs/quality-gate.md), checked: with the default gate, the default config's
     models pass on held-out images they never saw (CCM by the shipped HQG-Net, fundus and endoscopy by
     CLAHE with fov), and the same images tinted red or blurred are stopped."""
@@ -90,7 +90,7 @@ def test_the_default_routes_outputs_on_held_out_images_pass(shared_data: Path) -
 
     from factories import free_port
 
-    cfg = demo_config(None, shared_data.parent / "unused-var", shared_data.parent / "unused-out", free_port())
+    cfg = demo_config(None, tmp_path / "var", tmp_path / "out", free_port())
     models = ResidentModels.load(cfg, only=["hqgnet-ccm", "clahe-fov"])
     assert models.failures == {}
     cases = [("ccm/real_lq", 1, models.bind("hqgnet-ccm", "OP").enhancer),

@@ -14,7 +14,6 @@ import numpy as np
 import pydicom
 import pytest
 import yaml
-from pydicom.uid import generate_uid
 
 from dicomnode import cli as node_cli
 from dicomnode.cli.node import collect_status
@@ -25,7 +24,7 @@ from dicomnode.spool import Spool
 from models.registry import Enhancer, ModelInfo
 
 from conftest import require_tools
-from factories import sample
+from factories import sample_series
 from reliability import (
     NodeProcess,
     StoreSCP,
@@ -48,22 +47,6 @@ SC_CLASSES = {
 
 
 # ------------------------------------------------------------------------------------------ inputs
-def copies(name: str, folder: Path, count: int) -> list[Path]:
-    """``count`` instances of one pydicom test file in one new series (fresh SOP/Series UIDs)."""
-    ds = sample(name)
-    ds.SeriesInstanceUID = generate_uid()
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(count):
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        path = folder / f"{Path(name).stem}_{i}.dcm"
-        ds.save_as(path)
-        out.append(path)
-    return out
-
-
 def jpeg_fundus_series(folder: Path, count: int) -> list[Path]:
     """Ophthalmic photographs, JPEG baseline YBR_FULL_422, made by dcmtk's img2dcm from skimage's retina."""
     from PIL import Image
@@ -123,8 +106,8 @@ def test_model_that_fails_to_load_fails_its_jobs_with_the_reason(tmp_path: Path,
     server.start()
     try:
         assert "broken" in server.models.failures
-        ct = copies("CT_small.dcm", tmp_path / "ct", 2)
-        mr = copies("MR_small.dcm", tmp_path / "mr", 1)
+        ct = sample_series("CT_small.dcm", tmp_path / "ct", 2)
+        mr = sample_series("MR_small.dcm", tmp_path / "mr", 1)
         out = dcmsend(server.port, [*ct, *mr])
         assert out.returncode == 0, out.stderr
         ledger = server.spool.ledger
@@ -174,8 +157,8 @@ def test_partial_match_unmatched_series_and_scp_answers_while_a_model_works(
     server = Server(cfg, models=models, options=ServerOptions(drain_seconds=10))
     server.start()
     try:
-        ct = copies("CT_small.dcm", tmp_path / "ct", 3)  # InstanceNumber 1, 2, 3: the rule matches one
-        mr = copies("MR_small.dcm", tmp_path / "mr", 1)  # no rule: unmatched, ignored
+        ct = sample_series("CT_small.dcm", tmp_path / "ct", 3)  # InstanceNumber 1, 2, 3: the rule matches one
+        mr = sample_series("MR_small.dcm", tmp_path / "mr", 1)  # no rule: unmatched, ignored
         assert dcmsend(server.port, [*ct, *mr]).returncode == 0
         ledger = server.spool.ledger
         wait_until(lambda: slow.calls > 0, 20, interval=0.05, what="the model to start")
@@ -214,8 +197,8 @@ def test_enhance_end_to_end_to_pacs(tmp_path: Path) -> None:
     require_tools("dcmsend", "storescp", "img2dcm", "dciodvfy", "dcml2pnm")
     inputs = [
         *jpeg_fundus_series(tmp_path / "in" / "oph", 2),
-        *copies("CT_small.dcm", tmp_path / "in" / "ct", 3),
-        *copies("MR_small.dcm", tmp_path / "in" / "mr", 2),
+        *sample_series("CT_small.dcm", tmp_path / "in" / "ct", 3),
+        *sample_series("MR_small.dcm", tmp_path / "in" / "mr", 2),
     ]
     sources = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p, stop_before_pixels=True) for p in inputs}
     assert pydicom.dcmread(inputs[0]).PhotometricInterpretation == "YBR_FULL_422"

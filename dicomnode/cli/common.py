@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from dicomnode.config import ConfigError, NodeConfig, load_config
 from dicomnode.configerrors import environment_problems
+from dicomnode.ledger import Ledger, LedgerError
 from models.registry import ModelLoadError, read_card
 
 EXIT_CONFIG = 2  # every command exits with this when its config file is invalid or unreadable
 
-__all__ = ["EXIT_CONFIG", "config_or_exit", "config_problems", "count", "expand_paths"]
+__all__ = ["EXIT_CONFIG", "config_or_exit", "config_problems", "count", "expand_paths", "open_ledger", "when"]
 
 
 def config_problems(path: Path | None, *, files: bool = True) -> tuple[NodeConfig | None, list[str]]:
@@ -51,6 +53,25 @@ def config_or_exit(path: Path | None, *, files: bool = False) -> NodeConfig:
         print("\n".join(problems), file=sys.stderr)
         raise SystemExit(EXIT_CONFIG)
     return config
+
+
+def open_ledger(config: NodeConfig, *, write: bool = False) -> Ledger:
+    """The node's ledger, read-only unless ``write`` (commands that read it work beside a running node and
+    never create a spool); a missing or unreadable ledger prints why and exits with 1."""
+    path = Path(config.storage.root) / "ledger.sqlite3"
+    if not path.exists():
+        print(f"error: no ledger at {path} (has `dicomnode serve` run with this config?)", file=sys.stderr)
+        raise SystemExit(1)
+    try:
+        return Ledger(path, readonly=not write)
+    except LedgerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def when(ts: float | None) -> str:
+    """A ledger timestamp as local date and time ("-" when unset)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:

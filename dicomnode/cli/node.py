@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from dicomnode.cli.common import EXIT_CONFIG, config_or_exit
+from dicomnode.cli.common import EXIT_CONFIG, config_or_exit, open_ledger, when
 from dicomnode.config import NodeConfig
 from dicomnode.ledger import DeliveryState, JobState, Ledger
 from dicomnode.redact import escape_controls
@@ -53,15 +53,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     reprocess.add_argument("--config", type=Path, default=None, help="node configuration (YAML; default: the embedded default)")
     reprocess.add_argument("--job", type=int, required=True, help="the job (status lists failed and waiting jobs)")
     reprocess.set_defaults(func=cmd_reprocess)
-
-
-def _open_ledger(config: NodeConfig) -> Ledger:
-    """The node's ledger, read-only: status works beside a running node and never creates a spool."""
-    path = Path(config.storage.root) / "ledger.sqlite3"
-    if not path.exists():
-        print(f"error: no ledger at {path} (has `dicomnode serve` run with this config?)", file=sys.stderr)
-        raise SystemExit(1)
-    return Ledger(path, readonly=True)
 
 
 class EscapingFormatter(logging.Formatter):
@@ -209,13 +200,9 @@ def collect_status(ledger: Ledger, limit: int = 20) -> dict[str, Any]:
     }
 
 
-def _when(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     config = config_or_exit(args.config)
-    ledger = _open_ledger(config)
+    ledger = open_ledger(config)
     try:
         info = collect_status(ledger, args.limit)
     finally:
@@ -233,12 +220,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("sending now:")
         for x in info["sending"]:
             print(f"  #{x['id']} job {x['job']} -> {x['destination']} {x['sop_file']}: attempt {x['attempts'] + 1}, "
-                  f"in progress for {x['age_seconds']:.0f} s (since {_when(x['sending_since'])})")
+                  f"in progress for {x['age_seconds']:.0f} s (since {when(x['sending_since'])})")
     if info["retrying"]:
         print("pending (retrying):")
         for x in info["retrying"]:
             print(f"  #{x['id']} job {x['job']} -> {x['destination']}: attempt {x['attempts'] + 1} at "
-                  f"{_when(x['next_attempt_at'])}; last error: {x['last_error']}")
+                  f"{when(x['next_attempt_at'])}; last error: {x['last_error']}")
     if info["dead_letters"]:
         print("dead letters (dicomnode resend --job ID | --all-dead):")
         for x in info["dead_letters"]:
@@ -251,7 +238,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if info["waiting_jobs"]:
         print("waiting to be retried after a storage fault (dicomnode reprocess --job ID retries one now):")
         for j in info["waiting_jobs"]:
-            print(f"  job {j['job']} series {j['series_uid']} at {_when(j['retry_at'])}: {j['error']}")
+            print(f"  job {j['job']} series {j['series_uid']} at {when(j['retry_at'])}: {j['error']}")
     if info["gated_jobs"]:
         print("held back by the quality gate (dicomnode resend --force --job ID sends one anyway):")
         for j in info["gated_jobs"]:
@@ -268,11 +255,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_resend(args: argparse.Namespace) -> int:
     config = config_or_exit(args.config)
-    path = Path(config.storage.root) / "ledger.sqlite3"
-    if not path.exists():
-        print(f"error: no ledger at {path} (has `dicomnode serve` run with this config?)", file=sys.stderr)
-        return 1
-    ledger = Ledger(path)
+    ledger = open_ledger(config, write=True)
     try:
         job = ledger.job(args.job) if args.job is not None else None
         if args.job is not None and job is None:
@@ -301,11 +284,7 @@ def cmd_resend(args: argparse.Namespace) -> int:
 
 def cmd_reprocess(args: argparse.Namespace) -> int:
     config = config_or_exit(args.config)
-    path = Path(config.storage.root) / "ledger.sqlite3"
-    if not path.exists():
-        print(f"error: no ledger at {path} (has `dicomnode serve` run with this config?)", file=sys.stderr)
-        return 1
-    ledger = Ledger(path)
+    ledger = open_ledger(config, write=True)
     try:
         job = ledger.job(args.job)
         if job is None:

@@ -12,15 +12,12 @@ import argparse
 import getpass
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from dicomnode.admin import ops
 from dicomnode.admin.auth import AUDIT_FILE, Audit
-from dicomnode.cli.common import config_or_exit
-from dicomnode.config import NodeConfig
-from dicomnode.ledger import Ledger, LedgerError
+from dicomnode.cli.common import config_or_exit, open_ledger, when
 
 __all__ = ["register", "register_models_list"]
 
@@ -69,22 +66,6 @@ def register_models_list(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_models_list)
 
 
-def _ledger(config: NodeConfig, *, write: bool = False) -> Ledger:
-    path = Path(config.storage.root) / "ledger.sqlite3"
-    if not path.exists():
-        print(f"error: no ledger at {path} (has `dicomnode serve` run with this config?)", file=sys.stderr)
-        raise SystemExit(1)
-    try:
-        return Ledger(path, readonly=not write)
-    except LedgerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
-
-
 def _seconds(timings: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.2f}" for k, v in timings.items() if k != "total") + (
         f" = {timings['total']:.2f} s" if "total" in timings else "")
@@ -92,7 +73,7 @@ def _seconds(timings: dict[str, float]) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     config = config_or_exit(args.config)
-    ledger = _ledger(config)
+    ledger = open_ledger(config)
     try:
         listing = ops.list_jobs(ledger, args.state, args.page, args.limit)
     except ops.OpError as exc:
@@ -109,13 +90,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         deliveries = ", ".join(f"{k} {v}" for k, v in j["deliveries"].items()) or "-"
         total = j["timings"].get("total")
         print(f"{j['id']:>6}  {j['state']:<10} {(j['rule'] or '-'):<20} {(j['model'] or '-'):<16} {j['instances']:>4} "
-              f"{j['outputs']:>4}  {deliveries:<24} {f'{total:.2f}' if total is not None else '-':>8}  {_when(j['updated_at'])}")
+              f"{j['outputs']:>4}  {deliveries:<24} {f'{total:.2f}' if total is not None else '-':>8}  {when(j['updated_at'])}")
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     config = config_or_exit(args.config)
-    ledger = _ledger(config)
+    ledger = open_ledger(config)
     try:
         view = ops.show_job(ledger, args.job)
     except ops.OpError as exc:
@@ -132,7 +113,7 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"guidance {view['guidance_id'] or '-'}; attempts {view['attempts']}")
     print(f"  {view['instances']} instances in, {view['outputs']} outputs; deliveries "
           + (", ".join(f"{k} {v}" for k, v in view["deliveries"].items()) or "none"))
-    print(f"  received {_when(view['created_at'])} .. {_when(view['last_received_at'])}; updated {_when(view['updated_at'])}")
+    print(f"  received {when(view['created_at'])} .. {when(view['last_received_at'])}; updated {when(view['updated_at'])}")
     if view["timings"]:
         print(f"  seconds: {_seconds(view['timings'])}")
     gate = view["gate"]
@@ -155,7 +136,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _change(args: argparse.Namespace, action: str, work: Any) -> int:
     config = config_or_exit(args.config)
-    ledger = _ledger(config, write=True)
+    ledger = open_ledger(config, write=True)
     audit = Audit(Path(config.storage.root) / AUDIT_FILE)
     who = f"cli:{getpass.getuser()}"
     try:
