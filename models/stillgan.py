@@ -3,12 +3,13 @@ generators and two 70 x 70 PatchGAN discriminators, plus illumination regularisa
 (``models.losses.illumination``) and a structure loss (``models.losses.structure``).
 
 Generator (paper Fig. 3, authors' code): ``depth`` encoder levels, each a residual block followed by
-2x2 max pooling, a bottleneck residual block, and symmetric decoder levels (upsampling, concatenation
-with the skip, residual block); residual block = two 3x3 conv-norm-LeakyReLU(0.2) with a shortcut;
-instance norm, nearest upsampling and a tanh output as in the authors' code. The official 8-level
-network accepts only multiples of 256; here any size works: the input is reflect-padded to the next
-multiple of 2**depth and the output cropped back. The bottleneck is at 1/2**depth resolution, which
-can be a single pixel, where instance norm is undefined, so it has no normalisation.
+2x2 max pooling, and no block at the bottom; ``depth`` decoder levels, each nearest upsampling and a
+3x3 conv-norm-LeakyReLU, concatenation with the skip, and a residual block; residual block = two 3x3
+conv-norm-LeakyReLU(0.2) with a 1x1 conv + norm shortcut; instance norm and a tanh output. With depth
+8 and widths 64..512 this is the official network: 78.65 M parameters for RGB (measured on the
+authors' code: 78.6 M). The official network accepts only multiples of 256; here any size works: the
+input is reflect-padded to the next multiple of 2**depth and the output cropped back. Training
+initialises every network N(0, 0.02) (``init_normal``), as the authors' (CycleGAN) code does.
 
 The GAN loss is least squares (``lsgan_loss``), as in the authors' code, rather than the paper's
 log loss: the published results were trained with it, and it keeps giving the generators gradient
@@ -32,7 +33,7 @@ from torch import nn
 
 from models.padding import pad_to_multiple
 
-VERSION = "1.0"
+VERSION = "2.0"  # 2.0: the official generator (up-convs, 1x1 shortcuts, no bottleneck block)
 # Paper weights (Sec. IV-B): cycle 10, identity 5, illumination alpha 1, structure beta 5.
 LAMBDA_CYCLE = 10.0
 LAMBDA_IDENTITY = 5.0
@@ -53,7 +54,7 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    """Two 3x3 conv-norm-LeakyReLU layers with a (1x1 when widths differ) shortcut."""
+    """Two 3x3 conv-norm-LeakyReLU layers with a 1x1 conv + norm shortcut (always, as the authors' code)."""
 
     def __init__(self, cin: int, cout: int, norm: str = "instance"):
         super().__init__()
@@ -61,16 +62,27 @@ class ResBlock(nn.Module):
             nn.Conv2d(cin, cout, 3, padding=1), _norm(norm, cout), nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(cout, cout, 3, padding=1), _norm(norm, cout),
         )
-        self.shortcut = nn.Identity() if cin == cout else nn.Conv2d(cin, cout, 1)
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1), _norm(norm, cout))
         self.act = nn.LeakyReLU(0.2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.body(x) + self.shortcut(x))
 
 
+class UpConv(nn.Module):
+    """Nearest 2x upsampling to the skip's size, then a 3x3 conv-norm-LeakyReLU to the skip's width."""
+
+    def __init__(self, cin: int, cout: int, norm: str = "instance"):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), _norm(norm, cout), nn.LeakyReLU(0.2, inplace=True))
+
+    def forward(self, x: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
 @dataclass(frozen=True)
 class StillGANConfig:
-    """Generator architecture; ``depth`` 8 with widths 64..512 is the paper's network."""
+    """Generator architecture; ``depth`` 8 with widths 64..512 is the official network (78.6 M parameters RGB)."""
 
     channels: int = 1
     depth: int = 8
@@ -87,8 +99,8 @@ class StillGANConfig:
             raise ValueError("need 1 <= base_channels <= max_channels")
 
     def widths(self) -> list[int]:
-        """Width of encoder levels 0..depth-1 and the bottleneck (last)."""
-        return [min(self.base_channels * 2**i, self.max_channels) for i in range(self.depth + 1)]
+        """Width of encoder (and matching decoder) levels 0..depth-1."""
+        return [min(self.base_channels * 2**i, self.max_channels) for i in range(self.depth)]
 
     @property
     def multiple(self) -> int:
@@ -99,7 +111,13 @@ class StillGANConfig:
 
 
 class ResUNetGenerator(nn.Module):
-    """StillGAN generator: [0, 1] images (B, C, H, W) of any size -> same shape in [0, 1]."""
+    """StillGAN generator: [0, 1] images (B, C, H, W) of any size -> same shape in [0, 1].
+
+    ``depth`` levels of residual block + 2x2 max pooling; no block at the bottom: the last pooled
+    map goes straight to the decoder, whose levels are upsample + 3x3 conv, concatenation with the
+    skip, residual block. A 1x1 conv and tanh make the image. Every normalised map is at least
+    2 x 2 (the input is padded to a multiple of 2**depth), so instance norm is always defined.
+    """
 
     def __init__(self, config: StillGANConfig):
         super().__init__()
@@ -107,14 +125,15 @@ class ResUNetGenerator(nn.Module):
         widths = config.widths()
         self.encoders = nn.ModuleList()
         cin = config.channels
-        for w in widths[:-1]:
+        for w in widths:
             self.encoders.append(ResBlock(cin, w, config.norm))
             cin = w
-        self.bottleneck = ResBlock(cin, widths[-1], "none")
+        self.ups = nn.ModuleList()
         self.decoders = nn.ModuleList()
         below = widths[-1]
-        for w in reversed(widths[:-1]):
-            self.decoders.append(ResBlock(below + w, w, config.norm))
+        for w in reversed(widths):
+            self.ups.append(UpConv(below, w, config.norm))
+            self.decoders.append(ResBlock(2 * w, w, config.norm))
             below = w
         self.head = nn.Conv2d(widths[0], config.channels, 1)
 
@@ -125,11 +144,22 @@ class ResUNetGenerator(nn.Module):
             x = enc(x)
             skips.append(x)
             x = F.max_pool2d(x, 2)
-        x = self.bottleneck(x)
-        for dec, skip in zip(self.decoders, reversed(skips)):
-            x = F.interpolate(x, size=skip.shape[-2:], mode="nearest")
-            x = dec(torch.cat([x, skip], dim=1))
+        for up, dec, skip in zip(self.ups, self.decoders, reversed(skips)):
+            x = dec(torch.cat([up(x, skip.shape[-2:]), skip], dim=1))
         return (torch.tanh(self.head(x)[..., :h, :w]) + 1) / 2
+
+
+def init_normal(module: nn.Module, std: float = 0.02) -> nn.Module:
+    """The official CycleGAN/StillGAN initialisation: conv weights N(0, std), biases 0, norm scales N(1, std)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.InstanceNorm2d)) and m.weight is not None:
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+    return module
 
 
 class PatchDiscriminator(nn.Module):

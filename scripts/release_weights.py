@@ -4,6 +4,7 @@
     python scripts/release_weights.py train --target color --g-steps 1500 --steps 12000
     python scripts/release_weights.py validate --target color     # checkpoint on the validation pairs
     python scripts/release_weights.py finish --target color       # export, guidance caches, cards
+    python scripts/release_weights.py baseline --target ccm --kind stillgan --steps 550   # same data and CPU budget
 
 Every stage is resumable: training runs in chunks from the last checkpoint, so an interrupted run
 is continued by running the same command again.
@@ -223,6 +224,24 @@ def train(target: str, work: Path, *, g_steps: int, steps: int, size: int, confi
                                 "--modality", target, "--half", "--haar-weight", haar_weight, *_resume(root / "hqgnet")])
 
 
+# Baselines get HQG-Net's CPU budget on the same manifest: 1 thread, seconds per step measured on this
+# machine (StillGAN official network at 256: ~35 s; LaMEGAN at 256: ~14 s), so steps = budget / step time.
+BASELINE_SIZE = {"stillgan": 256, "lamegan": 256}
+
+
+def train_baseline(target: str, work: Path, kind: str, *, steps: int, size: int, device: str, seed: int) -> Path:
+    """Train (or continue) a cycle-GAN baseline on the target's manifest; returns the exported weights."""
+    root = work / target
+    if not (root / "train.json").is_file():
+        raise SystemExit(f"{root / 'train.json'} missing: run `prepare --target {target}` first")
+    out = root / kind
+    run(f"models.train.{kind}", ["--manifest", root / "train.json", "--size", size, "--iterations", steps,
+                                 "--out", out, "--name", f"{kind}-{target}", "--device", device, "--seed", seed,
+                                 "--checkpoint-every", 10, "--val-every", 50, "--log-every", 5,
+                                 "--modality", target, *_resume(out)])
+    return out / f"{kind}-{target}.pt"
+
+
 # --------------------------------------------------------------------------------------------- export
 
 
@@ -362,7 +381,8 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("prepare", "train", "export", "validate", "all"))
+    parser.add_argument("stage", choices=("prepare", "train", "export", "validate", "all", "baseline"))
+    parser.add_argument("--kind", choices=tuple(BASELINE_SIZE), default="stillgan", help="baseline: which cycle GAN")
     parser.add_argument("--weights-dir", type=Path, default=REPO / "models" / "weights")
     parser.add_argument("--checkpoint", type=Path, default=None, help="export: this checkpoint instead of the last")
     parser.add_argument("--color-mode", choices=("full", "luminance"), default="full", help="export: the card's default output mode")
@@ -383,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="export: the step from which the checkpoint was trained with --haar-weight (1 before), for the card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.stage == "baseline":
+        size = args.size if args.size != 192 else BASELINE_SIZE[args.kind]
+        print(train_baseline(args.target, args.work, args.kind, steps=args.steps, size=size, device=args.device, seed=args.seed))
+        return 0
     if args.stage in ("prepare", "all"):
         prepare(args.target, args.data, args.work, args.seed)
     if args.stage in ("train", "all"):

@@ -48,8 +48,22 @@ def test_paper_depth_runs_at_384_by_padding_to_512():
 def test_full_size_generator_matches_paper_scale():
     with torch.device("meta"):  # count without allocating 280 MB
         g = build_generator(StillGANConfig(channels=3))
-    params = sum(p.numel() for p in g.parameters()) / 1e6
-    assert 55 < params < 80, params  # paper table: 58.4 M; authors' code: 78.6 M
+    params = sum(p.numel() for p in g.parameters())
+    assert params == 78_649_987, params  # the authors' code, measured: 78.6 M (the paper's table: 58.4 M)
+    assert len(g.ups) == len(g.decoders) == len(g.encoders) == 8 and not hasattr(g, "bottleneck")
+    assert all(isinstance(block.shortcut[0], torch.nn.Conv2d) and block.shortcut[0].kernel_size == (1, 1)
+               for block in [*g.encoders, *g.decoders])
+
+
+def test_normal_init_as_the_official_code():
+    from models.stillgan import init_normal
+
+    torch.manual_seed(0)
+    g = init_normal(build_generator(StillGANConfig(channels=3, depth=4, base_channels=16, max_channels=64)))
+    weights = torch.cat([m.weight.detach().flatten() for m in g.modules() if isinstance(m, torch.nn.Conv2d)])
+    biases = torch.cat([m.bias.detach().flatten() for m in g.modules() if isinstance(m, torch.nn.Conv2d)])
+    assert abs(float(weights.std()) - 0.02) < 0.001 and abs(float(weights.mean())) < 0.001
+    assert float(biases.abs().max()) == 0.0
 
 
 def test_patch_discriminator_has_70_pixel_receptive_field():
@@ -190,6 +204,8 @@ def test_train_cli_exports_a_loadable_model(tmp_path):
     card = json.loads((out / "stillgan.json").read_text())
     assert card["kind"] == "stillgan" and card["config"]["depth"] == 3 and card["config"]["channels"] == 1
     assert card["training"]["alpha_illumination"] == 1.0 and card["training"]["beta_structure"] == 5.0
+    # 44 x 36 images, shorter side fitted to 1.125 x 24 = 27: the node serves at a long side of 33
+    assert card["working_max_side"] == 33 and card["size"] == 24
     model = load_checkpoint(out / "stillgan.pt", device="cpu")
     assert model.enhance([np.full((33, 47), 0.4, np.float32)])[0].shape == (33, 47)
 
@@ -210,6 +226,30 @@ def test_train_cli_resumes_and_losses_move(tmp_path):
         assert all(np.isfinite(values)) and len(set(values)) > 1, key
     assert float(rows[-1]["cycle"]) < float(rows[0]["cycle"])
     assert (out / "samples" / "step_000004.png").is_file() and (out / "samples" / "step_000008.png").is_file()
+
+
+def test_train_cli_from_a_release_manifest_serves_at_its_working_scale(tmp_path):
+    from dicomnode.cli import main
+    from models.gan_enhancer import GANEnhancer
+
+    _write_domain(tmp_path / "lq", 0, 0.8)
+    _write_domain(tmp_path / "hq", 1, 0.0)
+    manifest = {"channels": 1, "max_side": 40, "fov": False, "domains": {"ccm": {
+        "lq": [[str(p), 1.0] for p in sorted((tmp_path / "lq").iterdir())],
+        "hq": [[str(p), 1.0] for p in sorted((tmp_path / "hq").iterdir())]}}}
+    (tmp_path / "train.json").write_text(json.dumps(manifest))
+    out = tmp_path / "run"
+    args = ["train", "stillgan", "--manifest", str(tmp_path / "train.json"), "--out", str(out), "--size", "24",
+            "--depth", "3", "--base-channels", "8", "--max-channels", "16", "--ndf", "8", "--patch-sizes", "6", "12",
+            "--iterations", "2", "--val-every", "2"]
+    assert main(args) == 0
+    card = json.loads((out / "stillgan.json").read_text())
+    assert card["working_max_side"] == 40 and card["training"]["domains"] == {"ccm": {"lq": 3, "hq": 3}}
+    model = load_checkpoint(out / "stillgan.pt", device="cpu")
+    assert isinstance(model, GANEnhancer) and model.info.options["max_side"] == 40
+    assert model.enhance([np.full((120, 90), 0.4, np.float32)])[0].shape == (120, 90)
+    with pytest.raises(SystemExit, match="either --manifest or --lq"):
+        main([*args, "--lq", str(tmp_path / "lq")])
 
 
 def test_train_cli_reports_empty_folder(tmp_path):

@@ -45,7 +45,12 @@ class ImageFolder(Dataset):
         self.size, self.channels, self.augment = size, channels, augment
         self.rng = random.Random(seed)
         # Decode at a working size a little above `size` so random crops still vary.
-        self.images = [fit_square(load_image(p, channels), int(size * 1.125) if augment else size) for p in self.paths]
+        self.images: list[np.ndarray] = []
+        self.shapes: list[tuple[int, int]] = []  # (h, w) as decoded, before fitting
+        for p in self.paths:
+            img = load_image(p, channels)
+            self.shapes.append(img.shape[:2])
+            self.images.append(fit_square(img, int(size * 1.125) if augment else size))
         self.masks: list[np.ndarray] | None = None
         if masks is not None:
             by_stem = {p.stem: p for p in list_images(masks)}

@@ -63,11 +63,15 @@ class CycleGANSpec:
     card_extra: dict[str, Any] = field(default_factory=dict)
 
 
-def add_cycle_arguments(parser: argparse.ArgumentParser, *, lambda_identity: float) -> None:
+def add_cycle_arguments(parser: argparse.ArgumentParser, *, lambda_identity: float, size: int = 256) -> None:
     """Flags shared by the cycle-GAN trainers (paper defaults: batch 1, lr 2e-4)."""
-    parser.add_argument("--lq", type=Path, required=True, help="folder of low-quality images or DICOM files")
-    parser.add_argument("--hq", type=Path, required=True, help="folder of high-quality images or DICOM files (unpaired)")
-    add_common_arguments(parser, size=256, iterations=20000, batch_size=1, lr=2e-4)
+    parser.add_argument("--lq", type=Path, default=None, help="folder of low-quality images or DICOM files")
+    parser.add_argument("--hq", type=Path, default=None, help="folder of high-quality images or DICOM files (unpaired)")
+    parser.add_argument("--manifest", type=Path, default=None,
+                        help="instead of --lq/--hq: a training manifest (scripts/release_weights.py prepare), i.e. the "
+                             "shipped HQG-Net's images, source weights, working scale and field-of-view crops; each "
+                             "step pairs LQ and HQ crops of one domain")
+    add_common_arguments(parser, size=size, iterations=20000, batch_size=1, lr=2e-4)
     parser.add_argument("--ndf", type=int, default=64, help="discriminator base width (default 64)")
     parser.add_argument("--lambda-cycle", type=float, default=10.0, help="cycle-consistency L1 weight (default 10)")
     parser.add_argument("--lambda-identity", type=float, default=lambda_identity,
@@ -90,24 +94,85 @@ def _set_requires_grad(modules: list[nn.Module], flag: bool) -> None:
             p.requires_grad_(flag)
 
 
-def run_cycle_gan(args: argparse.Namespace, build_spec: Callable[[int], CycleGANSpec]) -> int:
-    """Train both directions, checkpoint/resume, write sample grids and the loss log, and export
-    G_LQ->HQ with its model card. ``build_spec(channels)`` builds the model-specific parts."""
-    from models.stillgan import ImagePool, lsgan_loss
+@dataclass
+class CycleData:
+    """Where a cycle GAN's unpaired crops come from: two folders, or a release manifest."""
 
-    for flag in ("iterations", "batch_size", "size"):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
+    channels: int
+    batches: Callable[[int, int], Callable[[], tuple[torch.Tensor, torch.Tensor]]]  # (batch, seed) -> next (LQ, HQ)
+    fixed: torch.Tensor  # LQ crops for the sample grids
+    working_max_side: int  # the longer side the model learnt at: the node serves it at this scale
+    fov: bool
+    description: dict[str, Any]
+
+
+def _training_data(args: argparse.Namespace) -> CycleData:
+    import numpy as np
+
+    from models.train.data import DomainBatches, read_manifest
+
+    if args.manifest is not None:
+        if args.lq is not None or args.hq is not None:
+            raise SystemExit("give either --manifest or --lq/--hq, not both")
+        try:
+            manifest = read_manifest(args.manifest)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--manifest: {exc}") from exc
+        channels = int(manifest["channels"])
+        if args.channels not in (None, channels):
+            raise SystemExit(f"--channels {args.channels} disagrees with the manifest ({channels})")
+        domains = DomainBatches(manifest, args.size, seed=args.seed)
+        first_lq = next(iter(domains.sets.values()))[0]
+        rng = np.random.default_rng(args.seed)
+        fixed = torch.stack([first_lq.crop(i, rng, augment=False)[0] for i in range(min(4, len(first_lq)))])
+
+        def manifest_batches(batch: int, seed: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+            domains.rng = np.random.default_rng(seed)
+
+            def pair() -> tuple[torch.Tensor, torch.Tensor]:
+                _, y, _, z, _ = domains.next(batch)
+                return y, z
+
+            return pair
+
+        return CycleData(channels, manifest_batches, fixed, int(manifest["max_side"]), bool(manifest.get("fov", False)),
+                         {"manifest": str(args.manifest), "max_side": int(manifest["max_side"]), "domains": domains.counts()})
+
+    if args.lq is None or args.hq is None:
+        raise SystemExit("give --lq and --hq folders (or --manifest)")
     try:
         lq_paths, hq_paths = list_images(args.lq), list_images(args.hq)
     except ValueError as exc:
         raise SystemExit(str(exc)) from exc
-    seed_everything(args.seed)
-    device = pick_device(args.device)
     channels = args.channels or infer_channels(lq_paths)
-    spec = build_spec(channels)
     lq_set = ImageFolder(lq_paths, args.size, channels, seed=args.seed)
     hq_set = ImageFolder(hq_paths, args.size, channels, seed=args.seed + 1)
+    # Folder images are resized so the shorter side is 1.125 x the crop: the node serves at that scale.
+    short = int(args.size * 1.125)
+    long_sides = sorted(round(short * max(h, w) / min(h, w)) for h, w in lq_set.shapes)
+    working = long_sides[len(long_sides) // 2]
+
+    def folder_batches(batch: int, seed: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        a, b = infinite(lq_set, batch, seed=seed), infinite(hq_set, batch, seed=seed + 1)
+        return lambda: (next(a), next(b))
+
+    fixed = torch.stack([lq_set[i] for i in range(min(4, len(lq_set)))])
+    return CycleData(channels, folder_batches, fixed, working, False,
+                     {"lq": dataset_description(args.lq, len(lq_set)), "hq": dataset_description(args.hq, len(hq_set))})
+
+
+def run_cycle_gan(args: argparse.Namespace, build_spec: Callable[[int], CycleGANSpec]) -> int:
+    """Train both directions, checkpoint/resume, write sample grids and the loss log, and export
+    G_LQ->HQ with its model card. ``build_spec(channels)`` builds the model-specific parts."""
+    from models.stillgan import ImagePool, init_normal, lsgan_loss
+
+    for flag in ("iterations", "batch_size", "size"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    data = _training_data(args)
+    spec = build_spec(data.channels)
 
     g_ab = spec.make_generator(spec.generator_config).to(device)  # LQ -> HQ (the shipped one)
     g_ba = spec.make_generator(spec.generator_config).to(device)  # HQ -> LQ
@@ -122,10 +187,12 @@ def run_cycle_gan(args: argparse.Namespace, build_spec: Callable[[int], CycleGAN
     if args.resume:
         start, _ = ckpt.load(modules, optimizers)
         print(f"resumed from {ckpt.path} at step {start}")
+    else:
+        for module in modules.values():
+            init_normal(module)
     pool_a, pool_b = ImagePool(args.pool_size, random.Random(args.seed + start)), ImagePool(args.pool_size, random.Random(args.seed + start + 1))
-    batches_a = infinite(lq_set, args.batch_size, seed=args.seed + start)
-    batches_b = infinite(hq_set, args.batch_size, seed=args.seed + start + 1)
-    fixed_a = torch.stack([lq_set[i] for i in range(min(4, len(lq_set)))])
+    next_pair = data.batches(args.batch_size, args.seed + start)
+    fixed_a = data.fixed
     losslog = LossLog(Path(args.out) / "log.csv")
     timer = Timer()
     last: dict[str, float] = {}
@@ -135,7 +202,7 @@ def run_cycle_gan(args: argparse.Namespace, build_spec: Callable[[int], CycleGAN
         for opt in (opt_g, opt_d):
             for group in opt.param_groups:
                 group["lr"] = args.lr * factor
-        real_a, real_b = next(batches_a).to(device), next(batches_b).to(device)
+        real_a, real_b = (t.to(device) for t in next_pair())
 
         # Generators: fool both discriminators, close both cycles, keep in-domain images unchanged.
         _set_requires_grad([d_a, d_b], False)
@@ -188,6 +255,10 @@ def run_cycle_gan(args: argparse.Namespace, build_spec: Callable[[int], CycleGAN
         "config": spec.generator_config,
         "direction": "LQ->HQ",
         "modality": args.modality,
+        "channels": data.channels,
+        "size": args.size,
+        "working_max_side": data.working_max_side,
+        "fov": data.fov,
         "parameters": count_parameters(g_ab),
         "training": {
             "iterations": args.iterations,
@@ -198,8 +269,7 @@ def run_cycle_gan(args: argparse.Namespace, build_spec: Callable[[int], CycleGAN
             "lambda_cycle": spec.lambda_cycle,
             "lambda_identity": spec.lambda_identity,
             "gan_loss": "least squares",
-            "lq": dataset_description(args.lq, len(lq_set)),
-            "hq": dataset_description(args.hq, len(hq_set)),
+            **data.description,
             "hardware": hardware_description(device),
             "final_losses": last,
             "seconds": round(timer.seconds, 1),
@@ -215,7 +285,7 @@ def run_cycle_gan(args: argparse.Namespace, build_spec: Callable[[int], CycleGAN
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_cycle_arguments(parser, lambda_identity=5.0)
+    add_cycle_arguments(parser, lambda_identity=5.0, size=512)  # the paper trains at 512 x 512
     parser.add_argument("--depth", type=int, default=8, help="ResUNet levels; inputs are padded to multiples of 2**depth (default 8, the paper's)")
     parser.add_argument("--base-channels", type=int, default=64, help="generator width at full resolution (default 64)")
     parser.add_argument("--max-channels", type=int, default=512, help="generator width cap (default 512)")
