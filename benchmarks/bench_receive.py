@@ -1,12 +1,16 @@
 """Receive speed: instances per second `dicomnode serve` accepts vs dcmtk's storescp, same files, same sender.
 
-Both receivers get the same folder of synthetic CT instances from the same `dcmsend` (one
-association, TCP_NODELAY=1 for sender and receivers: dcmtk leaves Nagle on otherwise). The node
+Both receivers get the same synthetic CT instances from the same `dcmsend` (TCP_NODELAY=1 for
+sender and receivers: dcmtk leaves Nagle on otherwise). With ``--senders N`` the instances are split
+into N series sent by N parallel `dcmsend` processes (one association each), storescp runs with
+``--fork`` (a process per association) and the node with each ``--processes`` value
+(``node.receive_processes``: processes sharing the port). The node
 runs as it does in production (`dicomnode serve`, spool + ledger + fsync per instance) with a long
 series quiet time so only receiving is timed. Rounds alternate between the receivers to share any
 background load fairly; the best round of each is reported (the least disturbed by other work).
 
     .venv/bin/python benchmarks/bench_receive.py --count 200 --size 512 --rounds 3
+    .venv/bin/python benchmarks/bench_receive.py --count 400 --senders 4 --processes 1 4
 """
 
 from __future__ import annotations
@@ -76,14 +80,17 @@ def wait_echo(port: int, aec: str, proc: subprocess.Popen, timeout: float = 120.
     raise TimeoutError(f"no C-ECHO answer on port {port} after {timeout} s")
 
 
-def send(port: int, aec: str, folder: Path, count: int) -> float:
+def send(port: int, aec: str, folders: list[Path], count: int) -> float:
+    """Send each folder with its own `dcmsend` (all at once); seconds until the last one finished."""
     start = time.perf_counter()
-    proc = subprocess.run(["dcmsend", "-v", "-aec", aec, "127.0.0.1", str(port), "+sd", str(folder)],
-                          capture_output=True, text=True, env=env(), timeout=3600)
+    procs = [subprocess.Popen(["dcmsend", "-v", "-aec", aec, "127.0.0.1", str(port), "+sd", str(folder)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env()) for folder in folders]
+    outputs = [p.communicate(timeout=3600)[0] for p in procs]
     seconds = time.perf_counter() - start
-    ok = f"with status SUCCESS  : {count}" in proc.stdout + proc.stderr
-    if proc.returncode != 0 or not ok:
-        raise RuntimeError(f"dcmsend did not store all {count} instances:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    per = count // len(folders)
+    for proc, out in zip(procs, outputs):
+        if proc.returncode != 0 or f"with status SUCCESS  : {per}" not in out:
+            raise RuntimeError(f"dcmsend did not store all {per} instances:\n{out[-2000:]}")
     return seconds
 
 
@@ -105,21 +112,26 @@ def start_node(work: Path, port: int, **node: object) -> subprocess.Popen:
         "storage": {"root": str(work / "var")},
         "destinations": {"outbox": {"folder": str(work / "outbox")}},
         "rules": [{"name": "bench", "match": {"Modality": "NONE"}, "destinations": ["outbox"]}],
-        "logging": {"level": "WARNING"},
+        "logging": {"level": "INFO"},  # the "up" line says every receiving process listens
     }
     path = work / "node.yaml"
     path.write_text(yaml.safe_dump(config))
+    log_file = work / "node.log"
+    offset = log_file.stat().st_size if log_file.exists() else 0
     proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(path)], env=env(),
                             stdout=subprocess.DEVNULL, stderr=(work / "node.log").open("ab"))
     wait_echo(port, "DICOMNODE", proc)
+    deadline = time.monotonic() + 120
+    while " up: " not in log_file.read_bytes()[offset:].decode(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.1)  # with several receiving processes the first answers C-ECHO before the last listens
     return proc
 
 
-def start_storescp(work: Path, port: int) -> subprocess.Popen:
+def start_storescp(work: Path, port: int, fork: bool = False) -> subprocess.Popen:
     out = work / "storescp"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    proc = subprocess.Popen(["storescp", "-aet", "PACS", "-od", str(out), "+xa", str(port)], env=env(),
+    proc = subprocess.Popen(["storescp", *(["--fork"] if fork else []), "-aet", "PACS", "-od", str(out), "+xa", str(port)], env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_echo(port, "PACS", proc)
     return proc
@@ -127,40 +139,53 @@ def start_storescp(work: Path, port: int) -> subprocess.Popen:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=200, help="instances per round (default 200)")
+    parser.add_argument("--count", type=int, default=200, help="instances per round, all senders together (default 200)")
     parser.add_argument("--size", type=int, default=512, help="rows = columns of each 16-bit CT (default 512)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per receiver (default 3)")
+    parser.add_argument("--senders", type=int, default=1, help="parallel dcmsend processes, one association each (default 1)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1],
+                        help="node.receive_processes values to measure (default 1)")
     args = parser.parse_args(argv)
     for tool in ("dcmsend", "storescp", "echoscu"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} not found: apt-get install dcmtk")
+    if args.count % args.senders:
+        parser.error("--count must be a multiple of --senders")
+    fork = args.senders > 1
+    receivers = [(f"dicomnode x{n}" if len(args.processes) > 1 or n > 1 else "dicomnode", n) for n in args.processes]
+    scp_name = "storescp --fork" if fork else "storescp"
     with tempfile.TemporaryDirectory(prefix="bench_receive_") as tmp:
         work = Path(tmp)
-        total = make_series(work / "data", args.count, args.size)
-        print(f"{args.count} CT instances {args.size}x{args.size} 16-bit, {total / args.count / 1e6:.2f} MB each")
-        times: dict[str, list[float]] = {"dicomnode": [], "storescp": []}
-        with tqdm(total=2 * args.rounds, desc="rounds", unit="round") as bar:
+        folders = [work / "data" / f"s{i}" for i in range(args.senders)]
+        total = sum(make_series(folder, args.count // args.senders, args.size) for folder in folders)
+        print(f"{args.count} CT instances {args.size}x{args.size} 16-bit, {total / args.count / 1e6:.2f} MB each, "
+              f"{args.senders} sender(s) in parallel")
+        times: dict[str, list[float]] = {name: [] for name, _ in receivers} | {scp_name: []}
+        with tqdm(total=(len(receivers) + 1) * args.rounds, desc="rounds", unit="round") as bar:
             for _ in range(args.rounds):
-                for name, starter, aec in (("dicomnode", start_node, "DICOMNODE"), ("storescp", start_storescp, "PACS")):
+                for name, processes in [*receivers, (scp_name, 0)]:
                     port = free_port()
-                    proc = starter(work, port)
+                    if processes:
+                        proc, aec = start_node(work, port, receive_processes=processes), "DICOMNODE"
+                    else:
+                        proc, aec = start_storescp(work, port, fork=fork), "PACS"
                     try:
-                        times[name].append(send(port, aec, work / "data", args.count))
+                        times[name].append(send(port, aec, folders, args.count))
                     finally:
                         stop(proc)
-                    if name == "dicomnode":
+                    if processes:
                         stored = len(list((work / "var" / "series").rglob("*.dcm")))
                         if stored != args.count:
                             raise RuntimeError(f"node spooled {stored} of {args.count} instances")
                     bar.update(1)
-    print(f"\n{'receiver':<10} {'best s':>8} {'median s':>9} {'inst/s':>8} {'MB/s':>7}")
-    rate = {}
+    print(f"\n{'receiver':<16} {'best s':>8} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'ratio':>6}")
+    scp_rate = args.count / min(times[scp_name])
     for name, values in times.items():
         best = min(values)
-        rate[name] = args.count / best
-        print(f"{name:<10} {best:8.2f} {statistics.median(values):9.2f} {rate[name]:8.1f} {total / best / 1e6:7.1f}")
-    print(f"\ndicomnode / storescp = {rate['dicomnode'] / rate['storescp']:.2f} "
-          f"(same dcmsend, one association, TCP_NODELAY=1, {os.cpu_count()} CPUs)")
+        rate = args.count / best
+        print(f"{name:<16} {best:8.2f} {statistics.median(values):9.2f} {rate:8.1f} {total / best / 1e6:7.1f} {rate / scp_rate:6.2f}")
+    print(f"\nratio = instances/s over {scp_name}'s (same dcmsend, {args.senders} association(s) in parallel, "
+          f"TCP_NODELAY=1, {os.cpu_count()} CPUs)")
     return 0
 
 

@@ -100,6 +100,9 @@ class NodeSettings(StrictModel):
     max_pdu_size: int = Field(1024 * 1024, ge=0)
     max_object_bytes: ByteSize = Field(ByteSize(2 * 1024**3), gt=0)  # accepts 2147483648 or "2GiB"
     workers: int = Field(1, ge=1)
+    # Processes receiving on the port (SO_REUSEPORT, Linux); 1 = in the node process. Each enforces
+    # max_associations and max_connections_per_peer for its own connections.
+    receive_processes: int = Field(1, ge=1, le=64)
     tls: NodeTLSConfig | None = None
     # Decode budgets, checked from the header before any pixel is decoded; an instance over one fails (quarantined).
     # Per frame: rows x columns x samples x bytes per sample plus the float32 working copy (CT 512x512: 1.5 MiB,

@@ -202,8 +202,10 @@ class NodeServer(ThreadedAssociationServer):
     daemon_threads = True
 
     def __init__(self, ae: Any, address: Any, ae_title: str, contexts: list[Any], ssl_context: Any = None,
-                 evt_handlers: list[Any] | None = None, *, limits: Limits, tls: ssl.SSLContext | None = None) -> None:
+                 evt_handlers: list[Any] | None = None, *, limits: Limits, tls: ssl.SSLContext | None = None,
+                 reuse_port: bool = False) -> None:
         self.limits = limits
+        self.reuse_port = reuse_port  # several receiving processes share the port (dicomnode.receivers)
         self.tls = tls
         self._lock = threading.Lock()
         self._connections: set[_Connection] = set()
@@ -212,6 +214,12 @@ class NodeServer(ThreadedAssociationServer):
         self._refusals: dict[tuple[str, str], float] = {}
         handlers = [*(evt_handlers or []), (evt.EVT_REQUESTED, self._on_requested)]
         super().__init__(ae, address, ae_title, contexts, None, evt_handlers=handlers, request_handler=_Handler)
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     # -- admission (the accept thread) ---------------------------------------------------------
     def get_request(self) -> tuple[socket.socket, Any]:
@@ -343,9 +351,11 @@ def _remove_partial_object(assoc: Any, peer: str) -> None:
 
 
 def start_server(ae: Any, address: tuple[str, int], *, handlers: list[Any], limits: Limits,
-                 tls: ssl.SSLContext | None = None) -> NodeServer:
-    """Listen on ``address`` in a background thread (as ``AE.start_server(block=False)`` does)."""
-    server = ae.make_server(address, evt_handlers=handlers, server_class=NodeServer, limits=limits, tls=tls)
+                 tls: ssl.SSLContext | None = None, reuse_port: bool = False) -> NodeServer:
+    """Listen on ``address`` in a background thread (as ``AE.start_server(block=False)`` does);
+    ``reuse_port`` lets other processes listen on the same port (SO_REUSEPORT)."""
+    server = ae.make_server(address, evt_handlers=handlers, server_class=NodeServer, limits=limits, tls=tls,
+                            reuse_port=reuse_port)
     thread = threading.Thread(target=server.serve_forever, name="listener", daemon=True)
     thread.start()
     ae._servers.append(server)  # as AE.start_server: AE.shutdown() and NodeServer.shutdown() find it there

@@ -101,8 +101,10 @@ class DiskGuard:
 class Receiver:
     """The C-ECHO / C-STORE SCP bound to one spool; ``start`` returns at once (threaded server)."""
 
-    def __init__(self, spool: Spool, node: NodeSettings, storage: StorageConfig, *, disk_guard: DiskGuard | None = None) -> None:
+    def __init__(self, spool: Spool, node: NodeSettings, storage: StorageConfig, *, disk_guard: DiskGuard | None = None,
+                 reuse_port: bool = False) -> None:
         self.spool = spool
+        self.reuse_port = reuse_port  # one of several receiving processes on the port (dicomnode.receivers)
         self.settings = node
         self.disk = disk_guard or DiskGuard(spool.root, storage.disk_high_watermark_percent, storage.disk_low_watermark_percent)
         self.ae = self._build_ae()
@@ -147,12 +149,24 @@ class Receiver:
         tls = server_ssl_context(self.settings.tls) if self.settings.tls is not None else None
         limits = Limits.from_settings(self.settings, network_timeout=self.ae.network_timeout)
         self._server = start_server(self.ae, (self.settings.host, self.settings.port), handlers=handlers,
-                                    limits=limits, tls=tls)
+                                    limits=limits, tls=tls, reuse_port=self.reuse_port)
         log.info(
             "listening as %s on %s:%d (max %d associations, TLS %s)",
             self.settings.ae_title, self.settings.host, self.port, self.settings.max_associations,
             "on" if tls else "off",
         )
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    @property
+    def disk_full(self) -> bool:
+        return self.disk.full
+
+    def shutdown(self) -> None:
+        """Release the AE (after :meth:`drain`)."""
+        self.ae.shutdown()
 
     def stop_accepting(self) -> None:
         """Close the listening socket; associations already open run to their end."""
@@ -184,7 +198,7 @@ class Receiver:
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_accepting()
         self.drain(timeout)
-        self.ae.shutdown()
+        self.shutdown()
 
     # -- handlers ----------------------------------------------------------------------------
     def _on_accepted(self, event: evt.Event) -> None:

@@ -52,6 +52,7 @@ from dicomnode.netconfig import configure
 from dicomnode.observe import ObservedDestination, Observer, ProgressBoard
 from dicomnode.pipeline import Pipeline, StorageFull, out_of_space
 from dicomnode.receive import Receiver
+from dicomnode.receivers import ProcessReceivers
 from dicomnode.resident import ResidentModels
 from dicomnode.route import decide, routing_keywords
 from dicomnode.spool import Spool, SpoolError
@@ -67,6 +68,8 @@ class ServerOptions:
     drain_seconds: float = 30.0  # how long SIGTERM waits for open associations and running jobs
     dispatch_poll_seconds: float = 1.0
     retention_interval_seconds: float = retention.SWEEP_INTERVAL_SECONDS
+    # How a receiving child process (node.receive_processes > 1) sets up its logging; picklable (spawn).
+    receive_logging: Callable[[NodeConfig], None] | None = None
 
 
 class Addon(Protocol):
@@ -117,7 +120,7 @@ class Server:
         self._destinations = destinations
         self.models = models
         self.spool: Spool | None = None
-        self.receiver: Receiver | None = None
+        self.receiver: Receiver | ProcessReceivers | None = None
         self._stop = threading.Event()
         self._wake_workers = threading.Condition()
         self._wake_dispatch: list[threading.Event] = []
@@ -164,8 +167,12 @@ class Server:
         self.pipeline = Pipeline(cfg, self.models)
         self._dispatcher = Dispatcher(spool.ledger, self._destinations, cfg.dispatch)
 
-        self.receiver = Receiver(spool, cfg.node, cfg.storage)
-        self.receiver.observer = self.observer
+        if cfg.node.receive_processes > 1:
+            self.receiver = ProcessReceivers(cfg, cfg.node.receive_processes, observer=self.observer,
+                                             setup_logging=self.options.receive_logging)
+        else:
+            self.receiver = Receiver(spool, cfg.node, cfg.storage)
+            self.receiver.observer = self.observer
         assembler = Assembler(spool.ledger, cfg.node.series_quiet_seconds, on_complete=lambda _job: self._notify_workers())
         self._spawn("assemble", assembler.run, self._stop)
         for i in range(cfg.node.workers):
@@ -281,7 +288,7 @@ class Server:
                     log.warning("job %d (%s) interrupted by the drain: redone at the next start", job_id, name)
             except Exception:  # the next start still recovers it, counting the claim
                 log.exception("cannot release job %d", job_id)
-        self.receiver.ae.shutdown()
+        self.receiver.shutdown()
         if clean:
             self.spool.close()
         self._unlock_spool()

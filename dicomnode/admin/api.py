@@ -167,9 +167,8 @@ def create_app(ctx: AdminContext) -> FastAPI:
         server = ctx.server
         checks: dict[str, Any] = {"started": bool(server is not None and getattr(server, "_started", False))}
         receiver = getattr(server, "receiver", None)
-        checks["listening"] = bool(receiver is not None and getattr(receiver, "_server", None) is not None)
-        disk = getattr(receiver, "disk", None)
-        checks["disk_accepting"] = not bool(getattr(disk, "full", False))
+        checks["listening"] = bool(receiver is not None and receiver.listening)
+        checks["disk_accepting"] = not bool(receiver is not None and receiver.disk_full)
         models = ctx.models
         if models is not None:
             checks["models_failed"] = sorted(models.failures)

@@ -9,6 +9,7 @@ never by patient name, ID or birth date.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import logging.handlers
@@ -124,7 +125,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log.error("%s: %s", key, reason)
         return EXIT_CONFIG
     from dicomnode.security import TLSConfigError
-    from dicomnode.server import Server  # heavy imports (torch via models) only for serve
+    from dicomnode.server import Server, ServerOptions  # heavy imports (torch via models) only for serve
     from dicomnode.spool import SpoolError
 
     addons, metrics = [], None
@@ -135,7 +136,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics = Metrics()
         addons.append(AdminService(config.admin, metrics))
     try:
-        server = Server(config, observer=metrics, addons=addons, config_path=args.config)
+        options = ServerOptions(receive_logging=functools.partial(setup_logging, verbose=getattr(args, "verbose", 0)))
+        server = Server(config, observer=metrics, addons=addons, config_path=args.config, options=options)
         return _exit_without_stragglers(server.serve_forever())
     except (TLSConfigError, SpoolError) as exc:
         log.error("cannot start: %s", exc)
