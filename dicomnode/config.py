@@ -173,6 +173,11 @@ class ModelConfig(StrictModel):
     weights: ConfigPath | None = None  # model card X.json must sit beside X.pt
     device: Annotated[str, AfterValidator(_check_device)] = "auto"
     batch_size: int = Field(4, ge=1)
+    # Frames of different series waiting for the device may share one call (up to batch_size frames). When
+    # the model's own forward passes hold several frames (options.batch_size > 1, the CUDA default), a frame's
+    # neighbours in a pass can change its output in the last float bit, so a pixel may then differ by one
+    # level between runs; false keeps every series bit-for-bit reproducible.
+    merge_series: bool = True
     options: dict[str, Any] = {}  # passed to the model builder
     guidance: dict[str, ConfigPath] = {}  # Modality or "default" -> HQ reference folder or cache file
 

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
+from test_receive import ct_series, dcmsend
 
-from conftest import require_tools
 from dicomnode.config import ConfigError, NodeConfig, parse_config
 from dicomnode.observe import Observer
 from dicomnode.receivers import ProcessReceivers
 from dicomnode.server import Server
+
+from conftest import require_tools
 from factories import config_data
 from reliability import wait_until
-from test_receive import ct_series, dcmsend
 
 AET = "DICOMNODE"
 

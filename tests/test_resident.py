@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dicomnode.config import parse_config
-from dicomnode.resident import GatedEnhancer, ModelUnavailable, ResidentModels, shipped_guidance
+from dicomnode.resident import DeviceQueue, GatedEnhancer, ModelUnavailable, ResidentModels, shipped_guidance
 from models.registry import Enhancer, ModelInfo
 
 
@@ -84,15 +84,84 @@ class _Slow(Enhancer):
 
 def test_device_gate_serialises_inference() -> None:
     inner = _Slow()
-    gate = threading.BoundedSemaphore(1)
-    gated = [GatedEnhancer(inner, gate) for _ in range(3)]
+    queue = DeviceQueue()
+    gated = [GatedEnhancer(inner, queue) for _ in range(3)]
     threads = [threading.Thread(target=g.enhance, args=([np.zeros((2, 2), np.float32)],)) for g in gated]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert inner.peak == 1
+    assert inner.peak == 1 and queue.calls == 3 and queue.merged_calls == 0  # batch_size 1: nothing to merge
     assert sum(g.waited_seconds for g in gated) > 0.04
+
+
+class _Recording(_Slow):
+    """Records each call's frame count; a frame holding NaN makes the whole call fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[int] = []
+
+    def enhance(self, images, guidance=None):
+        self.calls.append(len(images))
+        if any(np.isnan(i).any() for i in images):
+            raise ValueError("bad frame")
+        return [i + 1 for i in super().enhance(images)]
+
+
+def _concurrently(calls):
+    """Run (enhancer, frames) calls while a first call holds the device, so the others queue up together."""
+    results: dict[int, object] = {}
+
+    def go(k, enhancer, frames):
+        try:
+            results[k] = enhancer.enhance(frames)
+        except Exception as exc:
+            results[k] = exc
+
+    threads = [threading.Thread(target=go, args=(k, e, f)) for k, (e, f) in enumerate(calls)]
+    threads[0].start()
+    time.sleep(0.02)  # the first call is on the device
+    for t in threads[1:]:
+        t.start()
+        time.sleep(0.005)
+    for t in threads:
+        t.join()
+    return [results[k] for k in range(len(calls))]
+
+
+def test_waiting_series_share_full_batches_and_get_their_own_frames_back() -> None:
+    inner = _Recording()
+    queue = DeviceQueue()
+    series = [GatedEnhancer(inner, queue, batch_size=4) for _ in range(4)]
+    frames = [[np.full((2, 2), 10 * k + j, np.float32) for j in range(n)] for k, n in enumerate((1, 3, 1, 2))]
+    out = _concurrently(list(zip(series, frames)))
+    for k, got in enumerate(out):
+        assert [float(g[0, 0]) for g in got] == [10 * k + j + 1 for j in range(len(frames[k]))]
+    assert inner.calls == [1, 4, 2]  # 3 + 1 filled one batch of 4; the last series' 2 did not fit
+    assert queue.merged_calls == 1 and inner.peak == 1
+
+
+def test_a_bad_frame_in_a_merged_call_fails_only_its_own_series() -> None:
+    inner = _Recording()
+    queue = DeviceQueue()
+    series = [GatedEnhancer(inner, queue, batch_size=8) for _ in range(3)]
+    bad = np.full((2, 2), np.nan, np.float32)
+    out = _concurrently([(series[0], [np.zeros((2, 2), np.float32)]), (series[1], [np.ones((2, 2), np.float32)]),
+                         (series[2], [bad])])
+    assert float(out[0][0][0, 0]) == 1.0 and float(out[1][0][0, 0]) == 2.0
+    assert isinstance(out[2], ValueError)
+    assert inner.calls == [1, 2, 1, 1]  # the merged call failed, then each series alone
+
+
+def test_different_models_or_guidance_never_share_a_call() -> None:
+    a, b = _Recording(), _Recording()
+    queue = DeviceQueue()
+    out = _concurrently([(GatedEnhancer(a, queue, batch_size=4), [np.zeros((2, 2), np.float32)]),
+                         (GatedEnhancer(b, queue, batch_size=4), [np.zeros((2, 2), np.float32)]),
+                         (GatedEnhancer(a, queue, batch_size=4), [np.zeros((2, 2), np.float32)])])
+    assert all(float(o[0][0, 0]) == 1.0 for o in out)
+    assert a.calls == [1, 1] and b.calls == [1] and queue.merged_calls == 0
 
 
 def test_shipped_guidance_discovery(tmp_path: Path) -> None:
@@ -101,3 +170,32 @@ def test_shipped_guidance_discovery(tmp_path: Path) -> None:
         (tmp_path / name).write_text("{}")
     assert set(shipped_guidance(w)) == {"default", "OP"}
     assert shipped_guidance(None) == {}
+
+
+@pytest.mark.parametrize("passes", [1, 4])
+def test_merging_series_with_the_shipped_colour_model(tmp_path: Path, passes: int) -> None:
+    weights = Path(__file__).resolve().parents[1] / "models" / "weights" / "hqgnet-color.pt"
+    models = {"color": {"kind": "hqgnet", "weights": str(weights), "batch_size": 4, "options": {"batch_size": passes}},
+              "alone": {"kind": "hqgnet", "weights": str(weights), "batch_size": 4, "options": {"batch_size": passes},
+                        "merge_series": False}}
+    resident = ResidentModels.load(_config(tmp_path, models))
+    assert not resident.failures, resident.failures
+    rng = np.random.default_rng(0)
+    # the first series' large frame keeps the device busy while the other two queue up
+    frames = [[rng.random((384, 512, 3)).astype(np.float32)]] + [[rng.random((48, 64, 3)).astype(np.float32)
+                                                                  for _ in range(n)] for n in (3, 1)]
+    alone = [resident.bind("color", "OP").enhancer.enhance(f) for f in frames]  # one series at a time
+    queue = resident.queue(resident.get("color").device)
+    before = queue.merged_calls
+    merged = _concurrently([(resident.bind("color", "OP").enhancer, f) for f in frames])
+    assert queue.merged_calls == before + 1  # the 3 + 1 frames of two series went through one call
+    for a, m in zip(alone, merged):
+        assert len(a) == len(m)
+        for x, y in zip(a, m):
+            if passes == 1:  # each frame in its own pass: bit for bit
+                assert np.array_equal(x, y)
+            else:  # neighbours in a pass: float rounding only, under one output level
+                assert float(np.abs(x - y).max()) < 1 / 255
+    before = queue.merged_calls
+    _concurrently([(resident.bind("alone", "OP").enhancer, f) for f in frames])
+    assert queue.merged_calls == before  # merge_series: false
