@@ -337,6 +337,9 @@ class ResidentModels:
                                              merge=m.merge_series),
                           record.id if record else None, m.batch_size)
 
+    def queues(self) -> dict[str, DeviceQueue]:
+        return dict(self._queues)
+
     def queue(self, device: str) -> DeviceQueue:
         """The inference queue of ``device`` (its counters show how often series shared a call)."""
         return self._queues[device]

@@ -4,6 +4,7 @@ without it (nothing changes), read-only views from loopback, live config reload,
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,9 @@ def test_admin_api_end_to_end(running: Any, tmp_path: Path) -> None:
     assert 'dicomnode_deliveries{destination="pacs",state="dead_letter"} 3.0' in text
     assert 'dicomnode_stage_duration_seconds_count{stage="model"}' in text and "dicomnode_models_loaded 1.0" in text
     assert "dicomnode_received_bytes_total" in text and 'dicomnode_queue_depth{queue="jobs"} 0.0' in text
+    calls = re.search(r'dicomnode_inference_calls_total\{device="cpu"\} (\d+)', text)
+    assert calls and int(calls.group(1)) >= 1, text
+    assert 'dicomnode_inference_calls_merged_total{device="cpu"} 0.0' in text  # one worker: nothing to merge
 
     # live config: an invalid file changes nothing and says why; a valid one applies without a restart
     good = config_path.read_text()

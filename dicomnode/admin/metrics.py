@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dicomnode.admin.ops import gate_reason
@@ -156,3 +156,12 @@ class _LedgerCollector(Collector):
             for name in sorted([*resident.models, *resident.failures]):
                 up.add_metric([name], 1 if name in resident.models else 0)
             yield up
+            calls = CounterMetricFamily("dicomnode_inference_calls", "Model calls run on each device", labels=["device"])
+            merged = CounterMetricFamily("dicomnode_inference_calls_merged",
+                                         "Model calls that served several series at once (batching across series)",
+                                         labels=["device"])
+            for device, queue in sorted(resident.queues().items()):
+                calls.add_metric([device], queue.calls)
+                merged.add_metric([device], queue.merged_calls)
+            yield calls
+            yield merged
