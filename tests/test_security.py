@@ -211,8 +211,10 @@ def test_node_receiver_over_tls(certs: Certs, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------- dicomnode serve end to end (slow)
 @pytest.mark.slow
-def test_serve_tls_in_and_out(certs: Certs, tmp_path: Path) -> None:
-    """TLS modality -> node (client certificates required) -> TLS PACS, with AE checks on top."""
+@pytest.mark.parametrize("processes", [1, 2])
+def test_serve_tls_in_and_out(certs: Certs, tmp_path: Path, processes: int) -> None:
+    """TLS modality -> node (client certificates required) -> TLS PACS, with AE checks on top; the same
+    with two receiving processes on the port (node.receive_processes)."""
     require_tools("echoscu", "storescu", "storescp")
     from reliability import LedgerView, NodeProcess, node_config, pacs_sources, wait_until
 
@@ -221,7 +223,7 @@ def test_serve_tls_in_and_out(certs: Certs, tmp_path: Path) -> None:
             tmp_path / "var", free_port(),
             {"pacs": {"ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port,
                       "tls": {"ca": str(certs.ca), "cert": str(certs.client_cert), "key": str(certs.client_key)}}},
-            node={"series_quiet_seconds": 1.0, "allowed_calling_aets": ["MODALITY"],
+            node={"series_quiet_seconds": 1.0, "allowed_calling_aets": ["MODALITY"], "receive_processes": processes,
                   "tls": {"cert": str(certs.server_cert), "key": str(certs.server_key), "ca": str(certs.ca),
                           "require_client_cert": True}})
         ledger = LedgerView(tmp_path / "var")
