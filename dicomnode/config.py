@@ -281,6 +281,7 @@ class GatePolicy(StrictModel):
     min_std: float = Field(0.01, ge=0)  # a frame whose intensity std falls below this is flat
     max_saturated: float = Field(0.25, ge=0, le=1)  # fraction of pixels at 0 or 1 the output may add
     max_border_change: float = Field(10.0, gt=0)  # mean |change| of the field-of-view surround, 8-bit levels
+    min_detail: float = Field(0.7, ge=0)  # output's fine detail (gradient energy) over the source's: a blur falls below
 
 
 class Rule(StrictModel):

@@ -10,6 +10,9 @@ endoscopy field of view. Such an output is worse than none, so each rule's gate
   saturation cast only (brightening and contrast are what enhancement is for and are not counted);
 * ``std``: the output's intensity standard deviation (a flat frame has none);
 * ``saturated``: the fraction of pixels the output clips to black or white beyond the source's;
+* ``detail``: the output's fine detail over the source's (mean gradient magnitude of the intensity,
+  lightly smoothed, inside the field of view): a blur removes it (< 1), CLAHE adds to it (> 1), so
+  a blurred output is stopped even where the image has too little fine structure for LaSSIM to notice;
 * ``border_change``: mean absolute change (0-255) of a colour source's black surround (the fundus
   disc's or endoscope frame's), where it has one; gray images are not checked (the air around a CT
   or an MR head is not a field-of-view surround, and lifting its noise is not what this catches).
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import ndimage as ndi
 from skimage.transform import resize
 
 from dicomnode.config import GatePolicy
@@ -59,6 +63,19 @@ def _clipped(frame: np.ndarray) -> float:
     return float(np.mean((frame <= _CLIP_LOW) | (frame >= _CLIP_HIGH)))
 
 
+def _detail(frame: np.ndarray, mask: np.ndarray | None) -> float:
+    """Mean gradient magnitude of the intensity (Gaussian sigma 1 first, so pixel noise counts little)."""
+    g = ndi.gaussian_filter(_intensity(frame).astype(np.float32), 1.0)
+    magnitude = np.hypot(ndi.sobel(g, axis=0), ndi.sobel(g, axis=1))
+    return float(magnitude[mask].mean()) if mask is not None and mask.any() else float(magnitude.mean())
+
+
+def detail_ratio(source: np.ndarray, output: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Fine detail of ``output`` over that of ``source`` (1 for a flat source: nothing to lose)."""
+    base = _detail(source, mask)
+    return 1.0 if base < 1e-4 else _detail(output, mask) / base
+
+
 def _lassim_level(min_side: int) -> int | None:
     """Level 2 at working size (detail of about 4 px at 512 px: vessels, nerve fibres, edges), coarser
     images a finer level, so the level image keeps at least 32 px. Level 3, the paper's evaluation
@@ -87,9 +104,13 @@ def measure(source: np.ndarray, output: np.ndarray, *, full: bool = True) -> Fig
     if level is not None:
         figures["lassim"] = float(lassim(s, o, level=level))
     figures["chroma_shift"] = float(chroma_shift(o, s)) if s.ndim == 3 else 0.0
+    inside = None
     if s.ndim == 3:  # a colour field of view (fundus disc, endoscope frame); a CT's air is not a surround
         mask = fov_mask(s)
         figures["border_change"] = float(border_damage(o, s, mask)) if has_surround(mask) else 0.0
+        if has_surround(mask):  # away from the rim, whose edge a blur also softens
+            inside = ndi.binary_erosion(mask, iterations=max(2, min(s.shape[:2]) // 64))
+    figures["detail"] = round(detail_ratio(s, o, inside), 4)
     return figures
 
 
@@ -111,12 +132,14 @@ def reasons(figures: Figures, policy: GatePolicy) -> list[str]:
         out.append(f"structure lost (LaSSIM {figures['lassim']:.3f} < {policy.min_lassim})")
     if figures.get("chroma_shift", 0.0) > policy.max_chroma_shift:
         out.append(f"colour cast (chroma shift {figures['chroma_shift']:.1f} > {policy.max_chroma_shift})")
+    if figures.get("detail", 1.0) < policy.min_detail:
+        out.append(f"detail lost (sharpness {figures['detail']:.2f} of the source's < {policy.min_detail})")
     if figures.get("border_change", 0.0) > policy.max_border_change:
         out.append(f"field-of-view surround changed ({figures['border_change']:.1f} > {policy.max_border_change})")
     return out
 
 
-_WORST = {"lassim": min, "std": min, "source_std": min, "chroma_shift": max, "saturated": max, "border_change": max}
+_WORST = {"lassim": min, "detail": min, "std": min, "source_std": min, "chroma_shift": max, "saturated": max, "border_change": max}
 
 
 def worst(frames: Sequence[Mapping[str, float]]) -> Figures:

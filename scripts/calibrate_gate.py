@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     def stopped(rows: list[dict[str, float]]) -> str:
         return f"{sum(bool(gate.reasons(r, policy)) for r in rows)}/{len(rows)}"
 
-    keys = ("lassim", "chroma_shift", "saturated", "border_change", "std")
+    keys = ("lassim", "detail", "chroma_shift", "saturated", "border_change", "std")
     print(f"defaults: {policy.model_dump()}\n")
     print("| outputs | n | stopped | " + " | ".join(keys) + " |")
     print("| --- | ---: | ---: | " + " | ".join("---" for _ in keys) + " |")
