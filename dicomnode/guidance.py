@@ -36,6 +36,7 @@ from models.guidance import (
     GuidanceMathError,
     extract_vectors,
     measure_methods,
+    measure_scales,
     nearest_index,
     vector_for_method,
 )
@@ -74,6 +75,7 @@ class Guidance:
     created: str = ""
     refs: tuple[str, ...] = ()  # reference file names (not paths: they may hold patient folders)
     image_size: int | None = None
+    scale: float = 1.0  # strength: vector and exemplars are G's vectors times this (measured, see build)
 
     def vector_for(self, query: np.ndarray | None) -> np.ndarray:
         """Guidance for one input image: its nearest exemplar (method nearest), else ``vector``.
@@ -98,6 +100,7 @@ class Guidance:
             "image_size": self.image_size,
             "created": self.created,
             "measurements": dict(self.measurements),
+            "scale": self.scale,
             "vector": [float(x) for x in self.vector],
             "exemplars": None if self.exemplars is None else [[float(x) for x in row] for row in self.exemplars],
         }
@@ -130,6 +133,7 @@ class Guidance:
                 created=str(data.get("created", "")),
                 refs=tuple(data.get("refs") or ()),
                 image_size=data.get("image_size"),
+                scale=float(data.get("scale", 1.0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise GuidanceError(f"{source}: not a valid guidance record ({exc.__class__.__name__}: {exc})") from exc
@@ -145,9 +149,9 @@ def refs_sha256(paths: Sequence[Path]) -> str:
     return hashlib.sha256("\n".join(digests).encode()).hexdigest()
 
 
-def guidance_id(model: str, modality: str, weights_sha: str, refs_sha: str, method: str) -> str:
-    """Short, deterministic id: the same weights, references and method always give the same id."""
-    text = "|".join((model, modality, weights_sha, refs_sha, method))
+def guidance_id(model: str, modality: str, weights_sha: str, refs_sha: str, method: str, scale: float = 1.0) -> str:
+    """Short, deterministic id: the same weights, references, method and strength always give the same id."""
+    text = "|".join((model, modality, weights_sha, refs_sha, method, *([f"{scale:g}"] if scale != 1.0 else [])))
     return "g-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -228,13 +232,16 @@ def build(
     method: str = "auto",
     heldout: tuple[Sequence[np.ndarray], Sequence[np.ndarray]] | None = None,
     weights: Sequence[float] | None = None,
+    scales: Sequence[float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Guidance:
     """Run G over the reference images and make the guidance record.
 
     ``method="auto"`` measures every method on ``heldout`` (paired LQ/HQ arrays) and keeps the best;
     without a held-out set, auto falls back to ``mean`` and records that nothing was measured.
-    ``weights`` (one per reference, e.g. to balance sources) weight the mean.
+    ``weights`` (one per reference, e.g. to balance sources) weight the mean. ``scales`` (with
+    ``heldout``) also measures the guidance strength, vector x scale, and keeps the best
+    (:func:`models.guidance.measure_scales`); the record's vectors are then scaled.
     """
     refs = sorted({Path(p) for p in refs})
     if not refs:
@@ -262,10 +269,18 @@ def build(
             measurements = {"chosen": "mean", "rule": "no held-out set given: default mean (paper Table Vc: 1 ≈ 10 ≈ all references)"}
     elif measurements:
         measurements["chosen_by_user"] = method
-    vector = vector_for_method(vectors, method, None if weights is None else np.asarray(weights, dtype=np.float64))
+    scale = 1.0
+    if heldout is not None and scales:
+        if progress:
+            progress(f"measuring guidance strengths {', '.join(f'{x:g}' for x in scales)} on {len(heldout[0])} held-out image(s)")
+        strength = measure_scales(enhancer, vectors, heldout[0], heldout[1], method, scales=scales)
+        measurements["strength"] = strength
+        scale = float(strength["chosen_scale"])
+    vector = vector_for_method(vectors, method, None if weights is None else np.asarray(weights, dtype=np.float64)) * scale
+    vectors = vectors * np.float32(scale)
     rsha = refs_sha256(refs)
     return Guidance(
-        id=guidance_id(model, modality, weights_sha, rsha, method),
+        id=guidance_id(model, modality, weights_sha, rsha, method, scale),
         model=model,
         modality=modality,
         vector=vector.astype(np.float32),
@@ -278,6 +293,7 @@ def build(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         refs=tuple(p.name for p in refs),
         image_size=card.size if card is not None else None,
+        scale=scale,
     )
 
 
@@ -349,6 +365,10 @@ def describe(g: Guidance) -> str:
             mark = "*" if name == g.method else " "
             lines.append(f"   {mark} {name:8s} PSNR {r.get('psnr', math.nan):.2f} dB  SSIM {r.get('ssim', math.nan):.4f}  {r.get('seconds_per_image', math.nan):.3f} s/img")
         lines.append(f"  rule: {m.get('rule', '')}")
+        strength = m.get("strength") or {}
+        if strength.get("scales"):
+            lines.append(f"  strength (vector x scale, {g.method}): " + ", ".join(
+                f"{'*' if float(k) == g.scale else ''}x{k} {r.get('psnr', math.nan):.2f} dB" for k, r in strength["scales"].items()))
     elif m.get("rule"):
         lines.append(f"  {m['rule']}")
     return "\n".join(lines)

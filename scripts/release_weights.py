@@ -273,9 +273,8 @@ def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | Non
     """Weights (fp16) + card from a training checkpoint, and one guidance cache per modality from the training HQ images."""
     import torch
 
-    from dicomnode import guidance as gd
     from models.hqgnet import HQGNet, HQGNetConfig
-    from models.registry import build_model, read_card
+    from models.registry import read_card
     from models.train.common import export_weights, hardware_description
 
     root = work / target
@@ -305,25 +304,41 @@ def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | Non
     weights_dir.mkdir(parents=True, exist_ok=True)
     dst = weights_dir / f"{name}.pt"
     export_weights(dst, net.state_dict(), card, half=True)
+    ids = build_caches(target, work, weights_dir, dst)
+    log.info("%s: exported step %d -> %s, guidance %s", target, state["step"], dst, ids)
+    return dst
+
+
+def build_caches(target: str, work: Path, weights_dir: Path, weights: Path) -> dict[str, str]:
+    """One guidance cache per modality for ``weights`` from the training HQ images: the method (mean,
+    single, nearest) and then the strength (vector x 0.25 ... 1) measured on this modality's validation
+    pairs (training split); the best is kept and the measurements go into the cache file."""
+    from dicomnode import guidance as gd
+    from models.guidance import GUIDANCE_SCALES
+    from models.registry import build_model
+
+    root = work / target
+    name = weights.stem
     for old in weights_dir.glob(f"{name}.guidance-*.json"):
         old.unlink()
-    enhancer = build_model("hqgnet", weights=dst, device="cpu")
+    enhancer = build_model("hqgnet", weights=weights, device="cpu")
     refs = json.loads((root / "guidance.json").read_text())
     ids = {}
     for modality in MODALITIES[target]:
         source_modality = "default" if target == "ccm" else modality
         items = refs.get(source_modality) or refs[next(iter(refs))]
-        paths, weights = [Path(p) for p, _ in items], [w for _, w in items]
+        paths, ws = [Path(p) for p, _ in items], [w for _, w in items]
         order = sorted(range(len(paths)), key=lambda i: paths[i])
         heldout = _val_pairs(root, modality, enhancer.info.card.channels if enhancer.info.card else 1)
-        # "auto": mean, single (medoid) and nearest measured on the validation pairs of this modality
-        # (training split); the best is kept and the measurements go into the cache file
         g = gd.build(enhancer, name, [paths[i] for i in order], modality=modality, method="auto", heldout=heldout,
-                     weights=[weights[i] for i in order])
+                     weights=[ws[i] for i in order], scales=GUIDANCE_SCALES,
+                     progress=lambda text, m=modality: log.info("%s %s: %s", name, m, text))
         gd.save(g, weights_dir / f"{name}.guidance-{modality}.json")
         ids[modality] = g.id
-    log.info("%s: exported step %d -> %s, guidance %s", target, state["step"], dst, ids)
-    return dst
+        strength = g.measurements.get("strength", {})
+        log.info("%s %s: method %s, strength %s (%s)", name, modality, g.method, g.scale,
+                 ", ".join(f"x{k} {v['psnr']:.2f} dB" for k, v in strength.get("scales", {}).items()))
+    return ids
 
 
 def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
@@ -381,7 +396,7 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("prepare", "train", "export", "validate", "all", "baseline"))
+    parser.add_argument("stage", choices=("prepare", "train", "export", "validate", "all", "baseline", "guidance"))
     parser.add_argument("--kind", choices=tuple(BASELINE_SIZE), default="stillgan", help="baseline: which cycle GAN")
     parser.add_argument("--weights-dir", type=Path, default=REPO / "models" / "weights")
     parser.add_argument("--checkpoint", type=Path, default=None, help="export: this checkpoint instead of the last")
@@ -403,6 +418,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="export: the step from which the checkpoint was trained with --haar-weight (1 before), for the card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.stage == "guidance":  # rebuild the shipped weights' caches only (weights unchanged)
+        print(build_caches(args.target, args.work, args.weights_dir, args.weights_dir / f"hqgnet-{args.target}.pt"))
+        return 0
     if args.stage == "baseline":
         size = args.size if args.size != 192 else BASELINE_SIZE[args.kind]
         print(train_baseline(args.target, args.work, args.kind, steps=args.steps, size=size, device=args.device, seed=args.seed))

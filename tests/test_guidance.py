@@ -164,3 +164,27 @@ def test_cli_build_and_show(tmp_path: Path, model: StatsGuided, monkeypatch: pyt
     assert main(["guidance", "show", str(out)]) == 0
     assert "method=mean" in capsys.readouterr().out
     assert main(["guidance", "build", "--weights", str(w), "--hq", str(tmp_path / "nothing"), "--out", str(out)]) == 1
+
+
+def test_guidance_strength_is_measured_and_applied(tmp_path: Path, model: StatsGuided) -> None:
+    """Targets half as bright and contrasty as the references: the guidance at half strength restores them
+    best, so the cache keeps half the vector (a different id), and a file without ``scale`` reads as 1."""
+    from models.guidance import GuidanceMathError, measure_scales
+
+    refs = _write_refs(tmp_path / "hq", 4)
+    rng = np.random.default_rng(5)
+    hq = [np.clip(0.25 + 0.075 * rng.standard_normal((32, 32)), 0, 1).astype(np.float32) for _ in range(3)]
+    lq = [np.clip(0.5 * h + 0.3, 0, 1).astype(np.float32) for h in hq]
+    plain = gd.build(model, "m", refs, method="mean", heldout=(lq, hq))
+    scaled = gd.build(model, "m", refs, method="mean", heldout=(lq, hq), scales=(0.25, 0.5, 0.75, 1.0))
+    strength = scaled.measurements["strength"]
+    assert strength["chosen_scale"] == 0.5 == scaled.scale and plain.scale == 1.0
+    assert strength["scales"]["0.5"]["psnr"] > strength["scales"]["1"]["psnr"] + 3
+    assert np.allclose(scaled.vector, 0.5 * plain.vector) and scaled.id != plain.id
+    back = gd.load(gd.save(scaled, tmp_path / "s.json"))
+    assert back.scale == 0.5 and np.allclose(back.vector, scaled.vector) and back.id == scaled.id
+    data = json.loads((tmp_path / "s.json").read_text())
+    del data["scale"]
+    assert gd.Guidance.from_json(data).scale == 1.0  # caches written before the strength was measured
+    with pytest.raises(GuidanceMathError, match="scales"):
+        measure_scales(model, np.ones((2, 3), np.float32), lq, hq, "mean", scales=(0.0,))

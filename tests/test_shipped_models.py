@@ -113,6 +113,26 @@ def test_hq_guidance_changes_the_output(shared_data: Path, domain: str, own: str
     assert effect >= 0.10, f"guidance effect {effect:.3f}: the model ignores which modality guides it"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("domain", "own", "other"), [("fundus", "OP", "ES"), ("endoscopy", "ES", "OP")])
+def test_the_hq_cache_beats_random_guidance_of_the_same_length(shared_data: Path, domain: str, own: str, other: str) -> None:
+    """On held-out clean images degraded as `evaluate --holdout` degrades them, the modality's cache (at its
+    measured strength) restores them better than random vectors of the same length (three seeds), by at least
+    0.25 dB (measured: fundus +0.92, endoscopy +0.38; the caches before the strength was measured: +0.02, +0.04)."""
+    from dicomnode.tools.holdout import SEED, guidance_effect
+    from models.degrade import degrade
+    from models.fov import fov_mask
+    from models.registry import build_model
+
+    enh = build_model("hqgnet", weights=WEIGHTS / "hqgnet-color.pt", device="cpu")
+    caches = {m: gd.load(WEIGHTS / f"hqgnet-color.guidance-{m}.json") for m in (own, other)}
+    refs = [resize_long_side(load_image(p, 3), 512) for p in list_images(shared_data / "holdout" / domain / "clean")[:6]]
+    inputs = [degrade(r, "mixed", seed=SEED + i, pool=domain, field=fov_mask(r)) for i, r in enumerate(refs)]
+    runs = [guidance_effect(enh, caches[own], caches[other], inputs, refs, seed=seed) for seed in range(3)]
+    cached, random = runs[0][1], float(np.mean([r[2] for r in runs]))
+    assert cached is not None and cached >= random + 0.25, f"{domain}: cache {cached:.2f} dB vs random {random:.2f} dB"
+
+
 def _series(folder: Path, img: np.ndarray, count: int) -> list[Path]:
     """One series of ``count`` instances with the pixels of ``img``, described as confocal microscopy."""
     pixels = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)

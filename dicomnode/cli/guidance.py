@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--heldout-hq", type=Path, help="clean targets of --heldout-lq")
     b.add_argument("--heldout-synthetic", type=float, default=0.0, metavar="FRACTION",
                    help="hold out this fraction of --hq, degrade it synthetically and measure on it (e.g. 0.3)")
+    b.add_argument("--strength", action=argparse.BooleanOptionalAction, default=True,
+                   help="with a held-out set, also measure the guidance strength (vector x 0.25, 0.5, 0.75, 1) and keep "
+                        "the best (default on)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     b.add_argument("--out", type=Path, help="cache file to write (default with --config: under storage.root/guidance/)")
     b.set_defaults(func=cmd_build)
@@ -92,8 +95,11 @@ def cmd_build(args: argparse.Namespace) -> int:
                 return 2
             clean = gd.load_references(held, channels)
             heldout = (list(degrade_many(clean, "mixed", seed=0)), clean)
-        bar = tqdm(total=3 if heldout else 2, desc="guidance", unit="step")
-        g = gd.build(enhancer, name, refs, modality=args.modality, method=args.method, heldout=heldout,
+        from models.guidance import GUIDANCE_SCALES
+
+        scales = GUIDANCE_SCALES if heldout and args.strength else None
+        bar = tqdm(total=(3 + bool(scales)) if heldout else 2, desc="guidance", unit="step")
+        g = gd.build(enhancer, name, refs, modality=args.modality, method=args.method, heldout=heldout, scales=scales,
                      progress=lambda msg: (bar.set_postfix_str(msg), bar.update(1)))
         out = args.out or (gd.cache_path(storage_root, name, args.modality, g.weights_sha256, g.refs_sha256) if storage_root else None)
         if out is None:
