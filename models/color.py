@@ -84,19 +84,51 @@ def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
     return lab
 
 
-def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """CIELAB (D65) -> sRGB in [0, 1]; colours outside the gamut are clipped."""
+def _lab_to_linear(lab: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) -> linear RGB, not clipped (values outside [0, 1] are outside the sRGB gamut)."""
     lab = np.asarray(lab, dtype=np.float32)
     fy = (lab[..., 0] + 16.0) / 116.0
     fx = fy + lab[..., 1] / 500.0
     fz = fy - lab[..., 2] / 200.0
     f = np.stack([fx, fy, fz], axis=-1)
     xyz = np.where(f**3 > _EPS, f**3, (116.0 * f - 16.0) / _KAPPA) * _WHITE
-    return _linear_to_srgb(xyz @ _XYZ_TO_RGB.T)
+    return (xyz @ _XYZ_TO_RGB.T).astype(np.float32)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) -> sRGB in [0, 1]; colours outside the gamut are clipped."""
+    return _linear_to_srgb(_lab_to_linear(lab))
+
+
+def _into_gamut(lab: np.ndarray, steps: int = 10) -> np.ndarray:
+    """sRGB of (N, 3) CIELAB colours; those outside the sRGB gamut keep their L* and hue angle and lose
+    just enough chroma to fit (a*, b* scaled by the largest factor that fits, to 1/2**steps, by bisection).
+    Clipping each channel instead moves a brightened orange towards yellow-green and darkens it."""
+    lab = np.array(lab, dtype=np.float32)
+    lin = _lab_to_linear(lab)
+    out = ((lin < -1e-5) | (lin > 1.0 + 1e-5)).any(axis=1)
+    if out.any():
+        far = lab[out]
+        lo = np.zeros(len(far), dtype=np.float32)  # grey of the same lightness: always inside
+        hi = np.ones(len(far), dtype=np.float32)
+        for _ in range(steps):
+            mid = (lo + hi) / 2
+            trial = far.copy()
+            trial[:, 1:] *= mid[:, None]
+            t = _lab_to_linear(trial)
+            fits = ((t >= -1e-5) & (t <= 1.0 + 1e-5)).all(axis=1)
+            lo, hi = np.where(fits, mid, lo), np.where(fits, hi, mid)
+        far[:, 1:] *= lo[:, None]
+        lin[out] = _lab_to_linear(far)
+    return _linear_to_srgb(lin)
 
 
 def keep_chroma(original: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
     """The enhanced frame's lightness with the original's chroma (a*, b*): a correction that cannot shift colour.
+
+    A lightness raised beyond what the original's chroma allows in sRGB is brought into the gamut by
+    lowering the chroma at constant lightness and hue (:func:`_into_gamut`), not by clipping each
+    channel, which would change the hue and lower the lightness.
 
     OpenCV's sRGB <-> CIELAB (D65) conversion does the work: it runs on every frame the colour model
     outputs, at full resolution, and is about 10x faster than :func:`rgb_to_lab` on an 8-megapixel
@@ -107,5 +139,11 @@ def keep_chroma(original: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
 
     lab = cv2.cvtColor(np.ascontiguousarray(unit_range(original)), cv2.COLOR_RGB2Lab)
     lab[..., 0] = cv2.cvtColor(np.ascontiguousarray(unit_range(enhanced)), cv2.COLOR_RGB2Lab)[..., 0]
-    rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB, dst=lab)  # in place: one frame fewer at the peak
-    return np.clip(rgb, 0.0, 1.0, out=rgb)
+    rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)  # OpenCV clips colours outside the gamut channel by channel
+    np.clip(rgb, 0.0, 1.0, out=rgb)
+    # Where a channel hit a bound the colour may lie outside the gamut: map it in by lowering its chroma at
+    # constant L* and hue (a brightened orange optic disc must not turn yellow and darker); few pixels, exact formulas.
+    edge = ((rgb >= 1.0 - 1e-4) | (rgb <= 1e-4)).any(axis=-1)
+    if edge.any():
+        rgb[edge] = _into_gamut(lab[edge])
+    return rgb

@@ -85,6 +85,35 @@ def test_colour_preserving_output_keeps_the_inputs_chroma_and_takes_the_new_ligh
     assert float(np.median(lightness)) < 1.0
 
 
+def test_a_lightness_beyond_the_gamut_keeps_its_hue_instead_of_turning_yellow() -> None:
+    """A saturated orange (an optic disc) brightened past what its chroma allows in sRGB: clipping each
+    channel turns it towards yellow and darkens it; keep_chroma lowers the chroma at constant L* and hue."""
+    import cv2
+
+    from models.color import keep_chroma, rgb_to_lab
+
+    def hue_chroma_l(rgb: np.ndarray) -> tuple[float, float, float]:
+        lab = rgb_to_lab(rgb.reshape(1, 1, 3).astype(np.float32))[0, 0]
+        return float(np.degrees(np.arctan2(lab[2], lab[1]))), float(np.hypot(lab[1], lab[2])), float(lab[0])
+
+    orange = np.array([[[0.9, 0.45, 0.1], [0.95, 0.55, 0.15], [0.3, 0.5, 0.2]]], np.float32)
+    brighter = np.array([[[0.98, 0.8, 0.6], [1.0, 0.95, 0.85], [0.35, 0.55, 0.25]]], np.float32)
+    out = keep_chroma(orange, brighter)
+    lab = cv2.cvtColor(orange, cv2.COLOR_RGB2Lab)
+    lab[..., 0] = cv2.cvtColor(brighter, cv2.COLOR_RGB2Lab)[..., 0]
+    clipped = np.clip(cv2.cvtColor(lab, cv2.COLOR_Lab2RGB), 0, 1)
+    for i in range(2):  # the two oranges leave the gamut
+        h_in, c_in, _ = hue_chroma_l(orange[0, i])
+        h_out, c_out, l_out = hue_chroma_l(out[0, i])
+        h_clip, _, l_clip = hue_chroma_l(clipped[0, i])
+        _, _, l_target = hue_chroma_l(brighter[0, i])
+        assert abs(h_out - h_in) < 1.0 < 10.0 < abs(h_clip - h_in)
+        assert abs(l_out - l_target) < 0.5 < 5.0 < l_target - l_clip
+        assert c_out < c_in
+    # a colour that fits is converted as before
+    np.testing.assert_allclose(out[0, 2], np.clip(cv2.cvtColor(lab, cv2.COLOR_Lab2RGB), 0, 1)[0, 2], atol=1e-3)
+
+
 def test_keep_surround_leaves_the_black_surround_and_keeps_the_field() -> None:
     from skimage.data import retina
 
