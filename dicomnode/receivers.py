@@ -111,6 +111,7 @@ def child_main(config: NodeConfig, port: int, index: int, conn: Connection, setu
         os._exit(1)
     conn.send(("ready", os.getpid()))
     drain_for = 30.0
+    reported_full = False
     while True:
         try:
             if conn.poll(REPORT_SECONDS):
@@ -119,14 +120,16 @@ def child_main(config: NodeConfig, port: int, index: int, conn: Connection, setu
                     drain_for = float(message[1])
                     break
             stored, nbytes = counts.take()
-            conn.send(("counts", stored, nbytes, receiver.disk.full))
+            if stored or nbytes or receiver.disk_full != reported_full:  # an idle child stays quiet
+                reported_full = receiver.disk_full
+                conn.send(("counts", stored, nbytes, reported_full))
         except (EOFError, OSError):  # the parent is gone: finish what is open and leave
             break
     receiver.stop_accepting()
     clean = receiver.drain(drain_for)
     stored, nbytes = counts.take()
     try:
-        conn.send(("counts", stored, nbytes, receiver.disk.full))
+        conn.send(("counts", stored, nbytes, receiver.disk_full))
     except OSError:
         pass
     receiver.shutdown()
@@ -191,7 +194,8 @@ class ProcessReceivers:
         self._reserved = reserve_port(self.config.node.host, self.config.node.port)
         launched: list[tuple[int, Any, Connection]] = []
         try:
-            launched = [self._launch(index) for index in range(1, self.count + 1)]
+            for index in range(1, self.count + 1):  # appended one by one: a failed launch still stops the earlier ones
+                launched.append(self._launch(index))
             self._children = [self._await_ready(*item) for item in launched]
         except BaseException:
             for _, process, _conn in launched:

@@ -176,6 +176,24 @@ def read_manifest(path: Path | str) -> dict:
     return m
 
 
+def manifest_arg(path: Path | str) -> dict:
+    """``--manifest PATH`` for a trainer: the manifest, or an exit that names the flag and the problem."""
+    try:
+        return read_manifest(path)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--manifest: {exc}") from None
+
+
+def folder_args(lq: Path | None, hq: Path | None) -> tuple[list[Path], list[Path]]:
+    """``--lq`` / ``--hq`` folders for a trainer: their images (LQ, HQ), or an exit that says what is missing."""
+    if lq is None or hq is None:
+        raise SystemExit("give --lq and --hq folders, or --manifest")
+    try:
+        return list_images(lq), list_images(hq)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 class DomainBatches:
     """Endless batches that pair each LQ batch with HQ images of the same domain (modality).
 

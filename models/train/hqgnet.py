@@ -52,7 +52,7 @@ from models.train.common import (
     save_sample_grid,
     seed_everything,
 )
-from models.train.data import DomainBatches, ImageFolder, infinite, list_images, read_manifest
+from models.train.data import DomainBatches, ImageFolder, folder_args, infinite, manifest_arg
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +165,7 @@ class _Manifest:
     """Domain-paired batches from a manifest: LQ and HQ of one modality per batch, with field-of-view masks."""
 
     def __init__(self, args: argparse.Namespace):
-        try:
-            self.manifest = read_manifest(args.manifest)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"--manifest: {exc}") from None
+        self.manifest = manifest_arg(args.manifest)
         self.batches = DomainBatches(self.manifest, args.size, seed=args.seed)
         self.channels = int(self.manifest["channels"])
         self.bilevel = False
@@ -215,8 +212,6 @@ def term_gradients(x_hat: torch.Tensor, losses: dict[str, torch.Tensor], weights
 def main(args: argparse.Namespace) -> int:
     if args.size % STRIDE:
         raise SystemExit(f"--size must be a multiple of {STRIDE}, got {args.size}")
-    if args.manifest is None and (args.lq is None or args.hq is None):
-        raise SystemExit("give --lq and --hq folders, or --manifest")
     if args.manifest is not None and args.masks is not None:
         raise SystemExit("--masks (HQG-Net+) works with --lq/--hq folders, not with --manifest")
     seed_everything(args.seed)
@@ -225,10 +220,7 @@ def main(args: argparse.Namespace) -> int:
         source = _Manifest(args)
         channels = source.channels
     else:
-        try:
-            lq_paths, hq_paths = list_images(args.lq), list_images(args.hq)
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
+        lq_paths, hq_paths = folder_args(args.lq, args.hq)
         channels = args.channels or infer_channels(lq_paths)
         source = _Folders(args, channels, lq_paths, hq_paths)
     cfg = config_by_name(args.config, channels)

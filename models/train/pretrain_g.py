@@ -35,7 +35,7 @@ from models.train.common import (
     save_sample_grid,
     seed_everything,
 )
-from models.train.data import DomainBatches, FieldImages, ImageFolder, infinite, list_images, read_manifest
+from models.train.data import DomainBatches, FieldImages, ImageFolder, folder_args, infinite, manifest_arg, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +94,7 @@ def main(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     domains = None
     if args.manifest is not None:
-        try:
-            manifest = read_manifest(args.manifest)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"--manifest: {exc}") from None
+        manifest = manifest_arg(args.manifest)
         domains = DomainBatches(manifest, args.size, seed=args.seed)
         channels = int(manifest["channels"])
         description = {"manifest": str(args.manifest), "max_side": int(manifest["max_side"]), "domains": domains.counts()}
@@ -107,12 +104,7 @@ def main(args: argparse.Namespace) -> int:
         def next_batch() -> tuple[Tensor, Tensor | None]:
             return domains.labeled_images(args.batch_size)
     else:
-        if args.hq is None or args.lq is None:
-            raise SystemExit("give --hq and --lq folders, or --manifest")
-        try:
-            hq_paths, lq_paths = list_images(args.hq), list_images(args.lq)
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
+        lq_paths, hq_paths = folder_args(args.lq, args.hq)
         channels = args.channels or infer_channels(lq_paths)
         data = ImageFolder(hq_paths + lq_paths, args.size, channels, seed=args.seed)
         val = torch.stack([data[i] for i in range(min(4, len(data)))])  # fixed sample rows (first images)

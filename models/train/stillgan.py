@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,7 +41,7 @@ from models.train.common import (
     save_sample_grid,
     seed_everything,
 )
-from models.train.data import ImageFolder, infinite, list_images
+from models.train.data import DomainBatches, ImageFolder, folder_args, infinite, manifest_arg
 
 # The extra objective terms of one model: (real_lq, real_hq, fake_hq, fake_lq) -> named losses,
 # already weighted; they are added to the generators' loss.
@@ -107,17 +108,10 @@ class CycleData:
 
 
 def _training_data(args: argparse.Namespace) -> CycleData:
-    import numpy as np
-
-    from models.train.data import DomainBatches, read_manifest
-
     if args.manifest is not None:
         if args.lq is not None or args.hq is not None:
             raise SystemExit("give either --manifest or --lq/--hq, not both")
-        try:
-            manifest = read_manifest(args.manifest)
-        except (OSError, ValueError) as exc:
-            raise SystemExit(f"--manifest: {exc}") from exc
+        manifest = manifest_arg(args.manifest)
         channels = int(manifest["channels"])
         if args.channels not in (None, channels):
             raise SystemExit(f"--channels {args.channels} disagrees with the manifest ({channels})")
@@ -138,12 +132,7 @@ def _training_data(args: argparse.Namespace) -> CycleData:
         return CycleData(channels, manifest_batches, fixed, int(manifest["max_side"]), bool(manifest.get("fov", False)),
                          {"manifest": str(args.manifest), "max_side": int(manifest["max_side"]), "domains": domains.counts()})
 
-    if args.lq is None or args.hq is None:
-        raise SystemExit("give --lq and --hq folders (or --manifest)")
-    try:
-        lq_paths, hq_paths = list_images(args.lq), list_images(args.hq)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from exc
+    lq_paths, hq_paths = folder_args(args.lq, args.hq)
     channels = args.channels or infer_channels(lq_paths)
     lq_set = ImageFolder(lq_paths, args.size, channels, seed=args.seed)
     hq_set = ImageFolder(hq_paths, args.size, channels, seed=args.seed + 1)
