@@ -344,10 +344,9 @@ def build_caches(target: str, work: Path, weights_dir: Path, weights: Path) -> d
 def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
     """The exported model against CLAHE and the input on the validation pairs (training split, never holdout),
     one table per domain with that domain's guidance cache, and the guidance effect between caches."""
-    import threading
 
     from dicomnode import guidance as gd
-    from dicomnode.resident import GatedEnhancer
+    from dicomnode.resident import DeviceQueue, GatedEnhancer
     from dicomnode.tools.holdout import guidance_effect
     from models.evaluate import EvalConfig, evaluate, markdown_table
     from models.io import list_images, load_image
@@ -359,7 +358,8 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
     channels = enhancer.info.card.channels if enhancer.info.card else 1
     caches = {m: gd.load(weights.with_name(f"{weights.stem}.guidance-{m}.json")) for m in MODALITIES[target]}
     summary: dict = {}
-    domains = sorted({p.name.split("_")[0] for p in list_images(pairs / "lq")}) if target == "color" else ["ccm"]
+    present = {p.name.split("_")[0] for p in list_images(pairs / "lq")}
+    domains = ["ccm"] if target == "ccm" else [d for d in TARGETS[target][2] if d in present]
     for domain in domains:
         modality = DOMAIN_MODALITY.get(domain, "default")
         own = caches.get(modality) or next(iter(caches.values()))
@@ -367,12 +367,12 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
         for kind in ("lq", "hq"):
             (split / kind).mkdir(parents=True, exist_ok=True)
             for path in list_images(pairs / kind):
-                if target != "color" or path.name.startswith(domain + "_"):
+                if target == "ccm" or path.name.startswith(domain + "_"):
                     link = split / kind / path.name
                     if not link.exists():
                         link.symlink_to(path)
 
-        bound = GatedEnhancer(enhancer, threading.BoundedSemaphore(1), own)  # as the node binds it (nearest included)
+        bound = GatedEnhancer(enhancer, DeviceQueue(), own)  # as the node binds it (nearest included)
         bound.uses_guidance = False  # the evaluation must not pass its own guidance
         cfg = EvalConfig(input=split / "lq", reference=split / "hq", out=out / domain, methods=["clahe"],
                          enhancers={f"hqgnet ({modality}, {own.method})": bound},
