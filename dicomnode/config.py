@@ -280,6 +280,7 @@ class GatePolicy(StrictModel):
     max_chroma_shift: float = Field(6.0, gt=0)  # colour cast: mean CIEDE2000 with lightness removed, at most this
     min_std: float = Field(0.01, ge=0)  # a frame whose intensity std falls below this is flat
     max_saturated: float = Field(0.25, ge=0, le=1)  # fraction of pixels at 0 or 1 the output may add
+    max_saturated_region: float = Field(0.5, ge=0, le=1)  # the same in the worst 1/64 of the frame (a burnt-out corner)
     max_border_change: float = Field(10.0, gt=0)  # mean |change| of the field-of-view surround, 8-bit levels
     min_detail: float = Field(0.7, ge=0)  # output's fine detail (gradient energy) over the source's: a blur falls below
 

@@ -10,6 +10,8 @@ endoscopy field of view. Such an output is worse than none, so each rule's gate
   saturation cast only (brightening and contrast are what enhancement is for and are not counted);
 * ``std``: the output's intensity standard deviation (a flat frame has none);
 * ``saturated``: the fraction of pixels the output clips to black or white beyond the source's;
+* ``saturated_region``: the same, in the worst cell of an 8 x 8 grid, of the intensity: a correction
+  that burns one corner to white hides what was there even when the frame as a whole is barely clipped;
 * ``detail``: the output's fine detail over the source's (mean gradient magnitude of the intensity,
   lightly smoothed, inside the field of view): a blur removes it (< 1), CLAHE adds to it (> 1), so
   a blurred output is stopped even where the image has too little fine structure for LaSSIM to notice;
@@ -41,6 +43,7 @@ from models.metrics.lassim import lassim
 
 MEASURE_SIDE = 512
 MAX_MEASURED_FRAMES = 16
+REGION_GRID = 8
 _CLIP_LOW, _CLIP_HIGH = 0.5 / 255.0, 254.5 / 255.0
 
 Figures = dict[str, float]
@@ -61,6 +64,15 @@ def _intensity(frame: np.ndarray) -> np.ndarray:
 
 def _clipped(frame: np.ndarray) -> float:
     return float(np.mean((frame <= _CLIP_LOW) | (frame >= _CLIP_HIGH)))
+
+
+def saturated_region(source: np.ndarray, output: np.ndarray, grid: int = REGION_GRID) -> float:
+    """The largest fraction of newly clipped intensity pixels in any cell of a ``grid`` x ``grid`` split."""
+    src, out = _intensity(source), _intensity(output)
+    new = ((out <= _CLIP_LOW) | (out >= _CLIP_HIGH)) & ~((src <= _CLIP_LOW) | (src >= _CLIP_HIGH))
+    rows = np.array_split(np.arange(new.shape[0]), min(grid, new.shape[0]))
+    cols = np.array_split(np.arange(new.shape[1]), min(grid, new.shape[1]))
+    return max(float(new[r[0] : r[-1] + 1, c[0] : c[-1] + 1].mean()) for r in rows for c in cols)
 
 
 def _detail(frame: np.ndarray, mask: np.ndarray | None) -> float:
@@ -96,6 +108,7 @@ def measure(source: np.ndarray, output: np.ndarray, *, full: bool = True) -> Fig
         "std": float(_intensity(out).std()),
         "source_std": float(_intensity(src).std()),
         "saturated": max(0.0, _clipped(out) - _clipped(src)),
+        "saturated_region": saturated_region(src, out),
     }
     if not full:
         return figures
@@ -128,6 +141,9 @@ def reasons(figures: Figures, policy: GatePolicy) -> list[str]:
         out.append(f"flat output (intensity std {figures['std']:.4f} < {policy.min_std})")
     if figures["saturated"] > policy.max_saturated:
         out.append(f"{figures['saturated']:.0%} of pixels newly clipped (> {policy.max_saturated:.0%})")
+    if figures.get("saturated_region", 0.0) > policy.max_saturated_region:
+        out.append(f"region burnt out: {figures['saturated_region']:.0%} of one 1/{REGION_GRID ** 2} of the frame newly "
+                   f"clipped to black or white (> {policy.max_saturated_region:.0%})")
     if "lassim" in figures and figures["lassim"] < policy.min_lassim:
         out.append(f"structure lost (LaSSIM {figures['lassim']:.3f} < {policy.min_lassim})")
     if figures.get("chroma_shift", 0.0) > policy.max_chroma_shift:
@@ -139,7 +155,8 @@ def reasons(figures: Figures, policy: GatePolicy) -> list[str]:
     return out
 
 
-_WORST = {"lassim": min, "detail": min, "std": min, "source_std": min, "chroma_shift": max, "saturated": max, "border_change": max}
+_WORST = {"lassim": min, "detail": min, "std": min, "source_std": min, "chroma_shift": max, "saturated": max, "saturated_region": max,
+          "border_change": max}
 
 
 def worst(frames: Sequence[Mapping[str, float]]) -> Figures:

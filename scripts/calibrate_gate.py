@@ -4,10 +4,11 @@ Usage::
 
     python scripts/calibrate_gate.py [--config node.yaml] [--holdout ../shared/data/holdout] [--limit 12]
 
-For every held-out image (clean references and real low-quality images of the three domains) this runs
+For every held-out image (clean references, the same degraded as `dicomnode evaluate --holdout` degrades
+them, and real low-quality images of the three domains) this runs
 CLAHE and the model the config routes the domain to (the node's good outputs), and applies the failures
 the gate must stop to the input itself: a red tint, erased structure (Gaussian blur, sigma 1.5 % of the
-longer side), a flat frame, a clipped (over-exposed) frame and a lifted field-of-view surround. It
+longer side), a flat frame, a clipped (over-exposed) frame, a burnt-out corner and a lifted field-of-view surround. It
 prints, per figure, the range of the good outputs and of the failures, and what the current defaults
 (``GatePolicy()``) pass and stop. The issue asks for the defaults to be calibrated on the holdout; nothing
 else is chosen on it.
@@ -31,7 +32,9 @@ from dicomnode import gate  # noqa: E402
 from dicomnode.config import GatePolicy, load_config  # noqa: E402
 from dicomnode.resident import ResidentModels  # noqa: E402
 from dicomnode.route import decide  # noqa: E402
-from dicomnode.tools.holdout import DOMAINS  # noqa: E402
+from dicomnode.tools.holdout import DOMAINS, SEED  # noqa: E402
+from models.degrade import degrade  # noqa: E402
+from models.fov import fov_mask  # noqa: E402
 from models.io import list_images, load_image, resize_long_side  # noqa: E402
 from models.registry import build_model  # noqa: E402
 
@@ -50,6 +53,14 @@ def erase(img: np.ndarray) -> np.ndarray:
     return ndi.gaussian_filter(img, (sigma, sigma, 0) if img.ndim == 3 else sigma).astype(np.float32)
 
 
+def burn_corner(img: np.ndarray) -> np.ndarray:
+    """The top-left fifth by fifth of the frame burnt to white (4 % of the pixels): a local over-correction."""
+    out = img.copy()
+    h, w = img.shape[:2]
+    out[: max(1, h // 5), : max(1, w // 5)] = 1.0
+    return out
+
+
 def lift(img: np.ndarray) -> np.ndarray:
     return np.clip(img + 0.12, 0, 1).astype(np.float32)
 
@@ -59,6 +70,7 @@ DAMAGES = {
     "erased structure": erase,
     "flat": lambda img: np.full_like(img, float(img.mean())),
     "clipped": lambda img: np.clip(img * 4.0, 0, 1),
+    "burnt corner": burn_corner,
     "surround lifted": lift,
 }
 
@@ -84,10 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         methods = {"clahe": clahe}
         if decision.action == "enhance" and decision.model:
             methods[decision.model] = models.bind(decision.model, dom.tags["Modality"]).enhancer
-        for folder in ("clean", "real_lq"):
-            paths = list_images(args.holdout / dom.name / folder)[: args.limit] if (args.holdout / dom.name / folder).is_dir() else []
-            for path in paths:
-                img = resize_long_side(load_image(path, dom.channels), 1024)
+        for folder in ("clean", "degraded", "real_lq"):
+            source = args.holdout / dom.name / ("clean" if folder == "degraded" else folder)
+            paths = list_images(source)[: args.limit] if source.is_dir() else []
+            for i, path in enumerate(paths):
+                img = load_image(path, dom.channels)
+                if folder == "degraded":  # as `evaluate --holdout` degrades them: the inputs a model must correct
+                    img = degrade(img, "mixed", seed=SEED + i, pool=dom.pool, field=fov_mask(img) if dom.fov else None)
+                img = resize_long_side(img, 1024)
                 for name, method in methods.items():
                     out = method.enhance([img])[0]
                     good[f"{dom.name}/{name}"].append(gate.measure(img, out))
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     def stopped(rows: list[dict[str, float]]) -> str:
         return f"{sum(bool(gate.reasons(r, policy)) for r in rows)}/{len(rows)}"
 
-    keys = ("lassim", "detail", "chroma_shift", "saturated", "border_change", "std")
+    keys = ("lassim", "detail", "chroma_shift", "saturated", "saturated_region", "border_change", "std")
     print(f"defaults: {policy.model_dump()}\n")
     print("| outputs | n | stopped | " + " | ".join(keys) + " |")
     print("| --- | ---: | ---: | " + " | ".join("---" for _ in keys) + " |")

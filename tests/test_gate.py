@@ -56,6 +56,14 @@ def lift_surround(img: np.ndarray) -> np.ndarray:
     return np.clip(img + 0.12, 0, 1).astype(np.float32)
 
 
+def burn_patch(img: np.ndarray) -> np.ndarray:
+    """A fifth by a fifth of the frame (4 % of it), inside the field of view, painted white."""
+    out = img.copy()
+    h, w = img.shape[:2]
+    out[2 * h // 5 : 3 * h // 5, w // 5 : 2 * w // 5] = 1.0
+    return out
+
+
 def verdict(source: np.ndarray, output: np.ndarray) -> list[str]:
     return gate.reasons(gate.measure(source, output), POLICY)
 
@@ -74,10 +82,31 @@ def test_good_outputs_pass(fundus: np.ndarray):
     (lift_surround, "field-of-view surround changed"),
     (lambda img: np.full_like(img, 0.4), "flat output"),
     (lambda img: np.clip(img * 6.0, 0, 1), "newly clipped"),
+    (burn_patch, "region burnt out"),
 ])
 def test_each_failure_is_stopped_with_its_reason(fundus: np.ndarray, damage, expected: str):
     reasons = verdict(fundus, damage(fundus))
     assert any(expected in r for r in reasons), reasons
+
+
+def test_a_burnt_region_is_stopped_where_scattered_clipping_is_not() -> None:
+    """A region burnt to white fails; more clipping spread over the frame (the cores of bright nerves)
+    passes. The whole-frame clipping figure cannot tell them apart."""
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:384, :384]
+    ccm = np.clip(rng.normal(0.35, 0.05, (384, 384)), 0, 1)
+    for k in range(12):  # bright nerves across the frame
+        ccm[np.abs(yy - (16 + 32 * k + 8 * np.sin(xx / 30 + k))) < 1.6] = 0.9
+    ccm = ccm.astype(np.float32)
+    burnt = burn_patch(ccm)
+    nerves_clipped = np.clip(ccm * 1.2, 0, 1)
+    assert gate.measure(ccm, burnt)["saturated"] < gate.measure(ccm, nerves_clipped)["saturated"] < POLICY.max_saturated
+    assert gate.measure(ccm, burnt)["saturated_region"] > 0.75  # the grid need not align with the patch
+    assert gate.measure(ccm, nerves_clipped)["saturated_region"] < 0.25
+    assert any("region burnt out" in r for r in verdict(ccm, burnt))
+    assert verdict(ccm, nerves_clipped) == []
+    assert gate.saturated_region(ccm, ccm) == 0.0
+    assert gate.saturated_region(burnt, burnt) == 0.0  # what the source already clips is not counted
 
 
 @pytest.mark.slow

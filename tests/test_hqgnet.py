@@ -214,7 +214,8 @@ def test_save_load_identical_outputs(tmp_path):
     torch.nn.init.normal_(net.gen.out.weight, std=0.1)
     net.eval()
     path = _export(tmp_path, net)
-    enh = build_model("hqgnet", weights=path, device="cpu")
+    raw = {"clip_guard": False}  # the network's own output (random weights make fields the guard would soften)
+    enh = build_model("hqgnet", weights=path, device="cpu", options=raw)
     assert enh.uses_guidance and enh.info.kind == "hqgnet" and enh.info.weights_sha256
     rng = np.random.default_rng(0)
     hq = rng.random((64, 64), dtype=np.float32)
@@ -229,7 +230,7 @@ def test_save_load_identical_outputs(tmp_path):
             want = net.enhance(torch.from_numpy(f)[None, None], want_v)[0, 0].numpy()
             assert o.shape == f.shape and o.dtype == np.float32
             np.testing.assert_allclose(o, want, atol=1e-5)
-    again = load_checkpoint(path, device="cpu").enhance(frames, guidance)
+    again = load_checkpoint(path, device="cpu", options=raw).enhance(frames, guidance)
     for a, b in zip(out, again):
         np.testing.assert_array_equal(a, b)
 
@@ -340,3 +341,63 @@ def test_a_large_frame_at_the_working_resolution_matches_native_inference_withou
     diff = a - b
     assert np.abs(np.diff(diff, axis=0)).max() < 0.06 and np.abs(np.diff(diff, axis=1)).max() < 0.06
     assert np.abs(a - img).mean() > 0.01  # the model did change the frame
+
+
+def test_clip_guard_keeps_a_region_from_burning_out_and_leaves_the_rest() -> None:
+    """A contrast stretch whose pivot lies below a bright corner's intensities would paint the corner
+    white; the guard softens the fields there (the corner keeps its structure) and nowhere else."""
+    from models.hqgnet import apply_fields, limit_fields
+
+    rng = np.random.default_rng(0)
+    h = w = 64
+    x = np.full((1, 1, h, w), 0.4, np.float32)
+    x[..., :20, :20] = 0.75  # a bright corner
+    x += rng.normal(0, 0.03, x.shape).astype(np.float32)  # texture
+    x = torch.from_numpy(np.clip(x, 0, 1))
+    fields = torch.zeros(1, 2, h, w)
+    fields[:, 0] = float(np.log(2.5))  # gain 2.5 around a pivot of 0.5: fine at 0.4, past white at 0.75
+    fields[:, 1] = -0.75
+    with torch.no_grad():
+        raw = apply_fields(x, fields)
+        guarded_fields = limit_fields(x, fields, sigma=3.0)
+        guarded = apply_fields(x, guarded_fields)
+    corner = (slice(4, 16), slice(4, 16))
+    assert (raw[0, 0][corner] >= 1.0).float().mean() > 0.9  # burnt out without the guard
+    assert (guarded[0, 0][corner] >= 1.0).float().mean() < 0.05
+    assert guarded[0, 0][corner].std() > 0.5 * x[0, 0][corner].std()  # its texture is still there
+    assert torch.allclose(guarded_fields[..., 40:60, 40:60], fields[..., 40:60, 40:60])  # untouched where it fits
+    assert torch.allclose(guarded[..., 40:60, 40:60], raw[..., 40:60, 40:60])
+
+    rgb = x.repeat(1, 3, 1, 1)
+    rgb[:, 0] *= 0.8  # the channels differ, so their limits differ
+    f3 = torch.cat([fields[:, :1].repeat(1, 3, 1, 1), fields[:, 1:].repeat(1, 3, 1, 1)], dim=1)
+    g3 = limit_fields(rgb, f3, sigma=3.0)
+    t = (g3[:, 3:] / f3[:, 3:])  # offsets scale by the blend t
+    assert torch.allclose(t[:, 0], t[:, 1]) and torch.allclose(t[:, 1], t[:, 2])  # one blend per pixel: no tint
+    with pytest.raises(ValueError, match="do not match"):
+        limit_fields(x, f3, sigma=3.0)
+
+    # a field of view's black surround is not a dark region: darkening the disc by 0.1 is left alone up to its rim
+    yy, xx = np.mgrid[:h, :w]
+    disc = torch.from_numpy(((yy - 32) ** 2 + (xx - 32) ** 2 < 28**2).astype(np.float32))
+    eye = (0.3 + 0.02 * torch.from_numpy(rng.standard_normal((h, w)).astype(np.float32))) * disc
+    darker = torch.zeros(1, 2, h, w)
+    darker[:, 1] = -0.1
+    kept = limit_fields(eye[None, None], darker, sigma=3.0)
+    assert torch.allclose(kept[0, :, disc > 0], darker[0, :, disc > 0])
+
+
+def test_clip_guard_is_a_pixel_option(tmp_path) -> None:
+    """On by default and named in the options (provenance, derived UIDs); ``clip_guard: false`` is named by
+    its absence, as before the guard existed; anything but a bool is refused."""
+    from models.hqgnet import HQGNet, HQGNetConfig
+
+    net = HQGNet(HQGNetConfig(name="lite", channels=1, head="affine"))
+    path = tmp_path / "m.pt"
+    export_weights(path, net.state_dict(), {"kind": "hqgnet", "name": "HQG-Net", "version": "t", "config": net.cfg.to_dict(),
+                                            "channels": 1, "size": 64})
+    assert build_model("hqgnet", weights=path, device="cpu").info.options["clip_guard"] is True
+    off = build_model("hqgnet", weights=path, device="cpu", options={"clip_guard": False})
+    assert "clip_guard" not in off.info.options and off.clip_guard is False
+    with pytest.raises(ModelLoadError, match="clip_guard"):
+        build_model("hqgnet", weights=path, device="cpu", options={"clip_guard": "yes"})

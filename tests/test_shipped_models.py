@@ -180,3 +180,26 @@ def test_series_through_the_node_is_enhanced_better_and_deterministic(tmp_path: 
     # the model's job on CCM is the vignetting: illumination must get more even, NIQE must not get worse
     assert illumination_uniformity(arrays[0]) < 0.9 * illumination_uniformity(sent)
     assert niqe(arrays[0]) < niqe(sent)
+
+
+def test_the_ccm_model_does_not_burn_out_a_bright_hazy_frame(shared_data: Path) -> None:
+    """A bright, hazy degraded CCM frame (a training-split image, degraded as the release's validation
+    pairs are) made the shipped model stretch one corner's contrast around a pivot below its
+    intensities: the corner came out white, nerves gone. The clip guard (on by default) keeps it."""
+    from dicomnode import gate
+    from dicomnode.resident import DeviceQueue, GatedEnhancer
+    from models.degrade import degrade
+    from models.registry import build_model
+
+    path = shared_data / "train" / "ccm" / "hq" / "shOD0228_ns2corr.png"
+    if not path.is_file():
+        pytest.skip(f"{path} not found")
+    img = degrade(resize_long_side(load_image(path, 1), 384), "mixed", seed=900002, pool="ccm")
+    guidance = gd.load(WEIGHTS / "hqgnet-ccm.guidance-default.json")
+    outputs = {}
+    for guard in (True, False):
+        enh = build_model("hqgnet", weights=WEIGHTS / "hqgnet-ccm.pt", device="cpu", options={"clip_guard": guard})
+        outputs[guard] = GatedEnhancer(enh, DeviceQueue(), guidance).enhance([img])[0]  # as the node binds it
+    assert gate.saturated_region(img, outputs[False]) > 0.5  # the failure this guards against
+    assert gate.saturated_region(img, outputs[True]) < 0.2
+    assert gate.reasons(gate.measure(img, outputs[True]), gate.GatePolicy()) == []
