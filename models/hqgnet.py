@@ -422,6 +422,7 @@ def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
 
 
 GUARD_SIGMA = 0.02  # the clip guard's smallest window (Gaussian sigma, fraction of the working side)
+GUARD_HEADROOM = 0.05  # how far past white/black the guard's regional level may be carried (softens its onset)
 SURROUND_LEVEL = 0.02  # pixels at most this bright in every channel count as unlit surround for the guard
 
 
@@ -450,13 +451,20 @@ def limit_fields(work: Tensor, fields: Tensor, sigma: float, spread: float = 2.0
     gain = fields[:, :c].float().clamp(-3.0, 3.0).exp()
     offset = fields[:, c:].float()
     hi_out, lo_out = gain * hi + offset, gain * lo + offset
+    # the largest blend that keeps the level inside, with a little headroom (GUARD_HEADROOM) so a source
+    # already at white or black does not switch the correction off outright at the edge of that region
     t = torch.ones_like(hi)
     over = hi_out > 1
-    t = torch.where(over, ((1 - hi) / (hi_out - hi).clamp_min(1e-6)).clamp(0, 1), t)
+    t = torch.where(over, ((1 + GUARD_HEADROOM - hi) / (hi_out - hi + GUARD_HEADROOM)).clamp(0, 1), t)
     under = lo_out < 0
-    t = torch.minimum(t, torch.where(under, (lo / (lo - lo_out).clamp_min(1e-6)).clamp(0, 1), torch.ones_like(t)))
-    if c > 1:  # one blend for all channels of a pixel, so the guard cannot tint
-        t = t.amin(dim=1, keepdim=True).expand_as(gain)
+    t = torch.minimum(t, torch.where(under, ((lo + GUARD_HEADROOM) / (lo - lo_out + GUARD_HEADROOM)).clamp(0, 1),
+                                     torch.ones_like(t)))
+    t = t.amin(dim=1, keepdim=True)  # one blend for all channels of a pixel, so the guard cannot tint
+    t = torch.where(lit > 0, t, torch.ones_like(t))  # the unlit surround sets no limit (it is not corrected)
+    # a smooth blend field (a min filter, then the same Gaussian): no edge where the limit starts to bite
+    radius = max(1, int(round(2 * sigma)))
+    t = -F.max_pool2d(-F.pad(t, (radius,) * 4, mode="replicate"), 2 * radius + 1, stride=1)
+    t = gaussian_blur(t, sigma).clamp(0, 1).expand_as(gain)
     return torch.cat([torch.log1p(t * (gain - 1)), t * offset], dim=1).to(fields.dtype)
 
 

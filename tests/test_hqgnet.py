@@ -387,6 +387,25 @@ def test_clip_guard_keeps_a_region_from_burning_out_and_leaves_the_rest() -> Non
     assert torch.allclose(kept[0, :, disc > 0], darker[0, :, disc > 0])
 
 
+def test_clip_guard_has_no_edge_around_a_region_the_source_already_clips() -> None:
+    """A bright optic disc already at white: the correction cannot brighten it without clipping, so the
+    guard holds it back there, but smoothly; switching it off at the disc's edge drew a hard ellipse."""
+    from models.hqgnet import limit_fields
+
+    h = w = 96
+    yy, xx = np.mgrid[:h, :w]
+    disc = ((yy - 48) ** 2 + (xx - 48) ** 2 < 16**2)
+    x = torch.from_numpy(np.where(disc, 1.0, 0.6).astype(np.float32))[None, None]
+    fields = torch.zeros(1, 2, h, w)
+    fields[:, 0] = float(np.log(1.3))  # brighten everything by 30 %
+    guarded = limit_fields(x, fields, sigma=4.0)
+    log_gain = guarded[0, 0]
+    step = max(float((log_gain[1:] - log_gain[:-1]).abs().max()), float((log_gain[:, 1:] - log_gain[:, :-1]).abs().max()))
+    assert step < 0.05 * float(np.log(1.3)) * 4  # no jump: at most ~a fifth of the correction per pixel
+    assert float(log_gain[48, 48]) < 0.2 * float(np.log(1.3))  # held back on the disc
+    assert float(log_gain[5, 5]) > 0.9 * float(np.log(1.3))  # full correction far from it
+
+
 def test_clip_guard_is_a_pixel_option(tmp_path) -> None:
     """On by default and named in the options (provenance, derived UIDs); ``clip_guard: false`` is named by
     its absence, as before the guard existed; anything but a bool is refused."""
