@@ -463,7 +463,8 @@ def limit_fields(work: Tensor, fields: Tensor, sigma: float, spread: float = 2.0
     t = torch.where(lit > 0, t, torch.ones_like(t))  # the unlit surround sets no limit (it is not corrected)
     # a smooth blend field (a min filter, then the same Gaussian): no edge where the limit starts to bite
     radius = max(1, int(round(2 * sigma)))
-    t = -F.max_pool2d(-F.pad(t, (radius,) * 4, mode="replicate"), 2 * radius + 1, stride=1)
+    t = -F.max_pool2d(-F.pad(t, (0, 0, radius, radius), mode="replicate"), (2 * radius + 1, 1), stride=1)  # separable:
+    t = -F.max_pool2d(-F.pad(t, (radius, radius, 0, 0), mode="replicate"), (1, 2 * radius + 1), stride=1)  # rows, columns
     t = gaussian_blur(t, sigma).clamp(0, 1).expand_as(gain)
     return torch.cat([torch.log1p(t * (gain - 1)), t * offset], dim=1).to(fields.dtype)
 
