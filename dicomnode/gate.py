@@ -104,11 +104,12 @@ def measure(source: np.ndarray, output: np.ndarray, *, full: bool = True) -> Fig
     out = np.asarray(output, dtype=np.float32)
     if src.shape != out.shape:
         raise ValueError(f"source {src.shape} and output {out.shape} differ in shape")
+    src_i, out_i = _intensity(src), _intensity(out)  # once per frame: std and the burnt-region check share them
     figures: Figures = {
-        "std": float(_intensity(out).std()),
-        "source_std": float(_intensity(src).std()),
+        "std": float(out_i.std()),
+        "source_std": float(src_i.std()),
         "saturated": max(0.0, _clipped(out) - _clipped(src)),
-        "saturated_region": saturated_region(src, out),
+        "saturated_region": saturated_region(src_i, out_i),  # an intensity frame is its own intensity
     }
     if not full:
         return figures
