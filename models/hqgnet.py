@@ -40,6 +40,7 @@ The released code of the authors trains a different (StarGAN-v2-like) model; thi
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -406,10 +407,33 @@ class Generator(nn.Module):
         return torch.sigmoid(base + delta).to(y.dtype), v_c
 
 
+COARSE_BLUR_SIGMA = 4.0  # wider Gaussians run on a block-averaged copy (k = sigma // this); error < 2e-3 on [0, 1] images
+
+
 def gaussian_blur(x: Tensor, sigma: float) -> Tensor:
-    """Separable Gaussian blur of (N, C, H, W) with edge replication (sigma in pixels)."""
+    """Separable Gaussian blur of (N, C, H, W) with edge replication (sigma in pixels).
+
+    A wide blur (sigma >= 2 x COARSE_BLUR_SIGMA) is computed on k x k block means (k = sigma // 4) and
+    up-sampled bilinearly, with sigma reduced by the variance the box and the interpolation add: the field
+    smoothing and the clip guard use sigmas of 20-50 px, where the direct 6-sigma kernel cost 0.13-0.4 s per
+    frame on one core; this way ~0.02 s, and on real images it differs from the direct one by < 2e-3.
+    """
     if sigma <= 0:
         return x
+    k = int(sigma // COARSE_BLUR_SIGMA)
+    if k < 2:
+        return _direct_blur(x, sigma)
+    h, w = x.shape[-2:]
+    pad = k * math.ceil(3 * sigma / k)  # replicate the edge at full resolution, as the direct blur does
+    xp = F.pad(x, (pad, pad + (-w) % k, pad, pad + (-h) % k), mode="replicate")
+    small = F.avg_pool2d(xp, k)
+    rest = sigma**2 - (k * k - 1) / 12 - k * k / 6  # box filter variance, bilinear up-sampling's (approx.)
+    small = _direct_blur(small, math.sqrt(max(rest, 1e-6)) / k)
+    out = F.interpolate(small, scale_factor=k, mode="bilinear", align_corners=False)
+    return out[..., pad : pad + h, pad : pad + w]
+
+
+def _direct_blur(x: Tensor, sigma: float) -> Tensor:
     radius = max(1, int(3 * sigma))
     radius = min(radius, max(1, min(x.shape[-2:]) - 1))
     t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=x.device)
@@ -462,11 +486,32 @@ def limit_fields(work: Tensor, fields: Tensor, sigma: float, spread: float = 2.0
     t = t.amin(dim=1, keepdim=True)  # one blend for all channels of a pixel, so the guard cannot tint
     t = torch.where(lit > 0, t, torch.ones_like(t))  # the unlit surround sets no limit (it is not corrected)
     # a smooth blend field (a min filter, then the same Gaussian): no edge where the limit starts to bite
-    radius = max(1, int(round(2 * sigma)))
-    t = -F.max_pool2d(-F.pad(t, (0, 0, radius, radius), mode="replicate"), (2 * radius + 1, 1), stride=1)  # separable:
-    t = -F.max_pool2d(-F.pad(t, (radius, radius, 0, 0), mode="replicate"), (1, 2 * radius + 1), stride=1)  # rows, columns
-    t = gaussian_blur(t, sigma).clamp(0, 1).expand_as(gain)
+    t = _min_filter_blur(t, max(1, int(round(2 * sigma))), sigma).clamp(0, 1).expand_as(gain)
     return torch.cat([torch.log1p(t * (gain - 1)), t * offset], dim=1).to(fields.dtype)
+
+
+def _min_filter_blur(t: Tensor, radius: int, sigma: float) -> Tensor:
+    """A (2 radius + 1)² min filter, then a Gaussian blur: a smooth field never above t's local minimum.
+
+    For a wide window both run on k x k block minima (k as in :func:`gaussian_blur`), which widens the
+    window by less than a block (the blend only gets more cautious) and costs ~0.01 s instead of ~0.1 s.
+    """
+    h, w = t.shape[-2:]
+    k = int(sigma // COARSE_BLUR_SIGMA)
+    small = t
+    if k >= 2:
+        small = -F.max_pool2d(-F.pad(t, (0, (-w) % k, 0, (-h) % k), mode="replicate"), k)
+        radius = math.ceil(radius / k)
+    small = -F.max_pool2d(-F.pad(small, (0, 0, radius, radius), mode="replicate"), (2 * radius + 1, 1), stride=1)
+    small = -F.max_pool2d(-F.pad(small, (radius, radius, 0, 0), mode="replicate"), (1, 2 * radius + 1), stride=1)
+    if k < 2:
+        return gaussian_blur(small, sigma)
+    rest = sigma**2 - k * k / 6  # the bilinear up-sampling's own spread (approx.)
+    small = gaussian_blur(small, math.sqrt(max(rest, 1e-6)) / k)
+    pad = 1  # one block of edge, so the up-sampling does not fall back on the border value
+    up = F.interpolate(F.pad(small, (pad, pad, pad, pad), mode="replicate"), scale_factor=k, mode="bilinear",
+                       align_corners=False)
+    return up[..., pad * k : pad * k + h, pad * k : pad * k + w]
 
 
 def apply_fields(y: Tensor, fields: Tensor) -> Tensor:

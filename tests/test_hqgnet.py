@@ -420,3 +420,41 @@ def test_clip_guard_is_a_pixel_option(tmp_path) -> None:
     assert "clip_guard" not in off.info.options and off.clip_guard is False
     with pytest.raises(ModelLoadError, match="clip_guard"):
         build_model("hqgnet", weights=path, device="cpu", options={"clip_guard": "yes"})
+
+
+def test_wide_blurs_run_coarse_and_agree_with_the_direct_kernel() -> None:
+    """Field smoothing and the clip guard blur with sigmas of 20-50 px; those run on block means and must
+    match the direct 6-sigma kernel (edges, odd sizes and the replicated border included)."""
+    from models.hqgnet import _direct_blur, gaussian_blur
+
+    rng = np.random.default_rng(1)
+    h, w = 301, 389  # not multiples of any block size
+    yy, xx = np.mgrid[:h, :w]
+    img = 0.3 + 0.4 * (((yy - 150) ** 2 + (xx - 180) ** 2) < 120**2) + 0.2 * (xx > 350)
+    img = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1).astype(np.float32)
+    x = torch.from_numpy(img)[None, None].repeat(1, 2, 1, 1)
+    for sigma in (9.6, 25.6, 38.4):
+        err = (gaussian_blur(x, sigma) - _direct_blur(x, sigma)).abs()
+        assert float(err.max()) < 4e-3 and float(err.mean()) < 5e-4, (sigma, float(err.max()), float(err.mean()))
+
+
+def test_clip_guard_at_a_working_scale_window() -> None:
+    """The bright-corner case at the CCM working size, where the guard's window (0.1 x 384 px) takes the
+    coarse path: the corner still keeps its texture and the rest keeps its correction."""
+    from models.hqgnet import apply_fields, limit_fields
+
+    rng = np.random.default_rng(0)
+    h = w = 384
+    x = np.full((1, 1, h, w), 0.4, np.float32)
+    x[..., :120, :120] = 0.75
+    x = torch.from_numpy(np.clip(x + rng.normal(0, 0.03, x.shape).astype(np.float32), 0, 1))
+    fields = torch.zeros(1, 2, h, w)
+    fields[:, 0], fields[:, 1] = float(np.log(2.5)), -0.75
+    with torch.no_grad():
+        guarded = apply_fields(x, limit_fields(x, fields, sigma=38.4))
+        raw = apply_fields(x, fields)
+    corner = (slice(10, 60), slice(10, 60))
+    assert (raw[0, 0][corner] >= 1.0).float().mean() > 0.9
+    assert (guarded[0, 0][corner] >= 1.0).float().mean() < 0.05
+    assert guarded[0, 0][corner].std() > 0.5 * x[0, 0][corner].std()
+    assert torch.allclose(guarded[..., 340:, 340:], raw[..., 340:, 340:], atol=1e-4)  # beyond 2 + 3 sigma
