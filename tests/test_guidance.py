@@ -188,3 +188,26 @@ def test_guidance_strength_is_measured_and_applied(tmp_path: Path, model: StatsG
     assert gd.Guidance.from_json(data).scale == 1.0  # caches written before the strength was measured
     with pytest.raises(GuidanceMathError, match="scales"):
         measure_scales(model, np.ones((2, 3), np.float32), lq, hq, "mean", scales=(0.0,))
+
+
+def test_strength_ties_go_to_the_scale_nearest_one(model: StatsGuided) -> None:
+    """Scales go above 1 (an under-correcting model), so a tie must not favour the largest: among scales within
+    0.1 dB of the best, the one nearest x1 (the vectors G produces) wins; an edge above 1 wins when it is best."""
+    from models.guidance import measure_scales
+
+    lq = [np.full((8, 8), 0.5, np.float32)]
+    hq = [np.full((8, 8), 0.5, np.float32)]
+
+    def flat(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+        return {"psnr": 30.0, "ssim": 1.0}  # every strength scores the same: a tie everywhere
+
+    tied = measure_scales(model, np.ones((2, 3), np.float32), lq, hq, "mean", scales=(0.25, 0.5, 1.0, 2.0), metric=flat)
+    assert tied["chosen_scale"] == 1.0
+
+    calls: list[int] = []
+
+    def grows(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+        calls.append(1)  # scales are scored in increasing order: the later, the better
+        return {"psnr": 20.0 + len(calls), "ssim": 1.0}
+
+    assert measure_scales(model, np.ones((2, 3), np.float32), lq, hq, "mean", scales=(0.5, 1.0, 2.0), metric=grows)["chosen_scale"] == 2.0
