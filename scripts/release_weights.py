@@ -268,7 +268,7 @@ def _val_pairs(root: Path, modality: str, channels: int) -> tuple[list[np.ndarra
 
 
 def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | None = None, color_mode: str = "full",
-           field_smoothing: float = 0.0,
+           field_smoothing: float = 0.0, clip_guard: bool = True,
            haar_weight: float = 1000.0, haar_since: int = 0) -> Path:
     """Weights (fp16) + card from a training checkpoint, and one guidance cache per modality from the training HQ images."""
     import torch
@@ -285,13 +285,19 @@ def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | Non
     net.load_state_dict(state["modules"]["net"])
     manifest = json.loads((root / "train.json").read_text())
     g_card = read_card(root / "g" / "g.pt", verify=False)
+    counts = json.loads((root / "counts.json").read_text())
+    # a run continued from another target's checkpoint (the one-model-per-modality runs) says so in
+    # continued_from.json: {"target", "checkpoint", "iterations", "counts"}; the card carries it
+    continued_path = root / "continued_from.json"
+    continued = json.loads(continued_path.read_text()) if continued_path.exists() else None
     name = f"hqgnet-{target}"
     card = {
         "kind": "hqgnet", "name": "HQG-Net", "version": "2.0.0", "config": cfg.to_dict(), "channels": cfg.channels,
         "size": 192, "working_max_side": int(manifest["max_side"]), "fov": bool(manifest.get("fov", False)),
-        "color_mode": color_mode, "field_smoothing": field_smoothing, "for": DISPLAY[target],
+        "color_mode": color_mode, "field_smoothing": field_smoothing, "clip_guard": clip_guard, "for": DISPLAY[target],
         "training_data": {"source": "shared/data/train (SOURCES.md), validation split held out",
-                          "counts": json.loads((root / "counts.json").read_text())},
+                          "counts": {d: n for d, n in counts.items() if d in TARGETS[target][2]},
+                          **({"continued_from": continued} if continued else {})},
         "g": {"iterations": g_card.extra.get("iterations"), "probe": g_card.extra.get("probe"),
               "aux_classifier": g_card.extra.get("aux_classifier"), "final_losses": g_card.extra.get("final_losses")},
         "loss_weights": {"haar": haar_weight, "haar_since_step": haar_since, "lambda1": 10.0, "lambda2": 1.0,
@@ -403,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--color-mode", choices=("full", "luminance"), default="full", help="export: the card's default output mode")
     parser.add_argument("--field-smoothing", type=float, default=0.05,
                         help="export: the card's default field smoothing (Gaussian sigma / working side; 0 = none)")
+    parser.add_argument("--clip-guard", choices=("on", "off"), default="on",
+                        help="export: the card's default clip guard (models.hqgnet.limit_fields); the guidance strength is measured with it")
     parser.add_argument("--target", choices=tuple(TARGETS), required=True)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
@@ -432,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
               device=args.device, seed=args.seed, haar_weight=args.haar_weight)
     if args.stage in ("export", "all"):
         export(args.target, args.work, args.weights_dir, checkpoint=args.checkpoint, color_mode=args.color_mode,
-               field_smoothing=args.field_smoothing,
+               field_smoothing=args.field_smoothing, clip_guard=args.clip_guard == "on",
                haar_weight=args.haar_weight, haar_since=args.haar_since)
     if args.stage in ("validate", "all"):
         validate(args.target, args.work, args.weights_dir / f"hqgnet-{args.target}.pt", args.work / args.target / "validation")
