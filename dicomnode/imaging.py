@@ -266,11 +266,32 @@ def _apply_window(values: np.ndarray, center: float, width: float, function: str
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def _minmax(values: np.ndarray) -> np.ndarray:
-    lo, hi = float(values.min()), float(values.max())
-    if hi - lo <= 0:
+def _minmax(values: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
+    """Stretch the image's own range onto [0, 1]; padding pixels (outside the image) take no part and show black."""
+    real = values if padding is None or not padding.any() else values[~padding]
+    if real.size == 0:
         return np.zeros(values.shape, dtype=np.float32)
-    return ((values - lo) / (hi - lo)).astype(np.float32)
+    lo, hi = float(real.min()), float(real.max())
+    if hi - lo <= 0:
+        out = np.zeros(values.shape, dtype=np.float32)
+    else:
+        out = np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    if padding is not None:
+        out[padding] = 0.0
+    return out
+
+
+def _padding_mask(raw: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Pixels whose stored value is Pixel Padding Value (up to Pixel Padding Range Limit, either order):
+    PS3.3 C.7.5.1.1.2, values that are not part of the image. None when the sender declared no padding."""
+    value = _number(ds.get("PixelPaddingValue"))
+    if value is None:
+        return None
+    limit = _number(ds.get("PixelPaddingRangeLimit"))
+    if limit is None:
+        return raw == value
+    lo, hi = min(value, limit), max(value, limit)
+    return (raw >= lo) & (raw <= hi)
 
 
 def _gray_to_unit(raw: np.ndarray, ds: Dataset, info: PixelInfo, index: int) -> tuple[np.ndarray, str]:
@@ -296,7 +317,9 @@ def _gray_to_unit(raw: np.ndarray, ds: Dataset, info: PixelInfo, index: int) -> 
     window = _window(ds, index)
     if window is not None:
         return _apply_window(modality, *window), "window"
-    return _minmax(modality), "minmax"
+    # no window from the sender: the image's own range, without the padding a CT/MR-style sender may put
+    # around it (a -2000 surround would otherwise squeeze the real pixels into the top of the range)
+    return _minmax(modality, _padding_mask(raw, ds)), "minmax"
 
 
 def _unpadded_end(data: bytes | memoryview) -> int:
@@ -586,6 +609,8 @@ def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np
                 unit, voi = _gray_to_unit(raw, ds, info, index)
                 if info.photometric == "MONOCHROME1":
                     unit = 1.0 - unit
+                    if voi == "minmax" and (padding := _padding_mask(raw, ds)) is not None:
+                        unit[padding] = 0.0  # padding shows black whichever way the sender's gray runs
                 yield np.ascontiguousarray(unit, dtype=np.float32), voi
     except PixelDecodeError:
         raise

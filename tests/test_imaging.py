@@ -252,3 +252,27 @@ def test_to_stored_bit_depths():
         to_stored(np.array([[np.nan]], dtype=np.float32), 8)
     with pytest.raises(ValueError):
         to_stored(frame, 12)
+
+
+def test_pixel_padding_takes_no_part_in_the_stretch_and_shows_black():
+    """A 12-bit frame without a window, its surround stored as Pixel Padding Value: the real pixels span
+    the whole display range (not squeezed by the padding) and the padding is black, MONOCHROME1 too."""
+    pixels = np.full((6, 6), 0, dtype=np.uint16)  # padding 0 around...
+    pixels[1:5, 1:5] = np.arange(16, dtype=np.uint16).reshape(4, 4) * 10 + 3000  # ...an image at 3000-3150
+    ds = gray_dataset(pixels, BitsStored=12, HighBit=11, PixelPaddingValue=0)
+    frame, voi = next(iter_frames(ds))
+    assert voi == "minmax"
+    assert frame[1, 1] == 0.0 and frame[4, 4] == pytest.approx(1.0) and frame[0, 0] == 0.0
+    inner = frame[1:5, 1:5]
+    assert float(inner.max() - inner.min()) == pytest.approx(1.0)  # without the padding rule: 0.05
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    inverted, _ = next(iter_frames(ds))
+    assert inverted[0, 0] == 0.0 and inverted[1, 1] == pytest.approx(1.0)
+
+    ranged = pixels.copy()
+    ranged[0, :] = 5  # a padding range 0-10 (Pixel Padding Range Limit)
+    ds2 = gray_dataset(ranged, BitsStored=12, HighBit=11, PixelPaddingValue=0, PixelPaddingRangeLimit=10)
+    frame2, _ = next(iter_frames(ds2))
+    assert float(frame2[0].max()) == 0.0 and frame2[4, 4] == pytest.approx(1.0) and frame2[1, 1] == 0.0
+    plain, _ = next(iter_frames(gray_dataset(pixels, BitsStored=12, HighBit=11)))  # no padding declared: as before
+    assert plain[0, 0] == 0.0 and float(plain[1:5, 1:5].min()) > 0.9
