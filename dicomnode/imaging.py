@@ -3,10 +3,11 @@
 Decoding does all the DICOM value handling so that models never see it: decompression (pydicom
 with the pylibjpeg plugins: JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, deflate),
 colour spaces (YBR is returned as RGB by pydicom 3 while the dataset still says YBR; PALETTE COLOR
-is expanded through its LUT), MONOCHROME1 inversion, and for gray data deeper than 8 bits the
-modality rescale followed by the VOI transform a viewer would apply (window centre/width, a VOI
-LUT, or a per-frame min-max stretch when the sender gave neither). The result is what a reader
-would see on screen, which is what the enhancement models were trained on.
+is expanded through its LUT), MONOCHROME1 (or Presentation LUT Shape INVERSE) inversion, and for gray
+data deeper than 8 bits the modality transform (rescale, or a Modality LUT Sequence) followed by the
+VOI transform a viewer would apply (window centre/width, a VOI LUT, or a per-frame min-max stretch,
+pixel padding left out, when the sender gave neither). The result is what a reader would see on
+screen, which is what the enhancement models were trained on.
 
 Before the first frame is decoded, :func:`check_pixel_data` checks from the encoded bytes alone that
 every frame is complete (each codestream's start, end and header against the dataset): the JPEG and
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_voi, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import UID
 
 # Transfer syntaxes whose pixel data went through lossy compression, with the DICOM method name.
@@ -236,6 +237,18 @@ def _number(value: Any) -> float | None:
     return number if np.isfinite(number) else None
 
 
+def _modality_values(raw: np.ndarray, ds: Dataset, index: int) -> np.ndarray:
+    """Stored values -> modality values (PS3.3 C.11.1): the Modality LUT Sequence when the sender gave one
+    (its output is what the window and VOI LUT are expressed in), else rescale slope and intercept."""
+    if ds.get("ModalityLUTSequence"):
+        try:
+            return np.asarray(apply_modality_lut(raw, ds), dtype=np.float64)
+        except Exception as exc:  # a LUT that cannot be applied must not be silently skipped
+            raise PixelDecodeError(f"cannot apply the Modality LUT Sequence: {exc}") from exc
+    slope, intercept = _rescale(ds, index)
+    return raw.astype(np.float64) * slope + intercept
+
+
 def _rescale(ds: Dataset, index: int) -> tuple[float, float]:
     item = _frame_item(ds, index, "PixelValueTransformationSequence") or ds
     slope = _number(item.get("RescaleSlope"))
@@ -281,6 +294,16 @@ def _minmax(values: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray
     return out
 
 
+def displays_inverted(ds: Dataset, photometric: str) -> bool:
+    """Whether a viewer shows low stored values bright: MONOCHROME1, or MONOCHROME2 with Presentation LUT
+    Shape INVERSE (PS3.3 C.11.6). MONOCHROME1 with INVERSE is one inversion, not two: that is how the DX
+    and MG IODs require MONOCHROME1 to be stated."""
+    if photometric == "MONOCHROME1":
+        return True
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    return photometric == "MONOCHROME2" and shape == "INVERSE"
+
+
 def _padding_mask(raw: np.ndarray, ds: Dataset) -> np.ndarray | None:
     """Pixels whose stored value is Pixel Padding Value (up to Pixel Padding Range Limit, either order):
     PS3.3 C.7.5.1.1.2, values that are not part of the image. None when the sender declared no padding."""
@@ -300,9 +323,8 @@ def _gray_to_unit(raw: np.ndarray, ds: Dataset, info: PixelInfo, index: int) -> 
         # 8-bit gray is display-ready (US, endoscopy, SC): the full stored range is the display range.
         return (raw.astype(np.float32) / float((1 << info.bits_stored) - 1)), "full-range"
     voi_item = _frame_item(ds, index, "FrameVOILUTSequence") or ds
+    modality = _modality_values(raw, ds, index)
     if "VOILUTSequence" in voi_item and voi_item.VOILUTSequence:
-        slope, intercept = _rescale(ds, index)
-        modality = raw.astype(np.float64) * slope + intercept
         try:
             # LUT indices are integers: round so pydicom indexes rather than warns about floats
             mapped = apply_voi(np.rint(modality).astype(np.int64), voi_item, index=0).astype(np.float64)
@@ -312,8 +334,6 @@ def _gray_to_unit(raw: np.ndarray, ds: Dataset, info: PixelInfo, index: int) -> 
         if mapped is not None and lut.size and float(lut.max()) > float(lut.min()):
             lo, hi = float(lut.min()), float(lut.max())
             return np.clip((mapped - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), "voi-lut"
-    slope, intercept = _rescale(ds, index)
-    modality = raw.astype(np.float64) * slope + intercept
     window = _window(ds, index)
     if window is not None:
         return _apply_window(modality, *window), "window"
@@ -607,7 +627,7 @@ def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np
                 yield np.clip(raw.astype(np.float32) / scale, 0.0, 1.0), "full-range"
             else:
                 unit, voi = _gray_to_unit(raw, ds, info, index)
-                if info.photometric == "MONOCHROME1":
+                if displays_inverted(ds, info.photometric):
                     unit = 1.0 - unit
                     if voi == "minmax" and (padding := _padding_mask(raw, ds)) is not None:
                         unit[padding] = 0.0  # padding shows black whichever way the sender's gray runs

@@ -276,3 +276,35 @@ def test_pixel_padding_takes_no_part_in_the_stretch_and_shows_black():
     assert float(frame2[0].max()) == 0.0 and frame2[4, 4] == pytest.approx(1.0) and frame2[1, 1] == 0.0
     plain, _ = next(iter_frames(gray_dataset(pixels, BitsStored=12, HighBit=11)))  # no padding declared: as before
     assert plain[0, 0] == 0.0 and float(plain[1:5, 1:5].min()) > 0.9
+
+
+def test_modality_lut_sequence_is_applied_before_the_window():
+    """A sender that maps stored values through a Modality LUT Sequence (not rescale) states its window in
+    the LUT's output units: decoding without the LUT windowed raw values and sent a wrong image."""
+    from pydicom.sequence import Sequence
+
+    pixels = np.array([[0, 1, 2, 3]], dtype=np.uint16)
+    ds = gray_dataset(pixels, BitsStored=12, HighBit=11, WindowCenter=2000, WindowWidth=1001)
+    item = Dataset()
+    item.LUTDescriptor = [4, 0, 16]
+    item.ModalityLUTType = "US"
+    item.LUTData = [1500, 2500, 2000, 1000]  # not monotonic: only a real lookup gets this right
+    ds.ModalityLUTSequence = Sequence([item])
+    frame, voi = next(iter_frames(ds))
+    assert voi == "window"
+    np.testing.assert_allclose(frame[0], [0.0, 1.0, 0.5, 0.0], atol=2e-3)
+
+
+def test_presentation_lut_shape_inverse_displays_inverted():
+    """MONOCHROME2 with Presentation LUT Shape INVERSE is shown inverted by viewers, so it is decoded
+    inverted (the enhanced series would otherwise be a negative of what the reader saw); MONOCHROME1
+    with INVERSE is one inversion (how DX and MG state MONOCHROME1)."""
+    pixels = np.array([[0, 64, 255]], dtype=np.uint8)
+    plain = decode(gray_dataset(pixels)).frames[0]
+    inverse = decode(gray_dataset(pixels, PresentationLUTShape="INVERSE")).frames[0]
+    np.testing.assert_allclose(inverse, 1.0 - plain, atol=1e-6)
+    identity = decode(gray_dataset(pixels, PresentationLUTShape="IDENTITY")).frames[0]
+    np.testing.assert_allclose(identity, plain, atol=1e-6)
+    ds1 = gray_dataset(pixels, PresentationLUTShape="INVERSE")
+    ds1.PhotometricInterpretation = "MONOCHROME1"
+    np.testing.assert_allclose(decode(ds1).frames[0], 1.0 - plain, atol=1e-6)
