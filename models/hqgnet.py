@@ -490,6 +490,23 @@ def limit_fields(work: Tensor, fields: Tensor, sigma: float, spread: float = 2.0
     return torch.cat([torch.log1p(t * (gain - 1)), t * offset], dim=1).to(fields.dtype)
 
 
+def keep_detail_fields(work: Tensor, fields: Tensor, sigma: float) -> Tensor:
+    """The affine fields with every gain below 1 replaced by gain 1 and the offset that gives the same local
+    mean (``sigma`` px Gaussian window, inside the imaged field): a region is still brightened or darkened
+    as the model wants, but its fine structure (vessels, nerves) is never flattened. A gain below 1 is how
+    the model evens out bright regions; it also lowers their local contrast (fainter vessels on fundus)."""
+    c = work.shape[1]
+    if fields.shape[1] != 2 * c or fields.shape[-2:] != work.shape[-2:]:
+        raise ValueError(f"fields {tuple(fields.shape)} do not match the image {tuple(work.shape)}")
+    x = work.float()
+    lit = (x.amax(dim=1, keepdim=True) > SURROUND_LEVEL).float()
+    mean = gaussian_blur(x * lit, sigma) / gaussian_blur(lit, sigma).clamp_min(1e-3)
+    gain = fields[:, :c].float().clamp(-3.0, 3.0).exp()
+    kept = gain.clamp_min(1.0)
+    offset = fields[:, c:].float() + (gain - kept) * mean
+    return torch.cat([kept.log(), offset], dim=1).to(fields.dtype)
+
+
 def _min_filter_blur(t: Tensor, radius: int, sigma: float) -> Tensor:
     """A (2 radius + 1)² min filter, then a Gaussian blur: a smooth field never above t's local minimum.
 
@@ -584,7 +601,7 @@ class HQGNet(nn.Module):
         return out[..., top : top + h, left : left + w]
 
     def correction(self, x: Tensor, v_z: Tensor, *, max_side: int | None = None, smooth: float = 0.0,
-                   guard: bool = False) -> Tensor:
+                   guard: bool = False, keep_detail: bool = False) -> Tensor:
         """The affine fields for ``x`` at the working resolution, cropped to x's extent (N, 2C, h, w).
 
         ``smooth`` > 0 low-passes the fields with a Gaussian of that sigma, as a fraction of the working
@@ -605,6 +622,8 @@ class HQGNet(nn.Module):
         fields = fields[..., top : top + wh, left : left + ww]
         if smooth > 0:
             fields = gaussian_blur(fields, smooth * max(wh, ww))
+        if keep_detail:
+            fields = keep_detail_fields(work, fields, max(smooth, GUARD_SIGMA) * max(wh, ww))
         if guard:
             fields = limit_fields(work, fields, max(smooth, GUARD_SIGMA) * max(wh, ww))
         return fields

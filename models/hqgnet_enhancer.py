@@ -19,7 +19,10 @@ provenance and the derived UIDs):
   the model corrects illumination and colour without modulating fine structure (default: the card's, else 0);
 * ``clip_guard``: where the affine correction would carry a region past white or black (its local mean
   ± 2 std), blend it toward the identity just enough to stay inside, so no region is burnt out
-  (``models.hqgnet.limit_fields``; default true; the image head ignores it).
+  (``models.hqgnet.limit_fields``; default true; the image head ignores it);
+* ``keep_detail``: gains below 1 become 1 with the offset that gives the same local mean, so a region is
+  darkened as the model wants without flattening its vessels or nerves (``models.hqgnet.keep_detail_fields``;
+  default: the card's, else false).
 
 Channel mismatch is resolved rather than refused: a gray model enhances the intensity of an RGB
 frame and keeps its hue; an RGB model given a gray frame sees it in three channels and returns the
@@ -47,7 +50,7 @@ from models.registry import Enhancer, ModelCard, ModelInfo, ModelLoadError, read
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("batch_size", "max_side", "color_mode", "fov", "field_smoothing", "clip_guard")
+OPTIONS = ("batch_size", "max_side", "color_mode", "fov", "field_smoothing", "clip_guard", "keep_detail")
 COLOR_MODES = ("full", "luminance")
 LARGE_FRAME = 4_000_000  # pixels: such frames go through the model one at a time
 GUIDANCE_CROPS = 4
@@ -57,7 +60,8 @@ class HQGNetEnhancer(Enhancer):
     uses_guidance = True
 
     def __init__(self, net: HQGNet, card: ModelCard, device: str, *, batch_size: int, max_side: int | None,
-                 color_mode: str, fov: bool, field_smoothing: float = 0.0, clip_guard: bool = True):
+                 color_mode: str, fov: bool, field_smoothing: float = 0.0, clip_guard: bool = True,
+                 keep_detail: bool = False):
         self.net = net
         self.card = card
         self.device = device
@@ -67,6 +71,7 @@ class HQGNetEnhancer(Enhancer):
         self.fov = fov
         self.field_smoothing = field_smoothing
         self.clip_guard = clip_guard
+        self.keep_detail = keep_detail and net.cfg.head == "affine"
         self.channels = int(net.cfg.channels)
         self.size = int(card.size or 256)
         self.guidance_dim = int(net.cfg.guidance_dim)
@@ -78,6 +83,7 @@ class HQGNetEnhancer(Enhancer):
         # and the pass size, which can move the last bit of a pixel (see models.padding.fill_batch)
         pixel_options = {"max_side": max_side, "color_mode": color_mode, "fov": fov, "field_smoothing": field_smoothing,
                          **({"clip_guard": True} if clip_guard and net.cfg.head == "affine" else {}),
+                         **({"keep_detail": True} if keep_detail and net.cfg.head == "affine" else {}),
                          "device": torch.device(device).type, "batch_size": batch_size}
         self.info = ModelInfo(kind=card.kind, name=card.name or "HQG-Net", version=f"{card.version} ({net.cfg.name})",
                               weights_sha256=card.weights_sha256, card=card, options=pixel_options)
@@ -165,7 +171,7 @@ class HQGNetEnhancer(Enhancer):
     def _run(self, x: torch.Tensor, v_z: torch.Tensor) -> torch.Tensor:
         if self.net.cfg.head == "affine":
             return apply_fields(x, self.net.correction(x, v_z, max_side=self.max_side, smooth=self.field_smoothing,
-                                                       guard=self.clip_guard))
+                                                       guard=self.clip_guard, keep_detail=self.keep_detail))
         if self.max_side is not None and max(x.shape[-2:]) > self.max_side:
             # image head: enhance the working-resolution copy, carry its output/input ratio back
             scale = self.max_side / max(x.shape[-2:])
@@ -249,8 +255,11 @@ def _option(options: Mapping[str, Any], card: ModelCard, device: torch.device) -
     clip_guard = options.get("clip_guard", card.extra.get("clip_guard", True))
     if not isinstance(clip_guard, bool):
         raise ModelLoadError(f"hqgnet option clip_guard must be true or false, got {clip_guard!r}")
+    keep_detail = options.get("keep_detail", card.extra.get("keep_detail", False))
+    if not isinstance(keep_detail, bool):
+        raise ModelLoadError(f"hqgnet option keep_detail must be true or false, got {keep_detail!r}")
     return {"batch_size": batch_size, "max_side": max_side, "color_mode": color_mode, "fov": fov, "field_smoothing": smoothing,
-            "clip_guard": clip_guard}
+            "clip_guard": clip_guard, "keep_detail": keep_detail}
 
 
 def build(*, weights: Path | None, device: str, options: Mapping[str, Any]) -> HQGNetEnhancer:

@@ -458,3 +458,44 @@ def test_clip_guard_at_a_working_scale_window() -> None:
     assert (guarded[0, 0][corner] >= 1.0).float().mean() < 0.05
     assert guarded[0, 0][corner].std() > 0.5 * x[0, 0][corner].std()
     assert torch.allclose(guarded[..., 340:, 340:], raw[..., 340:, 340:], atol=1e-4)  # beyond 2 + 3 sigma
+
+
+def test_keep_detail_keeps_the_regional_change_and_the_fine_structure() -> None:
+    """A gain below 1 is how the model darkens a bright region; it also flattens the vessels in it. With
+    keep_detail the region is darkened by as much (local mean) while its texture keeps the input's contrast;
+    gains above 1 are left as they are."""
+    from models.hqgnet import apply_fields, gaussian_blur, keep_detail_fields
+
+    rng = np.random.default_rng(3)
+    h = w = 96
+    x = np.clip(0.7 + 0.08 * rng.standard_normal((1, 1, h, w)), 0, 1).astype(np.float32)
+    x = torch.from_numpy(x)
+    fields = torch.zeros(1, 2, h, w)
+    fields[:, 0, :, :48] = float(np.log(0.5))  # left half: gain 0.5 (darken, flatten)
+    fields[:, 0, :, 48:] = float(np.log(1.5))  # right half: gain 1.5, offset -0.3
+    fields[:, 1, :, 48:] = -0.3
+    with torch.no_grad():
+        kept = keep_detail_fields(x, fields, sigma=4.0)
+        raw_out, kept_out = apply_fields(x, fields), apply_fields(x, kept)
+    assert float(kept[:, 0].min()) >= 0.0  # no gain below 1
+    assert torch.allclose(kept[:, :, :, 60:], fields[:, :, :, 60:])  # gains above 1 untouched
+    left = (slice(None), slice(None), slice(10, 86), slice(4, 36))
+    local = (gaussian_blur(kept_out, 4.0) - gaussian_blur(raw_out, 4.0))[left].abs().mean()
+    assert float(local) < 0.01  # the region is darkened by as much
+    assert float(kept_out[left].std()) > 0.9 * float(x[left].std()) > 1.6 * float(raw_out[left].std())
+    with pytest.raises(ValueError, match="do not match"):
+        keep_detail_fields(x, torch.zeros(1, 6, h, w), sigma=4.0)
+
+
+def test_keep_detail_is_a_pixel_option(tmp_path) -> None:
+    from models.hqgnet import HQGNet, HQGNetConfig
+
+    net = HQGNet(HQGNetConfig(name="lite", channels=1, head="affine"))
+    path = tmp_path / "m.pt"
+    export_weights(path, net.state_dict(), {"kind": "hqgnet", "name": "HQG-Net", "version": "t", "config": net.cfg.to_dict(),
+                                            "channels": 1, "size": 64})
+    assert "keep_detail" not in build_model("hqgnet", weights=path, device="cpu").info.options  # off unless the card says
+    on = build_model("hqgnet", weights=path, device="cpu", options={"keep_detail": True})
+    assert on.info.options["keep_detail"] is True and on.keep_detail is True
+    with pytest.raises(ModelLoadError, match="keep_detail"):
+        build_model("hqgnet", weights=path, device="cpu", options={"keep_detail": "yes"})
