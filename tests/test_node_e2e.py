@@ -337,3 +337,55 @@ def test_second_node_on_the_same_spool_is_refused(tmp_path: Path, free_port: int
     second = Server(config(free_port), options=ServerOptions(drain_seconds=5))  # free again after a stop
     second.start()
     assert second.stop()
+
+
+@pytest.mark.slow
+def test_display_rules_reach_the_pacs_as_a_viewer_shows_them(tmp_path: Path) -> None:
+    """Three gray series whose on-screen look depends on a display rule the sender states: Presentation LUT
+    Shape INVERSE, Pixel Padding Value around a 12-bit image without a window, and a Modality LUT Sequence
+    under a window. Through dcmsend -> node (near-identity CLAHE) -> storescp, each enhanced image must look
+    like what a viewer showed: inverted, stretched without the padding, looked up before the window."""
+    from pydicom.sequence import Sequence as DicomSequence
+
+    from factories import image_dataset, write
+
+    require_tools("dcmsend", "storescp")
+    yy, xx = np.mgrid[:128, :128]
+    shape = (np.clip(xx / 127.0 + 0.8 * (((yy - 64) ** 2 + (xx - 64) ** 2) < 30**2), 0, 1.6) / 1.6)
+    inverse = write(image_dataset((shape * 255).astype(np.uint8), study="disp", series="inverse", modality="OT",
+                                  description="inverse", PresentationLUTShape="INVERSE"), tmp_path / "in" / "inverse.dcm")
+    padded = np.zeros((128, 128), np.uint16)
+    padded[32:96, 32:96] = (3000 + 150 * shape[32:96, 32:96]).astype(np.uint16)
+    pad_ds = image_dataset(padded, study="disp", series="padding", modality="OT", description="padding")
+    pad_ds.BitsStored, pad_ds.HighBit, pad_ds.PixelPaddingValue = 12, 11, 0
+    lut_raw = ((xx // 32) % 4).astype(np.uint16)  # four vertical bands of stored values 0..3
+    lut_ds = image_dataset(lut_raw, study="disp", series="lut", modality="OT", description="modality lut",
+                           WindowCenter=2000, WindowWidth=1001)
+    lut_ds.BitsStored, lut_ds.HighBit = 12, 11
+    item = pydicom.Dataset()
+    item.add_new(0x00283002, "US", [4, 0, 16])  # LUT Descriptor: 4 entries from stored value 0, 16 bits
+    item.ModalityLUTType = "US"
+    item.add_new(0x00283006, "US", [1500, 2500, 2000, 1000])  # LUT Data: not monotonic, a real lookup
+    lut_ds.ModalityLUTSequence = DicomSequence([item])
+    inputs = [inverse, write(pad_ds, tmp_path / "in" / "padding.dcm"), write(lut_ds, tmp_path / "in" / "lut.dcm")]
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        cfg = node_config(tmp_path / "var", free_port(), {"pacs": {"type": "dicom", "ae_title": "PACS", "host": "127.0.0.1",
+                                                                  "port": pacs.port}},
+                          models={"near-identity": {"kind": "clahe", "options": {"clip_limit": 0.0001}}},
+                          rules=[{"name": "all", "match": {"Modality": "OT"}, "model": "near-identity",
+                                  "destinations": ["pacs"]}])
+        with NodeProcess(tmp_path / "node", cfg) as node:
+            assert dcmsend(node.port, inputs).returncode == 0
+            wait_until(lambda: len(received(pacs.folder)) >= 3, 90, what="3 SC images at the PACS")
+        assert node.stderr().count("Traceback") == 0, node.stderr()[-3000:]
+    out = {}
+    for ds in received(pacs.folder):
+        scale = float((1 << int(ds.BitsStored)) - 1)
+        out[str(ds.SeriesDescription).split(" [")[0]] = ds.pixel_array.astype(np.float64) / scale
+    assert set(out) == {"inverse", "padding", "modality lut"}
+    assert np.corrcoef(out["inverse"].ravel(), shape.ravel())[0, 1] < -0.95  # shown inverted, sent inverted
+    inner = out["padding"][34:94, 34:94]
+    assert float(inner.max() - inner.min()) > 0.8  # the image's own range, not squeezed by the padding
+    assert float(out["padding"][:20].max()) < 0.05  # the padding stays black
+    bands = [float(out["modality lut"][:, 32 * i + 4 : 32 * i + 28].mean()) for i in range(4)]
+    assert bands[1] > 0.9 and 0.35 < bands[2] < 0.65 and bands[0] < 0.1 and bands[3] < 0.1, bands
