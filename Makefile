@@ -9,7 +9,7 @@ APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
 ADMIN_APT_PACKAGES := prometheus chromium chromium-driver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system-deps run lint test test-fast test-slow fuzz bench weights wheel gpu-wheels clean
+.PHONY: setup system-deps run lint test test-fast test-slow fuzz bench weights wheel gpu-wheels gpu-train-kit clean
 
 setup: system-deps $(VENV)/.installed
 
@@ -82,6 +82,17 @@ GPU_WHEEL_PACKAGES := pydicom pynetdicom highdicom pylibjpeg pylibjpeg-libjpeg p
 gpu-wheels: setup
 	$(BIN)/pip download -q --dest gpu-wheels --no-deps --only-binary=:all: --python-version $(PYVER) \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any $(GPU_WHEEL_PACKAGES)
+
+# What scripts/gpu_train.sh needs on the GPU machine beyond its own image (which has torch, numpy, scipy,
+# scikit-image, OpenCV, Pillow, tqdm, PyYAML): the few pure dependencies as wheels (gpu-wheels-train/) and
+# the CCM training images (gpu-data/train/ccm, from ../shared: never committed). Both git-ignored; carry
+# them: about 31 MB with the 29 MB working tree, under the 64 MiB a device call takes.
+GPU_TRAIN_PACKAGES := pydicom pynetdicom pydantic pydantic-core annotated-types typing-inspection
+gpu-train-kit: setup
+	$(BIN)/pip download -q --dest gpu-wheels-train --no-deps --only-binary=:all: --python-version $(PYVER) \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any $(GPU_TRAIN_PACKAGES)
+	mkdir -p gpu-data/train && rm -rf gpu-data/train/ccm && cp -rL ../shared/data/train/ccm gpu-data/train/ccm
+	du -sh gpu-wheels-train gpu-data
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

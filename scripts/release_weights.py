@@ -207,21 +207,26 @@ def _resume(out: Path) -> list[str]:
 
 
 def train(target: str, work: Path, *, g_steps: int, steps: int, size: int, config: str, device: str, seed: int,
-          haar_weight: float) -> None:
+          haar_weight: float, minutes: float = 0.0) -> None:
+    """Pretrain G, then train HQG-Net. ``minutes`` > 0 is a time budget for both (G a quarter of it, when G
+    still has to be trained): each stops there as if its last iteration had come (a GPU lease)."""
     root = work / target
     if not (root / "train.json").is_file():
         raise SystemExit(f"{root / 'train.json'} missing: run `prepare --target {target}` first")
     g_out = root / "g"
     g_weights = g_out / "g.pt"
+    g_minutes = 0.25 * minutes if minutes > 0 and not g_weights.is_file() else 0.0
+    budget = ["--max-minutes", f"{g_minutes:g}"] if g_minutes else []
     if not g_weights.is_file():
         run("models.train.pretrain_g", ["--manifest", root / "train.json", "--probe-manifest", root / "val.json",
                                         "--config", config, "--size", size, "--iterations", g_steps, "--batch-size", 8, "--aux-weight", 0.1,
                                         "--out", g_out, "--name", "g", "--device", device, "--seed", seed,
-                                        "--checkpoint-every", 100, "--val-every", 250, *_resume(g_out)])
+                                        "--checkpoint-every", 100, "--val-every", 250, *budget, *_resume(g_out)])
+    budget = ["--max-minutes", f"{minutes - g_minutes:g}"] if minutes > 0 else []
     run("models.train.hqgnet", ["--manifest", root / "train.json", "--g", g_weights, "--config", config, "--size", size,
                                 "--iterations", steps, "--batch-size", 4, "--out", root / "hqgnet", "--name", f"hqgnet-{target}",
                                 "--device", device, "--seed", seed, "--checkpoint-every", 250, "--val-every", 500, "--keep-every", 3000,
-                                "--modality", target, "--half", "--haar-weight", haar_weight, *_resume(root / "hqgnet")])
+                                "--modality", target, "--half", "--haar-weight", haar_weight, *budget, *_resume(root / "hqgnet")])
 
 
 # Baselines get HQG-Net's CPU budget on the same manifest: 1 thread, seconds per step measured on this
@@ -269,7 +274,7 @@ def _val_pairs(root: Path, modality: str, channels: int) -> tuple[list[np.ndarra
 
 def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | None = None, color_mode: str = "full",
            field_smoothing: float = 0.0, clip_guard: bool = True, keep_detail: bool = False,
-           haar_weight: float = 1000.0, haar_since: int = 0) -> Path:
+           haar_weight: float = 1000.0, haar_since: int = 0, device: str = "cpu") -> Path:
     """Weights (fp16) + card from a training checkpoint, and one guidance cache per modality from the training HQ images."""
     import torch
 
@@ -304,19 +309,28 @@ def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | Non
         "loss_weights": {"haar": haar_weight, "haar_since_step": haar_since, "lambda1": 10.0, "lambda2": 1.0,
                          **({"haar_before": 1.0} if haar_since else {})},
         "iterations": int(state["step"]), "checkpoint": ckpt_path.name,
-        "hardware": hardware_description(torch.device("cpu")),
+        "hardware": _training_hardware(ckpt_path.parent, f"hqgnet-{target}") or hardware_description(torch.device("cpu")),
         "recent_losses": _recent_losses(ckpt_path.parent / "log.csv"),
         "retrain": f"python scripts/release_weights.py all --target {target}",
     }
     weights_dir.mkdir(parents=True, exist_ok=True)
     dst = weights_dir / f"{name}.pt"
     export_weights(dst, net.state_dict(), card, half=True)
-    ids = build_caches(target, work, weights_dir, dst)
+    ids = build_caches(target, work, weights_dir, dst, device=device)
     log.info("%s: exported step %d -> %s, guidance %s", target, state["step"], dst, ids)
     return dst
 
 
-def build_caches(target: str, work: Path, weights_dir: Path, weights: Path) -> dict[str, str]:
+def _training_hardware(run: Path, name: str) -> str | None:
+    """What the training run's own card says it ran on (a GPU lease's card names the GPU, not this CPU)."""
+    card = run / f"{name}.json"
+    try:
+        return str(json.loads(card.read_text())["hardware"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def build_caches(target: str, work: Path, weights_dir: Path, weights: Path, *, device: str = "cpu") -> dict[str, str]:
     """One guidance cache per modality for ``weights`` from the training HQ images: the method (mean,
     single, nearest) and then the strength (vector x 0.25 ... 1) measured on this modality's validation
     pairs (training split); the best is kept and the measurements go into the cache file."""
@@ -328,7 +342,7 @@ def build_caches(target: str, work: Path, weights_dir: Path, weights: Path) -> d
     name = weights.stem
     for old in weights_dir.glob(f"{name}.guidance-*.json"):
         old.unlink()
-    enhancer = build_model("hqgnet", weights=weights, device="cpu")
+    enhancer = build_model("hqgnet", weights=weights, device=device)
     refs = json.loads((root / "guidance.json").read_text())
     ids = {}
     for modality in MODALITIES[target]:
@@ -348,7 +362,7 @@ def build_caches(target: str, work: Path, weights_dir: Path, weights: Path) -> d
     return ids
 
 
-def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
+def validate(target: str, work: Path, weights: Path, out: Path, *, device: str = "cpu") -> dict:
     """The exported model against CLAHE and the input on the validation pairs (training split, never holdout),
     one table per domain with that domain's guidance cache, and the guidance effect between caches."""
 
@@ -361,7 +375,7 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
 
     root = work / target
     pairs = root / "val_pairs"
-    enhancer = build_model("hqgnet", weights=weights, device="cpu")
+    enhancer = build_model("hqgnet", weights=weights, device=device)
     channels = enhancer.info.card.channels if enhancer.info.card else 1
     caches = {m: gd.load(weights.with_name(f"{weights.stem}.guidance-{m}.json")) for m in MODALITIES[target]}
     summary: dict = {}
@@ -384,7 +398,7 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
         cfg = EvalConfig(input=split / "lq", reference=split / "hq", out=out / domain, methods=["clahe"],
                          enhancers={f"hqgnet ({modality}, {own.method})": bound},
                          metrics=["psnr", "ssim", "lassim", "de", "lassim_in", "chroma", "border"],
-                         size=512, device="cpu", fov=TARGETS[target][2] != ("ccm",), progress=False,
+                         size=512, device=device, fov=TARGETS[target][2] != ("ccm",), progress=False,
                          title=f"validation: {target} / {domain}")
         result = evaluate(cfg)
         print(f"\n{domain} (guidance {modality}: {own.id})\n{markdown_table(result.summary)}")
@@ -399,6 +413,15 @@ def validate(target: str, work: Path, weights: Path, out: Path) -> dict:
             summary[domain]["guidance_effect"] = {"effect": effect, "psnr_own": own_psnr, "psnr_random": random_psnr}
     (out / "validation.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _eval_device(name: str) -> str:
+    """Where export and validation run the model: the training device (auto = CUDA when present)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", choices=("lite", "paper"), default="lite")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="train: time budget in minutes for G and HQG-Net together (0 = run all --steps)")
     parser.add_argument("--haar-weight", type=float, default=1000.0,
                         help="weight of L_Haar (a mean; see models.hqgnet.LossWeights); 1 leaves structure undefended")
     parser.add_argument("--haar-since", type=int, default=0,
@@ -430,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.stage == "guidance":  # rebuild the shipped weights' caches only (weights unchanged)
-        print(build_caches(args.target, args.work, args.weights_dir, args.weights_dir / f"hqgnet-{args.target}.pt"))
+        print(build_caches(args.target, args.work, args.weights_dir, args.weights_dir / f"hqgnet-{args.target}.pt",
+                           device=_eval_device(args.device)))
         return 0
     if args.stage == "baseline":
         size = args.size if args.size != 192 else BASELINE_SIZE[args.kind]
@@ -440,14 +466,15 @@ def main(argv: list[str] | None = None) -> int:
         prepare(args.target, args.data, args.work, args.seed)
     if args.stage in ("train", "all"):
         train(args.target, args.work, g_steps=args.g_steps, steps=args.steps, size=args.size, config=args.config,
-              device=args.device, seed=args.seed, haar_weight=args.haar_weight)
+              device=args.device, seed=args.seed, haar_weight=args.haar_weight, minutes=args.minutes)
     if args.stage in ("export", "all"):
         export(args.target, args.work, args.weights_dir, checkpoint=args.checkpoint, color_mode=args.color_mode,
                field_smoothing=args.field_smoothing, clip_guard=args.clip_guard == "on",
                keep_detail=args.keep_detail == "on",
-               haar_weight=args.haar_weight, haar_since=args.haar_since)
+               haar_weight=args.haar_weight, haar_since=args.haar_since, device=_eval_device(args.device))
     if args.stage in ("validate", "all"):
-        validate(args.target, args.work, args.weights_dir / f"hqgnet-{args.target}.pt", args.work / args.target / "validation")
+        validate(args.target, args.work, args.weights_dir / f"hqgnet-{args.target}.pt", args.work / args.target / "validation",
+                 device=_eval_device(args.device))
     return 0
 
 

@@ -229,6 +229,17 @@ class Timer:
     def seconds(self) -> float:
         return time.perf_counter() - self.start
 
+    def over(self, minutes: float) -> bool:
+        """Whether a budget of ``minutes`` (0 = none) is spent."""
+        return minutes > 0 and self.seconds >= 60.0 * minutes
+
+
+def add_budget_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-minutes``: stop after this much training time as if the last iteration had come (sample grid,
+    checkpoint, exported weights), so a short GPU lease ends with a usable model and an honest card."""
+    parser.add_argument("--max-minutes", type=float, default=0.0,
+                        help="stop after this many minutes of training, checkpointed and exported (default 0 = no limit)")
+
 
 def infer_channels(paths: Iterable[Path]) -> int:
     """3 when any of the first images is colour, else 1."""

@@ -41,6 +41,7 @@ from models.train.common import (
     LossLog,
     Precision,
     Timer,
+    add_budget_argument,
     add_common_arguments,
     count_parameters,
     dataset_description,
@@ -82,6 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-every", type=int, default=0, help="also keep a copy of the checkpoint every N steps (for comparisons at equal steps)")
     parser.add_argument("--grad-every", type=int, default=50, help="steps between measurements of each loss term's gradient at x_hat (logged)")
     add_common_arguments(parser, size=192, iterations=2000, batch_size=4, lr=1e-4)
+    add_budget_argument(parser)
 
 
 def load_pretrained_g(net: HQGNet, path: Path) -> ModelCard:
@@ -271,6 +273,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     timer = Timer()
+    budget = timer  # --max-minutes counts from the first step (data loading and G's load are not training)
     recent: list[dict[str, float]] = []
     grads: dict[str, float] = {}
     set_train()
@@ -301,18 +304,21 @@ def main(args: argparse.Namespace) -> int:
             recent = (recent + [values])[-50:]
             bar.update(1)
             bar.set_postfix(e=f"{values['e']:.3f}", haar=f"{values['haar']:.4f}", fc=f"{values['fc']:.4f}", d=f"{values['d']:.3f}")
-            if step % 10 == 0 or step == args.iterations:
+            last = step == args.iterations or budget.over(args.max_minutes)
+            if step % 10 == 0 or last:
                 losslog.write(step, values)
-            if step % args.val_every == 0 or step == args.iterations:
+            if step % args.val_every == 0 or last:
                 net.eval()
                 with torch.no_grad():
                     out = net.enhance(val_y, net.extract_guidance(val_z))
                 save_sample_grid(args.out / "samples" / f"step_{step:06d}.png", [val_y, out, val_z], ["LQ input", "enhanced", "HQ guidance"])
                 set_train()
-            if step % args.checkpoint_every == 0 or step == args.iterations:
+            if step % args.checkpoint_every == 0 or last:
                 ckpt.save(step, modules, optimizers, extra={"config": cfg.to_dict()})
                 if args.keep_every and step % args.keep_every == 0:
                     shutil.copyfile(ckpt.path, args.out / f"checkpoint_{step:06d}.pt")
+            if last:
+                break
 
     net.eval()
     with torch.no_grad():  # mean HQ guidance vector: a ready default for the node's per-modality cache

@@ -25,6 +25,7 @@ from models.train.common import (
     LossLog,
     Precision,
     Timer,
+    add_budget_argument,
     add_common_arguments,
     count_parameters,
     dataset_description,
@@ -85,6 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-weights", type=Path, default=None,
                         help="torchvision ImageNet resnet18 weights (.pth) to start G from (--config paper only; lite's G is narrower)")
     add_common_arguments(parser, size=192, iterations=1000, batch_size=8, lr=1e-3)
+    add_budget_argument(parser)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -139,6 +141,7 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     ae.train()
+    budget = Timer()  # --max-minutes counts from the first step
     with tqdm(total=args.iterations, initial=step, desc="pretrain-g", unit="step", disable=None) as bar:
         while step < args.iterations:
             x, labels = next_batch()
@@ -156,16 +159,19 @@ def main(args: argparse.Namespace) -> int:
             recent = (recent + [values])[-50:]
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}", ssim=f"{values['ssim']:.3f}")
-            if step % 10 == 0 or step == args.iterations:
+            last = step == args.iterations or budget.over(args.max_minutes)
+            if step % 10 == 0 or last:
                 losslog.write(step, values)
-            if step % args.val_every == 0 or step == args.iterations:
+            if step % args.val_every == 0 or last:
                 ae.eval()
                 with torch.no_grad():
                     save_sample_grid(args.out / "samples" / f"step_{step:06d}.png", [val, ae(val.to(device)).cpu()], ["input", "reconstruction"])
                 ae.train()
-            if step % args.checkpoint_every == 0 or step == args.iterations:
+            if step % args.checkpoint_every == 0 or last:
                 ckpt.save(step, {"ae": ae, **({"aux": aux} if aux is not None else {})}, {"opt": opt},
                           extra={"aux": aux is not None})
+            if last:
+                break
 
     final = {k: sum(r[k] for r in recent) / len(recent) for k in recent[0]} if recent else {}
     probe = None
