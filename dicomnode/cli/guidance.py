@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--heldout-synthetic", type=float, default=0.0, metavar="FRACTION",
                    help="hold out this fraction of --hq, degrade it synthetically and measure on it (e.g. 0.3)")
     b.add_argument("--strength", action=argparse.BooleanOptionalAction, default=True,
-                   help="with a held-out set, also measure the guidance strength (vector x 0.25, 0.5, 0.75, 1) and keep "
+                   help="with a held-out set, also measure the guidance strength (vector x 0.25 ... 2) and keep "
                         "the best (default on)")
     b.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
     b.add_argument("--out", type=Path, help="cache file to write (default with --config: under storage.root/guidance/)")
