@@ -279,8 +279,9 @@ def _apply_window(values: np.ndarray, center: float, width: float, function: str
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def _minmax(values: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
-    """Stretch the image's own range onto [0, 1]; padding pixels (outside the image) take no part and show black."""
+def _minmax(values: np.ndarray, padding: np.ndarray | None = None, fill: float = 0.0) -> np.ndarray:
+    """Stretch the image's own range onto [0, 1]; padding pixels (outside the image) take no part and are set
+    to ``fill`` (1 where the frame is inverted for display afterwards, so they show black either way)."""
     real = values if padding is None or not padding.any() else values[~padding]
     if real.size == 0:
         return np.zeros(values.shape, dtype=np.float32)
@@ -290,7 +291,7 @@ def _minmax(values: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray
     else:
         out = np.clip((values - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
     if padding is not None:
-        out[padding] = 0.0
+        out[padding] = fill
     return out
 
 
@@ -318,7 +319,7 @@ def _padding_mask(raw: np.ndarray, ds: Dataset) -> np.ndarray | None:
 
 
 def _gray_to_unit(raw: np.ndarray, ds: Dataset, info: PixelInfo, index: int) -> tuple[np.ndarray, str]:
-    """Stored gray values -> displayed intensity in [0, 1] (before MONOCHROME1 inversion)."""
+    """Stored gray values -> displayed intensity in [0, 1] (before the display inversion, see displays_inverted)."""
     if info.bits_stored <= 8 and info.pixel_representation == 0:
         # 8-bit gray is display-ready (US, endoscopy, SC): the full stored range is the display range.
         return (raw.astype(np.float32) / float((1 << info.bits_stored) - 1)), "full-range"
@@ -339,7 +340,8 @@ def _gray_to_unit(raw: np.ndarray, ds: Dataset, info: PixelInfo, index: int) -> 
         return _apply_window(modality, *window), "window"
     # no window from the sender: the image's own range, without the padding a CT/MR-style sender may put
     # around it (a -2000 surround would otherwise squeeze the real pixels into the top of the range)
-    return _minmax(modality, _padding_mask(raw, ds)), "minmax"
+    fill = 1.0 if displays_inverted(ds, info.photometric) else 0.0
+    return _minmax(modality, _padding_mask(raw, ds), fill), "minmax"
 
 
 def _unpadded_end(data: bytes | memoryview) -> int:
@@ -629,8 +631,6 @@ def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np
                 unit, voi = _gray_to_unit(raw, ds, info, index)
                 if displays_inverted(ds, info.photometric):
                     unit = 1.0 - unit
-                    if voi == "minmax" and (padding := _padding_mask(raw, ds)) is not None:
-                        unit[padding] = 0.0  # padding shows black whichever way the sender's gray runs
                 yield np.ascontiguousarray(unit, dtype=np.float32), voi
     except PixelDecodeError:
         raise

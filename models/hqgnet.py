@@ -450,6 +450,14 @@ GUARD_HEADROOM = 0.05  # how far past white/black the guard's regional level may
 SURROUND_LEVEL = 0.02  # pixels at most this bright in every channel count as unlit surround for the guard
 
 
+def _lit_mean(x: Tensor, sigma: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(lit mask, its blurred weight, local mean) over the imaged field only: a fundus or endoscope frame's
+    black surround is not a dark region, so it takes no part in a region's statistics."""
+    lit = (x.amax(dim=1, keepdim=True) > SURROUND_LEVEL).float()
+    weight = gaussian_blur(lit, sigma).clamp_min(1e-3)
+    return lit, weight, gaussian_blur(x * lit, sigma) / weight
+
+
 def limit_fields(work: Tensor, fields: Tensor, sigma: float, spread: float = 2.0) -> Tensor:
     """The affine fields pulled toward identity wherever they would burn a region out.
 
@@ -465,10 +473,7 @@ def limit_fields(work: Tensor, fields: Tensor, sigma: float, spread: float = 2.0
     if fields.shape[1] != 2 * c or fields.shape[-2:] != work.shape[-2:]:
         raise ValueError(f"fields {tuple(fields.shape)} do not match the image {tuple(work.shape)}")
     x = work.float()
-    # statistics of the imaged field only: a fundus or endoscope frame's black surround is not a dark region
-    lit = (x.amax(dim=1, keepdim=True) > SURROUND_LEVEL).float()
-    weight = gaussian_blur(lit, sigma).clamp_min(1e-3)
-    mean = gaussian_blur(x * lit, sigma) / weight
+    lit, weight, mean = _lit_mean(x, sigma)
     std = (gaussian_blur(x * x * lit, sigma) / weight - mean * mean).clamp_min(0).sqrt()
     hi = (mean + spread * std).clamp(0, 1)
     lo = (mean - spread * std).clamp(0, 1)
@@ -498,9 +503,7 @@ def keep_detail_fields(work: Tensor, fields: Tensor, sigma: float) -> Tensor:
     c = work.shape[1]
     if fields.shape[1] != 2 * c or fields.shape[-2:] != work.shape[-2:]:
         raise ValueError(f"fields {tuple(fields.shape)} do not match the image {tuple(work.shape)}")
-    x = work.float()
-    lit = (x.amax(dim=1, keepdim=True) > SURROUND_LEVEL).float()
-    mean = gaussian_blur(x * lit, sigma) / gaussian_blur(lit, sigma).clamp_min(1e-3)
+    _, _, mean = _lit_mean(work.float(), sigma)
     gain = fields[:, :c].float().clamp(-3.0, 3.0).exp()
     kept = gain.clamp_min(1.0)
     offset = fields[:, c:].float() + (gain - kept) * mean

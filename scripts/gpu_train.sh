@@ -11,8 +11,9 @@
 #   bash scripts/gpu_train.sh --dry-run             # on the CPU: the lite configuration for seconds (CI)
 #
 # TARGET: ccm (default) or color. DATA: the training images (../shared/data/train layout; default
-# ../shared/data/train, else gpu-data/train, which `make gpu-data` fills with the CCM training set to be
-# carried to the GPU machine with gpu-wheels/). Python and wheels: benchmarks/gpu_env.sh.
+# ../shared/data/train, else gpu-data/train, which `make gpu-train-kit` fills with the CCM training set to
+# be carried to the GPU machine with gpu-wheels-train/, GPU_WHEELS=gpu-wheels-train). Python and wheels:
+# benchmarks/gpu_env.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +30,7 @@ if [[ -z "${DATA:-}" ]]; then
   done
 fi
 if [[ -z "${DATA:-}" ]]; then
-  echo "no training data: set DATA, or run \`make gpu-data\` here and carry gpu-data to the GPU machine" >&2
+  echo "no training data: set DATA, or run \`make gpu-train-kit\` here and carry gpu-data to the GPU machine" >&2
   exit 2
 fi
 ROOT=$(mktemp -d /tmp/dicomnode-gpu-train.XXXX)

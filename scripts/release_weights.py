@@ -332,7 +332,7 @@ def _training_hardware(run: Path, name: str) -> str | None:
 
 def build_caches(target: str, work: Path, weights_dir: Path, weights: Path, *, device: str = "cpu") -> dict[str, str]:
     """One guidance cache per modality for ``weights`` from the training HQ images: the method (mean,
-    single, nearest) and then the strength (vector x 0.25 ... 1) measured on this modality's validation
+    single, nearest) and then the strength (vector x 0.25 ... 2) measured on this modality's validation
     pairs (training split); the best is kept and the measurements go into the cache file."""
     from dicomnode import guidance as gd
     from models.guidance import GUIDANCE_SCALES

@@ -272,8 +272,7 @@ def main(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    timer = Timer()
-    budget = timer  # --max-minutes counts from the first step (data loading and G's load are not training)
+    timer = Timer()  # also the --max-minutes budget: it counts from the first step, not from loading
     recent: list[dict[str, float]] = []
     grads: dict[str, float] = {}
     set_train()
@@ -304,7 +303,7 @@ def main(args: argparse.Namespace) -> int:
             recent = (recent + [values])[-50:]
             bar.update(1)
             bar.set_postfix(e=f"{values['e']:.3f}", haar=f"{values['haar']:.4f}", fc=f"{values['fc']:.4f}", d=f"{values['d']:.3f}")
-            last = step == args.iterations or budget.over(args.max_minutes)
+            last = step == args.iterations or timer.over(args.max_minutes)
             if step % 10 == 0 or last:
                 losslog.write(step, values)
             if step % args.val_every == 0 or last:

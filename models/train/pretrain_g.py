@@ -141,7 +141,6 @@ def main(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     ae.train()
-    budget = Timer()  # --max-minutes counts from the first step
     with tqdm(total=args.iterations, initial=step, desc="pretrain-g", unit="step", disable=None) as bar:
         while step < args.iterations:
             x, labels = next_batch()
@@ -159,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
             recent = (recent + [values])[-50:]
             bar.update(1)
             bar.set_postfix(loss=f"{values['loss']:.4f}", ssim=f"{values['ssim']:.3f}")
-            last = step == args.iterations or budget.over(args.max_minutes)
+            last = step == args.iterations or timer.over(args.max_minutes)
             if step % 10 == 0 or last:
                 losslog.write(step, values)
             if step % args.val_every == 0 or last:
