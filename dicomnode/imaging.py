@@ -4,10 +4,10 @@ Decoding does all the DICOM value handling so that models never see it: decompre
 with the pylibjpeg plugins: JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, RLE, deflate),
 colour spaces (YBR is returned as RGB by pydicom 3 while the dataset still says YBR; PALETTE COLOR
 is expanded through its LUT), MONOCHROME1 (or Presentation LUT Shape INVERSE) inversion, and for gray
-data deeper than 8 bits the modality transform (rescale, or a Modality LUT Sequence) followed by the
-VOI transform a viewer would apply (window centre/width, a VOI LUT, or a per-frame min-max stretch,
-pixel padding left out, when the sender gave neither). The result is what a reader would see on
-screen, which is what the enhancement models were trained on.
+data the modality transform (rescale, or a Modality LUT Sequence) followed by the VOI transform a viewer
+would apply (window centre/width, a VOI LUT, or, when the sender gave neither, a per-frame min-max
+stretch with pixel padding left out; 8-bit gray without either is shown over its full stored range).
+The result is what a reader would see on screen, which is what the enhancement models were trained on.
 
 Before the first frame is decoded, :func:`check_pixel_data` checks from the encoded bytes alone that
 every frame is complete (each codestream's start, end and header against the dataset): the JPEG and
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi, get_decoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.uid import UID
 
 # Transfer syntaxes whose pixel data went through lossy compression, with the DICOM method name.
@@ -130,6 +130,12 @@ def pixel_info(ds: Dataset) -> PixelInfo:
         raise PixelDecodeError(f"NumberOfFrames is {nframes}")
     if bits_allocated == 1:
         raise PixelDecodeError("1-bit (binary/segmentation) pixel data is not an image to enhance")
+    high_bit = _int(ds, "HighBit", bits_stored - 1)
+    if high_bit != bits_stored - 1:
+        # PS3.3 C.7.6.3.1 requires BitsStored - 1; the decoder keeps the low BitsStored bits, so values stored
+        # higher up would be read from the wrong bits (a viewer such as DCMTK shifts them down)
+        raise PixelDecodeError(f"HighBit {high_bit} is not BitsStored - 1 ({bits_stored - 1}): "
+                               "the pixel values would be read from the wrong bits")
 
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
         if spp != 1:
@@ -318,26 +324,64 @@ def _padding_mask(raw: np.ndarray, ds: Dataset) -> np.ndarray | None:
     return (raw >= lo) & (raw <= hi)
 
 
+def _lut_input_signed(ds: Dataset, info: PixelInfo, index: int) -> bool:
+    """Whether the VOI LUT's input (the modality values) can be negative, from the stored value range and the
+    rescale (DCMTK decides the same way), not from the values one frame happens to hold."""
+    if ds.get("ModalityLUTSequence"):
+        return False  # its output is unsigned
+    bits = info.bits_stored
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if info.pixel_representation else (0, (1 << bits) - 1)
+    slope, intercept = _rescale(ds, index)
+    return min(slope * lo + intercept, slope * hi + intercept) < 0
+
+
+def _voi_lut_table(item: Dataset, little_endian: bool, signed_input: bool) -> tuple[np.ndarray, int]:
+    """(LUT entries, first value mapped) of a VOI LUT item; ValueError or similar when it is unusable.
+
+    The first value mapped is US or SS (PS3.3 C.11.2.1.1); a sender's US 64512 for a signed input means -1024,
+    which is how DCMTK reads it. Without that, every pixel fell below the table and the image was black.
+    """
+    descriptor = [int(v) for v in item.LUTDescriptor]
+    entries = (descriptor[0] & 0xFFFF) or 65536  # 0 means 2^16
+    first = descriptor[1]
+    if signed_input and first >= 0x8000:
+        first -= 0x10000
+    data = item.LUTData
+    if isinstance(data, (bytes, bytearray, memoryview)):  # OW: 16-bit words in the dataset's byte order
+        table = np.frombuffer(bytes(data), dtype="<u2" if little_endian else ">u2").astype(np.int64)
+    else:
+        table = np.atleast_1d(np.asarray(data, dtype=np.int64))
+    if table.size < entries:
+        raise ValueError(f"the VOI LUT holds {table.size} entries, its descriptor says {entries}")
+    return table[:entries], first
+
+
 def _gray_to_unit(raw: np.ndarray, ds: Dataset, info: PixelInfo, index: int) -> tuple[np.ndarray, str]:
     """Stored gray values -> displayed intensity in [0, 1] (before the display inversion, see displays_inverted)."""
-    if info.bits_stored <= 8 and info.pixel_representation == 0:
-        # 8-bit gray is display-ready (US, endoscopy, SC): the full stored range is the display range.
-        return (raw.astype(np.float32) / float((1 << info.bits_stored) - 1)), "full-range"
     voi_item = _frame_item(ds, index, "FrameVOILUTSequence") or ds
-    modality = _modality_values(raw, ds, index)
-    if "VOILUTSequence" in voi_item and voi_item.VOILUTSequence:
-        try:
-            # LUT indices are integers: round so pydicom indexes rather than warns about floats
-            mapped = apply_voi(np.rint(modality).astype(np.int64), voi_item, index=0).astype(np.float64)
-            lut = np.asarray(voi_item.VOILUTSequence[0].LUTData, dtype=np.float64)
-        except Exception:  # a broken LUT falls back to the other transforms below
-            mapped = None
-        if mapped is not None and lut.size and float(lut.max()) > float(lut.min()):
-            lo, hi = float(lut.min()), float(lut.max())
-            return np.clip((mapped - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), "voi-lut"
+    has_lut = bool("VOILUTSequence" in voi_item and voi_item.VOILUTSequence)
     window = _window(ds, index)
+    # 8-bit gray without a VOI is display-ready (US, endoscopy, SC): the full stored range is the display range.
+    # With a window or VOI LUT a viewer applies it, 8-bit or not (ignoring it showed an inverting LUT's negative).
+    full_range = info.bits_stored <= 8 and info.pixel_representation == 0
+    if full_range and not has_lut and window is None:
+        return (raw.astype(np.float32) / float((1 << info.bits_stored) - 1)), "full-range"
+    modality = _modality_values(raw, ds, index)
+    if has_lut:
+        try:
+            # looked up here: pydicom indexes an 8-bit table with uint8 indices, which wrap past 256 entries
+            table, first = _voi_lut_table(voi_item.VOILUTSequence[0], UID(info.transfer_syntax).is_little_endian,
+                                          _lut_input_signed(ds, info, index))
+        except Exception:  # a broken LUT falls back to the other transforms below
+            table = None
+        if table is not None and int(table.max()) > int(table.min()):
+            mapped = table[np.clip(np.rint(modality) - first, 0, table.size - 1).astype(np.intp)]
+            lo, hi = float(table.min()), float(table.max())
+            return np.clip((mapped - lo) / (hi - lo), 0.0, 1.0).astype(np.float32), "voi-lut"
     if window is not None:
         return _apply_window(modality, *window), "window"
+    if full_range:  # its VOI LUT was unusable
+        return (raw.astype(np.float32) / float((1 << info.bits_stored) - 1)), "full-range"
     # no window from the sender: the image's own range, without the padding a CT/MR-style sender may put
     # around it (a -2000 surround would otherwise squeeze the real pixels into the top of the range)
     fill = 1.0 if displays_inverted(ds, info.photometric) else 0.0
@@ -594,6 +638,15 @@ def check_pixel_data(ds: Dataset, info: PixelInfo | None = None) -> None:
             _check_rle(frame, index, info)
 
 
+def _palette_scale(ds: Dataset, info: PixelInfo, dtype: np.dtype) -> float:
+    """Full scale of the palette's output, decided over the whole palette (every index), not per frame: 255
+    for 8-bit tables and for 16-bit tables whose every entry is <= 255 (8-bit entries stored in 16 bits), else
+    65535. Judged on one frame's pixels, a frame using only the dark entries of a 16-bit palette was stretched
+    x257 (near-black shown near-white)."""
+    every = apply_color_lut(np.arange(1 << min(info.bits_stored, 16)).astype(dtype), ds)
+    return 255.0 if every.dtype == np.uint8 or int(every.max(initial=0)) <= 255 else 65535.0
+
+
 def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np.ndarray, str]]:
     """Yield (frame, voi) for each frame in order: frame float32 [0, 1], voi the transform used."""
     info = info or pixel_info(ds)
@@ -605,6 +658,7 @@ def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np
     elif info.transfer_syntax in JPEG_LS and "pyjpegls" in decoder.available_plugins:
         plugin = "pyjpegls"  # ~5x faster than pylibjpeg-libjpeg on JPEG-LS (0.09 vs 0.50 s for a camera-size fundus)
     index = 0
+    palette_scale = 0.0
     try:
         check_pixel_data(ds, info)  # before any frame is yielded: a cut last frame fails the whole instance
         frames = decoder.iter_array(ds, as_rgb=True, decoding_plugin=plugin)
@@ -622,8 +676,8 @@ def iter_frames(ds: Dataset, info: PixelInfo | None = None) -> Iterator[tuple[np
                                        f"{info.rows}x{info.columns}x{info.samples_per_pixel}")
             if info.photometric == "PALETTE COLOR":
                 rgb = apply_color_lut(raw, ds)
-                scale = 255.0 if rgb.dtype == np.uint8 or float(rgb.max(initial=0)) <= 255 else 65535.0
-                yield np.clip(rgb.astype(np.float32) / scale, 0.0, 1.0), "palette"
+                palette_scale = palette_scale or _palette_scale(ds, info, raw.dtype)
+                yield np.clip(rgb.astype(np.float32) / palette_scale, 0.0, 1.0), "palette"
             elif info.color:
                 scale = float((1 << min(info.bits_stored, int(meta.get("bits_stored", info.bits_stored)))) - 1)
                 yield np.clip(raw.astype(np.float32) / scale, 0.0, 1.0), "full-range"

@@ -147,10 +147,21 @@ def test_monochrome1_is_inverted():
     assert m1[0, 0] == pytest.approx(1.0)
 
 
-def test_eight_bit_gray_keeps_full_range():
-    pixels = np.array([[0, 128, 255]], dtype=np.uint8)
-    frame = decode(gray_dataset(pixels, WindowCenter=128, WindowWidth=2)).frames[0]
-    np.testing.assert_allclose(frame[0], [0.0, 128 / 255, 1.0], atol=1e-6)
+def test_eight_bit_gray_keeps_full_range_without_a_voi_and_applies_one_it_has():
+    """8-bit gray with no window is shown over its full stored range; one with a window or VOI LUT is shown
+    through it, as a viewer does (it was ignored: an inverting VOI LUT reached PACS as the negative)."""
+    pixels = np.array([[0, 100, 128, 255]], dtype=np.uint8)
+    plain = decode(gray_dataset(pixels))
+    np.testing.assert_allclose(plain.frames[0][0], pixels[0] / 255.0, atol=1e-6)
+    assert plain.voi == ["full-range"]
+    windowed = decode(gray_dataset(pixels, WindowCenter=128, WindowWidth=2))
+    np.testing.assert_allclose(windowed.frames[0][0], [0.0, 0.0, 1.0, 1.0], atol=1e-6)  # width 2: a threshold
+    assert windowed.voi == ["window"]
+    lut = Dataset()
+    lut.LUTDescriptor = [256, 0, 8]
+    lut.LUTData = list(range(255, -1, -1))  # inverting
+    inverted = decode(gray_dataset(pixels, VOILUTSequence=[lut])).frames[0]
+    np.testing.assert_allclose(inverted[0], 1.0 - pixels[0] / 255.0, atol=1e-6)
 
 
 def test_multiframe_is_decoded_frame_by_frame_with_per_frame_values():
@@ -308,3 +319,157 @@ def test_presentation_lut_shape_inverse_displays_inverted():
     ds1 = gray_dataset(pixels, PresentationLUTShape="INVERSE")
     ds1.PhotometricInterpretation = "MONOCHROME1"
     np.testing.assert_allclose(decode(ds1).frames[0], 1.0 - plain, atol=1e-6)
+
+
+def test_high_bit_other_than_bits_stored_minus_one_is_refused():
+    """12 bits stored in bits 4-15 (HighBit 15): the decoder keeps the low 12 bits, which would be a wrong
+    image; DCMTK shifts them down. PS3.3 requires HighBit = BitsStored - 1, so the instance is refused."""
+    values = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 64) << 4
+    ds = gray_dataset(values, BitsStored=12, HighBit=15)
+    with pytest.raises(PixelDecodeError, match="HighBit 15 is not BitsStored - 1"):
+        decode(ds)
+
+
+def _voi_lut_item(first: int, data: list[int], bits: int, descriptor_vr: str = "US") -> Dataset:
+    item = Dataset()
+    item.LUTDescriptor = [len(data), first, bits]
+    item["LUTDescriptor"].VR = descriptor_vr
+    item.LUTData = data
+    item["LUTData"].VR = "US"
+    return item
+
+
+def test_eight_bit_voi_lut_with_more_than_256_entries_is_looked_up_by_full_index():
+    """An 8-bit-output VOI LUT over a 12-bit input range (2048 entries): pydicom's lookup indexes it with
+    uint8 indices, which wrap every 256 entries and gave a sawtooth instead of the LUT's ramp."""
+    pixels = np.array([[0, 512, 1024, 1536, 2047]], dtype=np.uint16)
+    ds = gray_dataset(pixels, BitsStored=12, HighBit=11, RescaleSlope=1, RescaleIntercept=-1024)
+    ds.VOILUTSequence = [_voi_lut_item(-1024, [i // 8 for i in range(2048)], 8, "SS")]
+    frame, voi = next(iter_frames(ds))
+    assert voi == "voi-lut"
+    np.testing.assert_allclose(frame[0], [0.0, 64 / 255, 128 / 255, 192 / 255, 1.0], atol=1e-6)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_voi_lut_first_value_mapped_stored_as_us_for_a_signed_input(signed):
+    """A first-value-mapped of -1024 sent as US 64512 (the descriptor is US or SS) for an input that can be
+    negative means -1024, as DCMTK reads it; taken as 64512 every pixel fell below the table: a black image."""
+    modality = np.array([[-1024, -512, 0, 512, 1023]])
+    if signed:
+        ds = gray_dataset(modality.astype(np.int16))
+    else:  # unsigned pixels, a negative intercept: the LUT's input (modality values) is still signed
+        ds = gray_dataset((modality + 1024).astype(np.uint16), RescaleSlope=1, RescaleIntercept=-1024)
+    ds.VOILUTSequence = [_voi_lut_item(64512, [i * 32 for i in range(2048)], 16)]
+    frame, _ = next(iter_frames(ds))
+    np.testing.assert_allclose(frame[0], (modality[0] + 1024) / 2047, atol=1e-6)  # table entry index / last index
+
+
+def test_palette_full_scale_is_decided_over_the_whole_palette_not_the_frame():
+    """A 16-bit palette that starts dark (cubic): a frame using only its first entries has looked-up values
+    <= 255, and judging 8 vs 16 bits from those stretched the near-black frame to near-white."""
+    cubic = np.rint((np.arange(256) / 255.0) ** 3 * 65535).astype("<u2")
+    ds = gray_dataset(np.arange(40, dtype=np.uint8).reshape(5, 8))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", cubic.tobytes())
+    frame = decode(ds).frames[0]
+    expected = cubic[:40].astype(np.float32).reshape(5, 8) / 65535.0
+    for channel in range(3):
+        np.testing.assert_allclose(frame[..., channel], expected, atol=1e-6)
+    assert float(frame.max()) < 0.004  # a near-black frame stays near-black
+
+
+# --- agreement with DCMTK's renderer (dcmj2pnm), the reference viewer pipeline --------------------------------
+
+
+def _read_ascii_pnm(path: Path) -> np.ndarray:
+    """An ASCII PGM/PPM (dcmj2pnm +opw) as float [0, 1], (H, W) or (H, W, 3)."""
+    tokens = [t for line in path.read_text().splitlines() for t in line.split("#")[0].split()]
+    magic, width, height, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
+    channels = 3 if magic == "P3" else 1
+    values = np.array(tokens[4:4 + width * height * channels], dtype=np.float64) / maxval
+    return values.reshape((height, width, 3) if channels == 3 else (height, width))
+
+
+def _ramp(dtype: str = "u2", scale: int = 64) -> np.ndarray:
+    yy, xx = np.mgrid[0:24, 0:32]
+    return (xx * scale + yy * 3).astype(dtype)
+
+
+def _dcmtk_case(name: str) -> tuple[Dataset, list[str]]:
+    """(dataset, dcmj2pnm VOI options) for each compared case: bundled files and the risky constructions."""
+    if name.endswith(".dcm"):
+        ds = sample(name)
+        window = "WindowCenter" in ds and "WindowWidth" in ds
+        return ds, (["+Wi", "1"] if window else [] if pixel_info(ds).color else ["+Wm"])
+    ramp = _ramp()
+    if name == "signed12_garbage_high_bits_rescale_window":
+        stored = (ramp.astype(np.int64) % 4096 - 2048) & 0xFFF  # 12-bit two's complement, not sign-extended
+        stored |= (np.arange(stored.size).reshape(stored.shape) % 16) << 12  # overlay-like garbage above
+        return gray_dataset(stored.astype(np.uint16), BitsStored=12, HighBit=11, PixelRepresentation=1,
+                            RescaleSlope="0.5", RescaleIntercept="-100", WindowCenter=-300, WindowWidth=800), ["+Wi", "1"]
+    if name == "two_windows_first_used":
+        return gray_dataset(ramp.astype(np.int16) - 500, WindowCenter=[200, 1000], WindowWidth=[600, 4000]), ["+Wi", "1"]
+    if name == "sigmoid":
+        return gray_dataset(ramp, WindowCenter=1000, WindowWidth=900, VOILUTFunction="SIGMOID"), ["+Wi", "1"]
+    if name == "monochrome1_window":
+        return gray_dataset(ramp, PhotometricInterpretation="MONOCHROME1", WindowCenter=1000, WindowWidth=1500), ["+Wi", "1"]
+    if name == "presentation_lut_inverse_minmax":
+        return gray_dataset(ramp, BitsStored=12, HighBit=11, PresentationLUTShape="INVERSE"), ["+Wm"]
+    if name == "uint32_minmax":
+        return gray_dataset(ramp.astype(np.uint32) * 100000), ["+Wm"]
+    if name == "eight_bit_window":
+        return gray_dataset((ramp // 8).astype(np.uint8), WindowCenter=100, WindowWidth=80), ["+Wi", "1"]
+    if name == "eight_bit_lut_2048_entries":
+        ds = gray_dataset(ramp, RescaleSlope=1, RescaleIntercept=-1024)
+        ds.VOILUTSequence = [_voi_lut_item(-1024, [i // 8 for i in range(2048)], 8, "SS")]
+        return ds, ["+Wl", "1"]
+    if name == "lut_first_value_as_us":
+        ds = gray_dataset(ramp, RescaleSlope=1, RescaleIntercept=-1024)
+        ds.VOILUTSequence = [_voi_lut_item(64512, [i * 32 for i in range(2048)], 16)]
+        return ds, ["+Wl", "1"]
+    if name == "palette16_dark_frame":
+        ds = gray_dataset((ramp % 41).astype(np.uint8))
+        ds.PhotometricInterpretation = "PALETTE COLOR"
+        cubic = np.rint((np.arange(256) / 255.0) ** 3 * 65535).astype("<u2")
+        for colour in ("Red", "Green", "Blue"):
+            setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+            setattr(ds, f"{colour}PaletteColorLookupTableData", cubic.tobytes())
+        return ds, []
+    if name in ("rgb_planar1", "ybr_full_planar1"):
+        yy, xx = np.mgrid[0:24, 0:32]
+        planes = np.stack([xx * 8, yy * 10, 255 - xx * 6]).astype(np.uint8)  # (3, H, W): planar configuration 1
+        ds = gray_dataset(planes[0])
+        ds.SamplesPerPixel = 3
+        ds.PlanarConfiguration = 1
+        ds.PhotometricInterpretation = "RGB" if name == "rgb_planar1" else "YBR_FULL"
+        ds.PixelData = planes.tobytes()
+        return ds, []
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", [
+    "CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "JPGExtended.dcm", "rtdose_rle_1frame.dcm",
+    "examples_overlay.dcm", "SC_rgb_rle.dcm", "SC_ybr_full_422_uncompressed.dcm", "examples_palette.dcm",
+    "SC_rgb_dcmtk_+eb+cy+np.dcm",
+    "signed12_garbage_high_bits_rescale_window", "two_windows_first_used", "sigmoid", "monochrome1_window",
+    "presentation_lut_inverse_minmax", "uint32_minmax", "eight_bit_window", "eight_bit_lut_2048_entries",
+    "lut_first_value_as_us", "palette16_dark_frame", "rgb_planar1", "ybr_full_planar1",
+])
+def test_first_frame_agrees_with_dcmj2pnm(name, tmp_path: Path):
+    """The decoded first frame is what DCMTK's renderer shows (overlays off, the first window or VOI LUT, or a
+    min-max window where the file has none) to within rounding and JPEG decoder differences."""
+    require_tools("dcmj2pnm")
+    ds, voi_options = _dcmtk_case(name)
+    source = tmp_path / "in.dcm"
+    ds.save_as(source, enforce_file_format=True)
+    rendered = tmp_path / "out.pnm"
+    subprocess.run(["dcmj2pnm", "--no-overlays", "--write-16-bit-pnm", "--frame", "1", *voi_options,
+                    str(source), str(rendered)], check=True, capture_output=True)
+    reference = _read_ascii_pnm(rendered)
+    frame, _ = next(iter_frames(pydicom.dcmread(source)))
+    assert frame.shape == reference.shape
+    difference = np.abs(frame.astype(np.float64) - reference)
+    assert float(difference.max()) < 0.015 and float(difference.mean()) < 0.003, (
+        f"{name}: max {difference.max():.4f}, mean {difference.mean():.5f} from dcmj2pnm")
