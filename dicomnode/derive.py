@@ -26,6 +26,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -441,6 +442,32 @@ def _pixel_spacing(source: Dataset) -> tuple[float, float] | None:
         return None
 
 
+def _aspect_ratio(source: Dataset) -> list[int] | None:
+    """Pixel Aspect Ratio (vertical, horizontal) for the derived object when the source's pixels are not square.
+
+    Only called when the source has no Pixel Spacing (which, copied, keeps the ratio). A viewer otherwise takes
+    the ratio from Imager/Nominal Scanned Pixel Spacing, an enhanced object's Pixel Measures, or Pixel Aspect
+    Ratio (PS3.3 C.7.6.3.1.7); the derived object carries none of those, so without this its picture is shown
+    stretched or squashed beside the source's.
+    """
+    def shared_spacing() -> Any:
+        shared = source.get("SharedFunctionalGroupsSequence")
+        measures = shared[0].get("PixelMeasuresSequence") if shared else None
+        return measures[0].get("PixelSpacing") if measures else None
+
+    for read in (lambda: source.get("ImagerPixelSpacing"), lambda: source.get("NominalScannedPixelSpacing"),
+                 shared_spacing, lambda: source.get("PixelAspectRatio")):
+        try:  # an invalid value is skipped, as a viewer skips it
+            values = _values(read())
+            vertical, horizontal = (float(values[0]), float(values[1])) if len(values) == 2 else (0.0, 0.0)
+        except Exception:
+            continue
+        if vertical > 0 and horizontal > 0 and np.isfinite(vertical / horizontal):
+            ratio = Fraction(vertical / horizontal).limit_denominator(1000)
+            return None if ratio == 1 else [ratio.numerator, ratio.denominator]
+    return None
+
+
 def _single_frame(
     source: Dataset, stored: np.ndarray, color: bool, bits: int, series_uid: str, sop_uid: str, series_number: int,
     instance_number: int, settings: DeriveSettings,
@@ -650,6 +677,10 @@ def derive_sc(
     burned = _source_value(source, "BurnedInAnnotation")
     if burned is not None:
         ds.BurnedInAnnotation = burned
+    if "PixelSpacing" not in ds:
+        aspect = _aspect_ratio(source)
+        if aspect is not None:
+            ds.PixelAspectRatio = aspect
     if color and "ICCProfile" in source:
         # enhancement keeps the source's colour space, so its profile still describes the pixels
         ds.ICCProfile = source.ICCProfile

@@ -314,10 +314,21 @@ def displays_inverted(ds: Dataset, photometric: str) -> bool:
 def _padding_mask(raw: np.ndarray, ds: Dataset) -> np.ndarray | None:
     """Pixels whose stored value is Pixel Padding Value (up to Pixel Padding Range Limit, either order):
     PS3.3 C.7.5.1.1.2, values that are not part of the image. None when the sender declared no padding."""
-    value = _number(ds.get("PixelPaddingValue"))
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    bits = min(int(ds.get("BitsAllocated", 16) or 16), 16)  # a US/SS value holds 16 bits at most
+
+    def as_stored(v: float | None) -> float | None:
+        # the VR follows PixelRepresentation: for a signed image a US value with the sign bit set is the
+        # two's-complement negative (63536 is -2000), else it never matched the decoded (signed) pixels
+        for width in (bits, 16):
+            if v is not None and signed and 1 << (width - 1) <= v < 1 << width:
+                return v - (1 << width)
+        return v
+
+    value = as_stored(_number(ds.get("PixelPaddingValue")))
     if value is None:
         return None
-    limit = _number(ds.get("PixelPaddingRangeLimit"))
+    limit = as_stored(_number(ds.get("PixelPaddingRangeLimit")))
     if limit is None:
         return raw == value
     lo, hi = min(value, limit), max(value, limit)

@@ -289,6 +289,28 @@ def test_pixel_padding_takes_no_part_in_the_stretch_and_shows_black():
     assert plain[0, 0] == 0.0 and float(plain[1:5, 1:5].min()) > 0.9
 
 
+@pytest.mark.parametrize("limit", [None, 63526])  # a single value, and a range -2000..-2010 stated as US too
+def test_pixel_padding_value_stated_as_us_on_a_signed_image_is_its_negative(tmp_path: Path, limit: int | None):
+    """Many CT scanners write Pixel Padding Value -2000 as US 63536 (the VR follows Pixel Representation): on a
+    signed image that is the two's-complement -2000, so the padding takes no part in the min-max stretch."""
+    pixels = np.full((6, 6), -2000, dtype=np.int16)
+    pixels[0, 0] = -2010 if limit is not None else -2000
+    pixels[1:5, 1:5] = np.arange(16, dtype=np.int16).reshape(4, 4) * 10 - 100  # the image: -100..50 HU
+    ds = gray_dataset(pixels)
+    ds["PixelPaddingValue"] = pydicom.DataElement(0x00280120, "US", 63536)
+    if limit is not None:
+        ds["PixelPaddingRangeLimit"] = pydicom.DataElement(0x00280121, "US", limit)
+    path = tmp_path / "padded.dcm"
+    ds.save_as(path, enforce_file_format=True)  # explicit VR: read back as US 63536, not resolved to SS
+    back = pydicom.dcmread(path)
+    assert back.PixelPaddingValue == 63536
+    frame, voi = next(iter_frames(back))
+    assert voi == "minmax"
+    inner = frame[1:5, 1:5]
+    assert float(inner.min()) == 0.0 and float(inner.max()) == pytest.approx(1.0)  # before: squeezed into 0.95-1
+    assert float(frame[0].max()) == 0.0 and frame[0, 0] == 0.0
+
+
 def test_modality_lut_sequence_is_applied_before_the_window():
     """A sender that maps stored values through a Modality LUT Sequence (not rescale) states its window in
     the LUT's output units: decoding without the LUT windowed raw values and sent a wrong image."""
