@@ -123,6 +123,35 @@ def _into_gamut(lab: np.ndarray, steps: int = 10) -> np.ndarray:
     return _linear_to_srgb(lin)
 
 
+def limit_chroma(original: np.ndarray, enhanced: np.ndarray, limit: float) -> np.ndarray:
+    """The enhanced frame with its chroma (a*, b*) moved at most ``limit`` CIELAB units from the original's.
+
+    A correction may remove a small cast (haze is a coloured veil) but not repaint a real image in another
+    camera's colours; 0 is :func:`keep_chroma`. OpenCV's conversion and the same gamut mapping as there.
+    """
+    import cv2  # noqa: PLC0415 - as in keep_chroma
+
+    src = cv2.cvtColor(np.ascontiguousarray(unit_range(original)), cv2.COLOR_RGB2Lab)
+    lab = cv2.cvtColor(np.ascontiguousarray(unit_range(enhanced)), cv2.COLOR_RGB2Lab)
+    shift = lab[..., 1:] - src[..., 1:]
+    norm = np.sqrt((shift * shift).sum(axis=-1, keepdims=True))
+    lab[..., 1:] = src[..., 1:] + shift * np.minimum(1.0, limit / np.maximum(norm, 1e-6))
+    return _lab_to_rgb_in_gamut(lab)
+
+
+def _lab_to_rgb_in_gamut(lab: np.ndarray) -> np.ndarray:
+    """OpenCV's Lab -> sRGB, with colours outside the gamut brought in at constant L* and hue (:func:`_into_gamut`)
+    rather than clipped channel by channel: a brightened orange optic disc must not turn yellow-green."""
+    import cv2  # noqa: PLC0415 - as in keep_chroma
+
+    rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)  # OpenCV clips colours outside the gamut channel by channel
+    np.clip(rgb, 0.0, 1.0, out=rgb)
+    edge = ((rgb >= 1.0 - 1e-4) | (rgb <= 1e-4)).any(axis=-1)
+    if edge.any():
+        rgb[edge] = _into_gamut(lab[edge])
+    return rgb
+
+
 def keep_chroma(original: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
     """The enhanced frame's lightness with the original's chroma (a*, b*): a correction that cannot shift colour.
 
@@ -139,11 +168,6 @@ def keep_chroma(original: np.ndarray, enhanced: np.ndarray) -> np.ndarray:
 
     lab = cv2.cvtColor(np.ascontiguousarray(unit_range(original)), cv2.COLOR_RGB2Lab)
     lab[..., 0] = cv2.cvtColor(np.ascontiguousarray(unit_range(enhanced)), cv2.COLOR_RGB2Lab)[..., 0]
-    rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)  # OpenCV clips colours outside the gamut channel by channel
-    np.clip(rgb, 0.0, 1.0, out=rgb)
-    # Where a channel hit a bound the colour may lie outside the gamut: map it in by lowering its chroma at
-    # constant L* and hue (a brightened orange optic disc must not turn yellow and darker); few pixels, exact formulas.
-    edge = ((rgb >= 1.0 - 1e-4) | (rgb <= 1e-4)).any(axis=-1)
-    if edge.any():
-        rgb[edge] = _into_gamut(lab[edge])
-    return rgb
+    # where a channel would hit a bound the colour lies outside the gamut: mapped in by lowering its chroma at
+    # constant L* and hue (a brightened orange optic disc must not turn yellow and darker); few pixels, exact formulas
+    return _lab_to_rgb_in_gamut(lab)

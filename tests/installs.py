@@ -71,7 +71,7 @@ def venv_with_wheel(venv: Path, wheel: Path) -> Path:
 
 
 def fundus_series(folder: Path, count: int, *, study: str = "install-study", size: int = 192) -> list[Path]:
-    """``count`` OP (fundus) instances of skimage's retina photograph: the default rules send them to clahe-fov."""
+    """``count`` OP (fundus) instances of skimage's retina photograph: the default rules send them to fieldnorm-fundus."""
     from skimage.data import retina
     from skimage.transform import resize
 

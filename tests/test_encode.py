@@ -365,7 +365,7 @@ def default_config(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 @pytest.mark.parametrize(("folder", "model"), [
     ("fundus/hq", "clahe"),
-    pytest.param("fundus/hq", None, marks=pytest.mark.slow),  # None: the default rules (Modality OP: clahe-fov)
+    pytest.param("fundus/hq", None, marks=pytest.mark.slow),  # None: the default rules (Modality OP: fieldnorm-fundus)
     pytest.param("fundus/hq", "hqgnet-color", marks=pytest.mark.slow),
     pytest.param("fundus/lq", "hqgnet-color", marks=pytest.mark.slow),
 ])

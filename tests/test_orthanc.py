@@ -51,8 +51,8 @@ def test_compose_files_agree_with_each_other() -> None:
     assert orthanc_conf["DicomModalities"]["dicomnode"] == [node.node.ae_title, "dicomnode", node.node.port]
     assert f"~= '{node.node.ae_title}'" in (DEPLOY / "orthanc" / "autoroute.lua").read_text()
     assert str(node.storage.root) == "/var/lib/dicomnode"
-    # builtin: shipped files (classical models such as CLAHE have no weights)
-    assert all(m.weights.is_file() for m in node.models.values() if m.kind not in ("clahe", "histeq", "retinex"))
+    # builtin: shipped files (classical models such as CLAHE or field normalisation have no weights)
+    assert all(m.weights.is_file() for m in node.models.values() if m.kind not in ("clahe", "histeq", "retinex", "fieldnorm"))
     assert any(m.weights is not None for m in node.models.values())
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "deploy/install.sh" in dockerfile and "TORCH=torch==2.13.0" in dockerfile  # the tested install path

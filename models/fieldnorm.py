@@ -1,0 +1,202 @@
+"""Field normalisation: even out lighting, haze and contrast by matching local statistics to HQ images.
+
+Haze, uneven illumination and low contrast are, to first order, smooth affine fields over the image:
+``I = J * g(x) + o(x)``. Within a wide window the local mean and standard deviation of a clean photograph
+of one modality are fairly stable, so estimating ``g`` and ``o`` from the input's local statistics and
+mapping them onto those of real HQ images of the same modality inverts the fields without touching the
+fine structure (vessels, exudates): per channel the output keeps the input's deviation from its local
+mean, rescaled to the HQ images' local contrast, around the HQ images' mean (:func:`field_normalise`).
+
+The HQ statistics are per-modality targets computed from a folder of HQ images (the node's guidance idea
+without a network: the modality's HQ reference sets the goal). The field of view is found first (fundus
+disc, endoscope frame) so the black surround neither enters the statistics nor changes. Colour: the
+correction is computed per RGB channel (haze is a coloured veil), and the chroma it moves is limited to
+``chroma_limit`` CIELAB units from the input, so a real image's own colour is kept and only a cast of
+about that size is corrected.
+
+With the shipped windows (0.6 of the field's side for fundus, 0.35 for endoscopy) the statistics are close
+to global: it mostly sets each channel's level and contrast. Figures, and why endoscopy is not routed to it
+(it lifts a dark lumen to grey), are in ``docs/models.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from functools import cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from models.color import limit_chroma, unit_range
+from models.fov import fov_mask, keep_surround
+from models.hqgnet import gaussian_blur
+
+TARGETS_FILE = Path(__file__).parent / "weights" / "fieldnorm.targets.json"
+WORK_SIDE = 512  # statistics are computed on a copy at most this large; the fields are smooth
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Local statistics of HQ images of one modality, averaged inside their fields of view.
+
+    ``sigma`` is the window (a Gaussian, as a fraction of the square root of the field's area, so it is the
+    same at any resolution); the targets are only valid with the sigma they were measured at.
+    """
+
+    modality: str
+    sigma: float
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    n_images: int
+    sources: dict[str, int]
+
+
+def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    t = t.permute(2, 0, 1)[None] if t.ndim == 3 else t[None, None]
+    with torch.inference_mode():
+        r = gaussian_blur(t, float(sigma))[0]
+    return (r.permute(1, 2, 0) if a.ndim == 3 else r[0]).numpy()
+
+
+def local_stats(img: np.ndarray, field: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) fields of ``img`` (H, W[, C]) over a Gaussian window of ``sigma`` x sqrt(field area) px,
+    normalised by the window's weight inside ``field``, so the surround pulls neither towards black."""
+    m = field.astype(np.float32)
+    px = max(1.0, sigma * math.sqrt(max(1.0, float(m.sum()))))
+    den = _blur(m, px) + 1e-6
+    x = img if img.ndim == 3 else img[..., None]
+    den = den[..., None]
+    mean = _blur(x * m[..., None], px) / den
+    sq = _blur(x * x * m[..., None], px) / den
+    std = np.sqrt(np.maximum(sq - mean * mean, 1e-8))
+    return (mean, std) if img.ndim == 3 else (mean[..., 0], std[..., 0])
+
+
+def _source(path: Path) -> str:
+    return path.stem.split("_", 1)[0]
+
+
+def measure_targets(images: Iterable[tuple[str, np.ndarray]], modality: str, sigma: float) -> Targets:
+    """Targets from ``(source, RGB image in [0, 1])`` pairs; each source weighs sqrt(its count) in total, so
+    one camera that gave most of the images does not set the goal alone."""
+    by_source: dict[str, list[tuple[np.ndarray, np.ndarray, float, float]]] = defaultdict(list)
+    for source, img in images:
+        img = np.asarray(img, dtype=np.float32)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"targets need RGB images, got shape {img.shape}")
+        small = _working_copy(img)
+        field = fov_mask(small)
+        mean, std = local_stats(small, field, sigma)
+        by_source[source].append((mean[field].mean(0), std[field].mean(0)))
+    if not by_source:
+        raise ValueError("no images to measure targets from")
+    weights, rows = [], []
+    for items in by_source.values():
+        for item in items:
+            weights.append(math.sqrt(len(items)) / len(items))
+            rows.append(item)
+    w = np.asarray(weights) / np.sum(weights)
+    mean = np.sum([wi * r[0] for wi, r in zip(w, rows)], axis=0)
+    std = np.sum([wi * r[1] for wi, r in zip(w, rows)], axis=0)
+    return Targets(
+        modality=modality, sigma=float(sigma),
+        mean=tuple(round(float(v), 5) for v in mean), std=tuple(round(float(v), 5) for v in std),  # type: ignore[arg-type]
+        n_images=len(rows), sources={k: len(v) for k, v in sorted(by_source.items())},
+    )
+
+
+def targets_from_folder(folder: Path, modality: str, sigma: float) -> Targets:
+    """Targets from every image in ``folder`` (PNG/JPEG/TIFF or DICOM); the source is the file name up to '_'."""
+    from models.io import list_images, load_image  # noqa: PLC0415 - only the CLI path reads folders
+
+    paths = list_images(folder)
+    return measure_targets(((_source(p), load_image(p, 3)) for p in paths), modality, sigma)
+
+
+@cache
+def _shipped() -> Mapping[str, Targets]:
+    data = json.loads(TARGETS_FILE.read_text())
+    return {name: Targets(**{**t, "mean": tuple(t["mean"]), "std": tuple(t["std"])}) for name, t in data["targets"].items()}
+
+
+def shipped_targets(name: str) -> Targets:
+    """The targets shipped for ``name`` (fundus, endoscopy), measured on the training HQ images."""
+    table = _shipped()
+    if name not in table:
+        raise ValueError(f"unknown fieldnorm targets {name!r}; shipped: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def targets_record(targets: Iterable[Targets], note: str) -> dict:
+    return {"note": note, "targets": {t.modality: asdict(t) for t in targets}}
+
+
+def _working_copy(img: np.ndarray) -> np.ndarray:
+    h, w = img.shape[:2]
+    if max(h, w) <= WORK_SIDE:
+        return img
+    s = WORK_SIDE / max(h, w)
+    return cv2.resize(img, (max(8, round(w * s)), max(8, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+def _to_full(field: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if field.shape[:2] == shape:
+        return field
+    return cv2.resize(field, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+
+
+def field_normalise(
+    image: np.ndarray,
+    targets: str | Targets = "fundus",
+    strength: float = 1.0,
+    chroma_limit: float = 3.0,
+    max_gain: float = 3.0,
+    min_gain: float = 1.0,
+) -> np.ndarray:
+    """Map the image's local mean and contrast onto the modality's HQ targets.
+
+    Per channel, with local mean ``mu`` and std ``sd`` of the input and targets ``T_mu``, ``T_sd``:
+    ``out = mu + strength * (T_mu - mu) + (img - mu) * clip(T_sd / sd, 1/max_gain, max_gain) ** strength``.
+    ``strength`` 0 is the identity, 1 the full match. ``min_gain`` 1 never lowers local contrast: a frame
+    already more contrasted than the targets keeps its detail and only has its level moved (lowering it
+    flattened vessels and the quality gate stopped 10 of 68 real low-quality training fundus frames for lost
+    detail; with 1 none is, and 2 are stopped for newly clipped pixels). Statistics come from a copy at most 512 px wide and the
+    (smooth) fields are interpolated back, so an 8-megapixel photograph costs about what a 512 px one does
+    plus a few full-size array operations. Grey frames keep their own average level and contrast and
+    only lose their unevenness.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    if not chroma_limit >= 0.0:
+        raise ValueError(f"chroma_limit must be >= 0, got {chroma_limit}")
+    if not max_gain >= 1.0:
+        raise ValueError(f"max_gain must be >= 1, got {max_gain}")
+    t = targets if isinstance(targets, Targets) else shipped_targets(targets)
+    img = unit_range(image)
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+        raise ValueError(f"expected (H, W) or (H, W, 3) image, got shape {img.shape}")
+    small = _working_copy(img)
+    field = fov_mask(small)
+    mu, sd = local_stats(small, field, t.sigma)
+    if img.ndim == 3:
+        goal_mu, goal_sd = np.asarray(t.mean, dtype=np.float32), np.asarray(t.std, dtype=np.float32)
+    else:  # a grey frame (red-free fundus, a grey endoscope) has no colour targets: only its unevenness is removed
+        goal_mu, goal_sd = np.float32(mu[field].mean()), np.float32(sd[field].mean())
+    if not 0.0 < min_gain <= max_gain:
+        raise ValueError(f"min_gain must be in (0, max_gain], got {min_gain}")
+    gain = np.clip(goal_sd / sd, min_gain, max_gain) ** strength
+    # out = img * gain + offset: both smooth, so they are carried to full resolution instead of mu and sd
+    offset = mu + strength * (goal_mu - mu) - mu * gain
+    shape = img.shape[:2]
+    out = img * _to_full(gain.astype(np.float32), shape) + _to_full(offset.astype(np.float32), shape)
+    np.clip(out, 0.0, 1.0, out=out)
+    if img.ndim == 3:
+        out = limit_chroma(img, out, chroma_limit)
+    return keep_surround(img, out.astype(np.float32, copy=False), in_place=True)
