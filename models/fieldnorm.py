@@ -34,11 +34,13 @@ import numpy as np
 import torch
 
 from models.color import limit_chroma, unit_range
-from models.fov import fov_mask, keep_surround
+from models.fov import feather, fov_mask
 from models.hqgnet import gaussian_blur
 
 TARGETS_FILE = Path(__file__).parent / "weights" / "fieldnorm.targets.json"
 WORK_SIDE = 512  # statistics are computed on a copy at most this large; the fields are smooth
+RIM = 0.03  # where the field's edge cuts through content, the correction fades in over this fraction of the side
+SURROUND_BLACK = 0.03  # a surround darker than this (mean, near the edge) is the camera's mask: a sharp edge
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,25 @@ def _to_full(field: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return cv2.resize(field, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
+def _blend_weight(small: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """How much of the correction each pixel of the working copy gets: 1 inside the field, 0 outside.
+
+    Against a black surround the edge is sharp (feathered over 2 px, as ``keep_surround``), so the rim of a
+    fundus disc is corrected like its centre. Where the field-of-view detection cuts through dim image content
+    (an under-exposed DRIMDB frame) a sharp edge drew a line between the lifted field and the content left
+    dark outside it; there the correction fades in over RIM of the shorter side instead.
+    """
+    sharp = feather(field)
+    outside = ~field
+    lum = small.mean(axis=2) if small.ndim == 3 else small
+    px = RIM * min(field.shape)
+    # mean brightness of the nearby outside: ~0 along a real surround, the content's level where it was cut
+    near = _blur(lum * outside, px) / (_blur(outside.astype(np.float32), px) + 1e-6)
+    content = np.clip((near - SURROUND_BLACK) / SURROUND_BLACK, 0.0, 1.0)
+    soft = feather(field, px)
+    return (sharp + content * (soft - sharp)) * field
+
+
 def field_normalise(
     image: np.ndarray,
     targets: str | Targets = "fundus",
@@ -199,4 +220,11 @@ def field_normalise(
     np.clip(out, 0.0, 1.0, out=out)
     if img.ndim == 3:
         out = limit_chroma(img, out, chroma_limit)
-    return keep_surround(img, out.astype(np.float32, copy=False), in_place=True)
+    if field.all():
+        return out.astype(np.float32, copy=False)
+    weight = _to_full(_blend_weight(small, field), shape)
+    if weight.shape != field.shape:  # nothing outside the field at full resolution either (as fov_mask scales it)
+        weight *= _to_full(field.astype(np.float32), shape) > 0.5
+    if img.ndim == 3:
+        weight = weight[..., None]
+    return (img + weight * (out - img)).astype(np.float32, copy=False)

@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 from skimage import data
 
 from models import metrics as M
@@ -33,7 +34,7 @@ def test_a_hazy_unevenly_lit_fundus_comes_back_closer_to_the_clean_one(retina: n
     damaged[~field] = 0.0  # the camera's mask stays black whatever the optics do
     own = measure_targets([("retina", retina)], "fundus", shipped_targets("fundus").sigma)
     before = M.psnr(damaged, retina, field)
-    for targets, limit, least in ((own, 100.0, 5.0), (own, 3.0, 1.0), ("fundus", 3.0, 0.3)):
+    for targets, limit, least in ((own, 100.0, 4.5), (own, 3.0, 1.0), ("fundus", 3.0, 0.3)):
         out = field_normalise(damaged, targets, chroma_limit=limit)
         assert M.psnr(out, retina, field) - before > least, targets
         if targets is own:  # with another camera's targets this image's fine-structure contrast moves too
@@ -129,3 +130,22 @@ def test_a_colour_brightened_past_the_gamut_keeps_its_hue() -> None:
 
     assert abs(hue(out) - hue(disc)) < 5.0  # 3.8 measured; channel clipping gives 11.4
     assert cv2.cvtColor(out, cv2.COLOR_RGB2Lab)[0, 0, 0] > cv2.cvtColor(disc, cv2.COLOR_RGB2Lab)[0, 0, 0]
+
+
+def test_the_correction_fades_in_where_the_field_edge_cuts_dim_content_and_is_sharp_on_black(retina: np.ndarray) -> None:
+    """Where the field-of-view detection cuts through dim content, a sharp edge drew a line between the lifted
+    field and the content left dark outside it (seen on an under-exposed DRIMDB frame): there the change is
+    small 3-6 px inside the edge and full further in. Against a black surround the edge stays sharp."""
+    disc = fov_mask(retina)
+    for surround, at_most, at_least in ((0.0, None, 0.5), (0.055, 0.35, None)):
+        dark = (retina * 0.35).astype(np.float32)
+        dark[~disc] = surround
+        field = fov_mask(dark)  # what the method itself sees: the disc, give or take the dim rim
+        assert (field & disc).sum() / (field | disc).sum() > 0.95
+        edge = ndi.binary_erosion(field, iterations=3) & ~ndi.binary_erosion(field, iterations=6)
+        core = ndi.binary_erosion(field, iterations=60)
+        out = field_normalise(dark, "fundus")
+        change = np.abs(out - dark).mean(axis=2)
+        ratio = change[edge].mean() / change[core].mean()
+        assert (at_most is None or ratio < at_most) and (at_least is None or ratio > at_least), (surround, ratio)
+        assert change[~field].max() == 0.0
