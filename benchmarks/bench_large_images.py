@@ -8,8 +8,8 @@ Run by hand (prints a table; not a test):
 
 For each image (EyeQ: 2,592 x 3,888 and similar) it times the shipped colour HQG-Net at each working side
 (the card's is 512: the model runs on a shrunk copy and its smooth correction fields are carried back to
-full resolution, so full-resolution detail is the input's own) and CLAHE with the field-of-view option
-(the default route for fundus). With ``--native`` it also runs the model at full resolution and prints
+full resolution, so full-resolution detail is the input's own), field normalisation (the default route
+for fundus) and CLAHE with the field-of-view option. With ``--native`` it also runs the model at full resolution and prints
 PSNR(working-resolution output, native output): how much the shortcut changes the result.
 """
 
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     models = {side: build_model("hqgnet", weights=weights, device="cpu", options={"max_side": side}) for side in args.max_sides}
     native = build_model("hqgnet", weights=weights, device="cpu", options={"max_side": None}) if args.native else None
     clahe = build_model("clahe", device="cpu", options={"fov": True})
-    header = ["image", "size", "clahe-fov s"] + [f"hqgnet@{s} s" for s in args.max_sides]
+    fieldnorm = build_model("fieldnorm", device="cpu", options={"targets": "fundus", "fov": True})
+    header = ["image", "size", "clahe-fov s", "fieldnorm-fundus s"] + [f"hqgnet@{s} s" for s in args.max_sides]
     if native is not None:
         header += ["native s"] + [f"PSNR@{s} vs native" for s in args.max_sides]
     print("| " + " | ".join(header) + " |")
@@ -70,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         img = load_image(path, 3)
         print(f"[{i}/{len(paths)}] {path.name} {img.shape[1]}x{img.shape[0]}", file=sys.stderr, flush=True)
         t_clahe, _ = timed(lambda im=img: clahe.enhance([im])[0], args.repeats)
+        t_fieldnorm, _ = timed(lambda im=img: fieldnorm.enhance([im])[0], args.repeats)
         outs, secs = {}, []
         for side, model in models.items():
             t, outs[side] = timed(lambda m=model, im=img: m.enhance([im], vector)[0], args.repeats)
             secs.append(t)
-        row = [t_clahe, *secs]
-        cells = [path.name, f"{img.shape[1]}x{img.shape[0]}", f"{t_clahe:.2f}", *(f"{t:.2f}" for t in secs)]
+        row = [t_clahe, t_fieldnorm, *secs]
+        cells = [path.name, f"{img.shape[1]}x{img.shape[0]}", f"{t_clahe:.2f}", f"{t_fieldnorm:.2f}", *(f"{t:.2f}" for t in secs)]
         if native is not None:
             t_native, ref = timed(lambda im=img: native.enhance([im], vector)[0], 1, warmup=False)
             gaps = [psnr(outs[s], ref) for s in args.max_sides]
@@ -84,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print("| " + " | ".join(cells) + " |", flush=True)
     means = np.mean(np.array(rows), axis=0)
-    print(f"\nmean over {len(rows)} image(s): CLAHE-fov {means[0]:.2f} s; "
-          + ", ".join(f"HQG-Net at {s}: {means[1 + k]:.2f} s" for k, s in enumerate(args.max_sides))
-          + (f"; native {means[1 + len(args.max_sides)]:.1f} s" if native is not None else ""))
+    print(f"\nmean over {len(rows)} image(s): CLAHE-fov {means[0]:.2f} s; field normalisation {means[1]:.2f} s; "
+          + ", ".join(f"HQG-Net at {s}: {means[2 + k]:.2f} s" for k, s in enumerate(args.max_sides))
+          + (f"; native {means[2 + len(args.max_sides)]:.1f} s" if native is not None else ""))
     return 0
 
 

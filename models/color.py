@@ -146,9 +146,16 @@ def _lab_to_rgb_in_gamut(lab: np.ndarray) -> np.ndarray:
 
     rgb = cv2.cvtColor(lab, cv2.COLOR_Lab2RGB)  # OpenCV clips colours outside the gamut channel by channel
     np.clip(rgb, 0.0, 1.0, out=rgb)
-    edge = ((rgb >= 1.0 - 1e-4) | (rgb <= 1e-4)).any(axis=-1)
-    if edge.any():
-        rgb[edge] = _into_gamut(lab[edge])
+    # candidates: a channel at a bound (black, the blue of a fundus, a white disc), black itself excluded; only
+    # those really outside the gamut are mapped (an 8-megapixel fundus: 2.6 -> ~0.5 s)
+    edge = np.flatnonzero((((rgb >= 1.0 - 1e-4) | (rgb <= 1e-4)).any(axis=-1) & (lab[..., 0] > 0.5)).ravel())
+    if edge.size:
+        flat_lab, flat_rgb = lab.reshape(-1, 3), rgb.reshape(-1, 3)
+        lin = _lab_to_linear(flat_lab[edge])
+        # beyond about one 8-bit level (linear 3e-4 at black, 3e-3 at white): less is what clipping does anyway
+        outside = edge[((lin < -3e-4) | (lin > 1.0 + 3e-3)).any(axis=1)]
+        if outside.size:
+            flat_rgb[outside] = _into_gamut(flat_lab[outside])
     return rgb
 
 
