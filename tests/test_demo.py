@@ -26,9 +26,9 @@ def test_demo_writes_its_page(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     for item in enhanced:
         ds = pydicom.dcmread(item.output)
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
-        # the default routes: CCM to the shipped HQG-Net (with its guidance id), fundus to CLAHE
+        # the default routes: CCM to the shipped HQG-Net (with its guidance id), fundus to field normalisation
         assert ("HQG-Net" in ds.DerivationDescription and "guidance g-" in ds.DerivationDescription) \
-            if item.sample.key == "ccm" else "CLAHE" in ds.DerivationDescription
+            if item.sample.key == "ccm" else "Field normalisation" in ds.DerivationDescription
         assert (tmp_path / "demo" / "img" / item.after_png).is_file()
         assert item.metrics_after and item.metrics_before
     assert by_key["ct"].output is None and "left alone" in by_key["ct"].note
