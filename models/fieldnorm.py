@@ -163,12 +163,12 @@ def field_normalise(
     """Map the image's local mean and contrast onto the modality's HQ targets.
 
     Per channel, with local mean ``mu`` and std ``sd`` of the input and targets ``T_mu``, ``T_sd``:
-    ``out = mu + strength * (T_mu - mu) + (img - mu) * clip(T_sd / sd, 1/max_gain, max_gain) ** strength``.
+    ``out = mu + strength * (T_mu - mu) + (img - mu) * clip(T_sd / sd, min_gain, max_gain) ** strength``.
     ``strength`` 0 is the identity, 1 the full match. ``min_gain`` 1 never lowers local contrast: a frame
     already more contrasted than the targets keeps its detail and only has its level moved (lowering it
     flattened vessels and the quality gate stopped 10 of 68 real low-quality training fundus frames for lost
-    detail; with 1 none is, and 2 are stopped for newly clipped pixels). Statistics come from a copy at most 512 px wide and the
-    (smooth) fields are interpolated back, so an 8-megapixel photograph costs about what a 512 px one does
+    detail; with 1 none is, and 2 are stopped for newly clipped pixels). Statistics come from a copy at most
+    512 px wide and the (smooth) fields are interpolated back, so an 8-megapixel photograph costs about what a 512 px one does
     plus a few full-size array operations. Grey frames keep their own average level and contrast and
     only lose their unevenness.
     """
@@ -178,6 +178,8 @@ def field_normalise(
         raise ValueError(f"chroma_limit must be >= 0, got {chroma_limit}")
     if not max_gain >= 1.0:
         raise ValueError(f"max_gain must be >= 1, got {max_gain}")
+    if not 0.0 < min_gain <= max_gain:
+        raise ValueError(f"min_gain must be in (0, max_gain], got {min_gain}")
     t = targets if isinstance(targets, Targets) else shipped_targets(targets)
     img = unit_range(image)
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
@@ -189,8 +191,6 @@ def field_normalise(
         goal_mu, goal_sd = np.asarray(t.mean, dtype=np.float32), np.asarray(t.std, dtype=np.float32)
     else:  # a grey frame (red-free fundus, a grey endoscope) has no colour targets: only its unevenness is removed
         goal_mu, goal_sd = np.float32(mu[field].mean()), np.float32(sd[field].mean())
-    if not 0.0 < min_gain <= max_gain:
-        raise ValueError(f"min_gain must be in (0, max_gain], got {min_gain}")
     gain = np.clip(goal_sd / sd, min_gain, max_gain) ** strength
     # out = img * gain + offset: both smooth, so they are carried to full resolution instead of mu and sd
     offset = mu + strength * (goal_mu - mu) - mu * gain
