@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -36,6 +36,7 @@ import torch
 from models.color import limit_chroma, unit_range
 from models.fov import feather, fov_mask
 from models.hqgnet import gaussian_blur
+from models.io import balanced_weights, source_of
 
 TARGETS_FILE = Path(__file__).parent / "weights" / "fieldnorm.targets.json"
 WORK_SIDE = 512  # statistics are computed on a copy at most this large; the fields are smooth
@@ -79,14 +80,12 @@ def local_stats(img: np.ndarray, field: np.ndarray, sigma: float) -> tuple[np.nd
     return (mean, std) if img.ndim == 3 else (mean[..., 0], std[..., 0])
 
 
-def _source(path: Path) -> str:
-    return path.stem.split("_", 1)[0]
-
-
 def measure_targets(images: Iterable[tuple[str, np.ndarray]], modality: str, sigma: float) -> Targets:
     """Targets from ``(source, RGB image in [0, 1])`` pairs; each source weighs sqrt(its count) in total, so
     one camera that gave most of the images does not set the goal alone."""
-    by_source: dict[str, list[tuple[np.ndarray, np.ndarray, float, float]]] = defaultdict(list)
+    sources: list[str] = []
+    means: list[np.ndarray] = []
+    stds: list[np.ndarray] = []
     for source, img in images:
         img = np.asarray(img, dtype=np.float32)
         if img.ndim != 3 or img.shape[2] != 3:
@@ -94,21 +93,18 @@ def measure_targets(images: Iterable[tuple[str, np.ndarray]], modality: str, sig
         small = _working_copy(img)
         field = fov_mask(small)
         mean, std = local_stats(small, field, sigma)
-        by_source[source].append((mean[field].mean(0), std[field].mean(0)))
-    if not by_source:
+        sources.append(source)
+        means.append(mean[field].mean(0))
+        stds.append(std[field].mean(0))
+    if not sources:
         raise ValueError("no images to measure targets from")
-    weights, rows = [], []
-    for items in by_source.values():
-        for item in items:
-            weights.append(math.sqrt(len(items)) / len(items))
-            rows.append(item)
-    w = np.asarray(weights) / np.sum(weights)
-    mean = np.sum([wi * r[0] for wi, r in zip(w, rows)], axis=0)
-    std = np.sum([wi * r[1] for wi, r in zip(w, rows)], axis=0)
+    w = np.asarray(balanced_weights(sources))
+    w /= w.sum()
+    mean, std = w @ np.asarray(means), w @ np.asarray(stds)
     return Targets(
         modality=modality, sigma=float(sigma),
         mean=tuple(round(float(v), 5) for v in mean), std=tuple(round(float(v), 5) for v in std),  # type: ignore[arg-type]
-        n_images=len(rows), sources={k: len(v) for k, v in sorted(by_source.items())},
+        n_images=len(sources), sources=dict(sorted(Counter(sources).items())),
     )
 
 
@@ -117,7 +113,7 @@ def targets_from_folder(folder: Path, modality: str, sigma: float) -> Targets:
     from models.io import list_images, load_image  # noqa: PLC0415 - only the CLI path reads folders
 
     paths = list_images(folder)
-    return measure_targets(((_source(p), load_image(p, 3)) for p in paths), modality, sigma)
+    return measure_targets(((source_of(p), load_image(p, 3)) for p in paths), modality, sigma)
 
 
 @cache

@@ -7,7 +7,10 @@ MONOCHROME1 inversion: what a viewer shows, and so what an enhancer learns on an
 
 from __future__ import annotations
 
+import math
 import random
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +125,23 @@ def load_state_dict(path: Path | str, map_location: str | torch.device = "cpu") 
     """Exported weights as fp32 tensors (shipped files may be fp16)."""
     sd = torch.load(path, map_location=map_location, weights_only=True)
     return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
+
+
+def source_of(path: Path) -> str:
+    """The source group of a training file: its name up to the first '_' (drimdb, drive, hrf, cvcclinic...)."""
+    stem = path.stem
+    if stem.startswith(("shOD", "shOS", "zxOD", "zxOS")):
+        return stem[:4]
+    return stem.split("_", 1)[0]
+
+
+def balanced_weights(sources: Sequence[str]) -> list[float]:
+    """Per-item weights giving each source a total of sqrt(its count): balanced, not flattened (50 of the 79
+    fundus HQ images come from one camera)."""
+    counts = Counter(sources)
+    return [math.sqrt(counts[s]) / counts[s] for s in sources]
+
+
+def source_weights(paths: Sequence[Path]) -> dict[Path, float]:
+    """:func:`balanced_weights` of training files by :func:`source_of`."""
+    return dict(zip(paths, balanced_weights([source_of(p) for p in paths]), strict=True))

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from models.degrade import degrade  # noqa: E402
 from models.fov import fov_mask  # noqa: E402
-from models.io import list_images, load_image, resize_long_side  # noqa: E402
+from models.io import list_images, load_image, resize_long_side, source_of, source_weights  # noqa: E402
 
 log = logging.getLogger("release")
 
@@ -78,22 +77,6 @@ TARGETS = {  # target -> (channels, working max side, domains)
 DOMAIN_MODALITY = {"fundus": "OP", "endoscopy": "ES", "ccm": "default"}  # the guidance cache each domain is served with
 VAL_FRACTION = 0.12
 SYNTHETIC_PER_HQ = 2
-
-
-def source_of(path: Path) -> str:
-    """The source group of a training file: its name up to the first '_' (drimdb, drive, hrf, cvcclinic...)."""
-    stem = path.stem
-    if stem.startswith(("shOD", "shOS", "zxOD", "zxOS")):
-        return stem[:4]
-    return stem.split("_", 1)[0]
-
-
-def source_weights(paths: list[Path]) -> dict[Path, float]:
-    """Per-image weights giving each source a total of sqrt(its count): balanced, not flattened."""
-    groups: dict[str, list[Path]] = defaultdict(list)
-    for p in paths:
-        groups[source_of(p)].append(p)
-    return {p: math.sqrt(len(g)) / len(g) for g in groups.values() for p in g}
 
 
 def split(paths: list[Path], fraction: float, seed: int) -> tuple[list[Path], list[Path]]:

@@ -260,3 +260,12 @@ def node_with_admin_service(config_path: Path) -> Iterator[tuple[Any, Any]]:
         yield server, admin
     finally:
         server.stop()
+
+
+def read_ascii_pnm(path: Path) -> np.ndarray:
+    """An ASCII PGM/PPM (as dcmj2pnm +opw writes it) as float [0, 1], (H, W) or (H, W, 3)."""
+    tokens = [t for line in path.read_text().splitlines() for t in line.split("#")[0].split()]
+    magic, width, height, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
+    channels = 3 if magic == "P3" else 1
+    values = np.array(tokens[4:4 + width * height * channels], dtype=np.float64) / maxval
+    return values.reshape((height, width, 3) if channels == 3 else (height, width))

@@ -24,7 +24,7 @@ from dicomnode.imaging import iter_frames
 from models.registry import ModelInfo
 
 from conftest import require_tools
-from factories import sample
+from factories import read_ascii_pnm, sample
 
 MODEL = ModelInfo(kind="hqgnet", name="HQG-Net", version="2.1", weights_sha256="ab" * 32)
 SETTINGS = DeriveSettings()
@@ -101,15 +101,6 @@ def enhanced(frame: np.ndarray, index: int) -> np.ndarray:
     return np.clip(out + gradient + 0.01 * index, 0.0, 1.0).astype(np.float32)
 
 
-def read_pnm(path: Path) -> np.ndarray:
-    """An ASCII PGM/PPM as float [0, 1], (H, W) or (H, W, 3)."""
-    tokens = [t for line in path.read_text().splitlines() for t in line.split("#")[0].split()]
-    magic, width, height, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
-    channels = 3 if magic == "P3" else 1
-    values = np.array(tokens[4:4 + width * height * channels], dtype=np.float64) / maxval
-    return values.reshape((height, width, 3) if channels == 3 else (height, width))
-
-
 def viewer_options(ds: Dataset) -> list[str]:
     """What a viewer does by default: the first stored window, else full range (8-bit, colour), else min-max."""
     if "WindowCenter" in ds and "WindowWidth" in ds:
@@ -123,7 +114,7 @@ def render(path: Path, frame: int, out: Path) -> np.ndarray:
     depth = "--write-8-bit-pnm" if int(ds.BitsStored) <= 8 else "--write-16-bit-pnm"  # DCMTK widens 8 bits as x256
     subprocess.run([tool, "--no-overlays", depth, "--frame", str(frame + 1), *viewer_options(ds), str(path), str(out)],
                    check=True, capture_output=True)
-    return read_pnm(out)
+    return read_ascii_pnm(out)
 
 
 @pytest.mark.parametrize("syntax", ["uncompressed", "jpeg-ls-lossless", "rle-lossless"])

@@ -14,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from dicomnode.imaging import PixelDecodeError, iter_frames, pixel_info, to_stored
 
 from conftest import require_tools
-from factories import decode, sample
+from factories import decode, read_ascii_pnm, sample
 
 
 def gray_dataset(pixels: np.ndarray, **attrs) -> Dataset:
@@ -405,15 +405,6 @@ def test_palette_full_scale_is_decided_over_the_whole_palette_not_the_frame():
 # --- agreement with DCMTK's renderer (dcmj2pnm), the reference viewer pipeline --------------------------------
 
 
-def _read_ascii_pnm(path: Path) -> np.ndarray:
-    """An ASCII PGM/PPM (dcmj2pnm +opw) as float [0, 1], (H, W) or (H, W, 3)."""
-    tokens = [t for line in path.read_text().splitlines() for t in line.split("#")[0].split()]
-    magic, width, height, maxval = tokens[0], int(tokens[1]), int(tokens[2]), int(tokens[3])
-    channels = 3 if magic == "P3" else 1
-    values = np.array(tokens[4:4 + width * height * channels], dtype=np.float64) / maxval
-    return values.reshape((height, width, 3) if channels == 3 else (height, width))
-
-
 def _ramp(dtype: str = "u2", scale: int = 64) -> np.ndarray:
     yy, xx = np.mgrid[0:24, 0:32]
     return (xx * scale + yy * 3).astype(dtype)
@@ -489,7 +480,7 @@ def test_first_frame_agrees_with_dcmj2pnm(name, tmp_path: Path):
     rendered = tmp_path / "out.pnm"
     subprocess.run(["dcmj2pnm", "--no-overlays", "--write-16-bit-pnm", "--frame", "1", *voi_options,
                     str(source), str(rendered)], check=True, capture_output=True)
-    reference = _read_ascii_pnm(rendered)
+    reference = read_ascii_pnm(rendered)
     frame, _ = next(iter_frames(pydicom.dcmread(source)))
     assert frame.shape == reference.shape
     difference = np.abs(frame.astype(np.float64) - reference)
