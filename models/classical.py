@@ -126,14 +126,3 @@ def _builder(kind: str, name: str, func, allowed: set[str]):
 build_clahe = _builder("clahe", "CLAHE", clahe, {"clip_limit", "kernel_fraction"})
 build_histeq = _builder("histeq", "Histogram equalisation", histeq, {"nbins"})
 build_retinex = _builder("retinex", "Multi-scale Retinex", retinex, {"sigmas", "clip_percent"})
-
-
-def _fieldnorm(image: np.ndarray, targets: str = "fundus", strength: float = 1.0, chroma_limit: float = 3.0,
-               max_gain: float = 3.0, min_gain: float = 1.0) -> np.ndarray:
-    from models.fieldnorm import field_normalise  # noqa: PLC0415 - keeps torch out of the other classical paths
-
-    return field_normalise(image, targets=targets, strength=strength, chroma_limit=chroma_limit, max_gain=max_gain,
-                           min_gain=min_gain)
-
-
-build_fieldnorm = _builder("fieldnorm", "Field normalisation", _fieldnorm, {"targets", "strength", "chroma_limit", "max_gain", "min_gain"})

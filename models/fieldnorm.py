@@ -33,6 +33,7 @@ import cv2
 import numpy as np
 import torch
 
+from models.classical import _builder
 from models.color import limit_chroma, unit_range
 from models.fov import feather, fov_mask
 from models.hqgnet import gaussian_blur
@@ -208,3 +209,8 @@ def field_normalise(
     if img.ndim == 3:
         weight = weight[..., None]
     return (img + weight * (out - img)).astype(np.float32, copy=False)
+
+
+# registry kind ``fieldnorm`` (models.registry), with the classical enhancers' option checking and provenance
+build = _builder("fieldnorm", "Field normalisation", field_normalise,
+                 {"targets", "strength", "chroma_limit", "max_gain", "min_gain"})
