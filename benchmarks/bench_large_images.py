@@ -9,7 +9,8 @@ Run by hand (prints a table; not a test):
 For each image (EyeQ: 2,592 x 3,888 and similar) it times the shipped colour HQG-Net at each working side
 (the card's is 512: the model runs on a shrunk copy and its smooth correction fields are carried back to
 full resolution, so full-resolution detail is the input's own), field normalisation (the default route
-for fundus) and CLAHE with the field-of-view option. With ``--native`` it also runs the model at full resolution and prints
+for fundus), veil removal (the endoscopy route, timed on the same large frames) and CLAHE with the
+field-of-view option. With ``--native`` it also runs the model at full resolution and prints
 PSNR(working-resolution output, native output): how much the shortcut changes the result.
 """
 
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     native = build_model("hqgnet", weights=weights, device="cpu", options={"max_side": None}) if args.native else None
     clahe = build_model("clahe", device="cpu", options={"fov": True})
     fieldnorm = build_model("fieldnorm", device="cpu", options={"targets": "fundus", "fov": True})
-    header = ["image", "size", "clahe-fov s", "fieldnorm-fundus s"] + [f"hqgnet@{s} s" for s in args.max_sides]
+    dehaze = build_model("dehaze", device="cpu", options={"targets": "endoscopy", "omega": 0.85, "fov": True})
+    header = ["image", "size", "clahe-fov s", "fieldnorm-fundus s", "dehaze s"] + [f"hqgnet@{s} s" for s in args.max_sides]
     if native is not None:
         header += ["native s"] + [f"PSNR@{s} vs native" for s in args.max_sides]
     print("| " + " | ".join(header) + " |")
@@ -72,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(paths)}] {path.name} {img.shape[1]}x{img.shape[0]}", file=sys.stderr, flush=True)
         t_clahe, _ = timed(lambda im=img: clahe.enhance([im])[0], args.repeats)
         t_fieldnorm, _ = timed(lambda im=img: fieldnorm.enhance([im])[0], args.repeats)
+        t_dehaze, _ = timed(lambda im=img: dehaze.enhance([im])[0], args.repeats)
         outs, secs = {}, []
         for side, model in models.items():
             t, outs[side] = timed(lambda m=model, im=img: m.enhance([im], vector)[0], args.repeats)
             secs.append(t)
-        row = [t_clahe, t_fieldnorm, *secs]
-        cells = [path.name, f"{img.shape[1]}x{img.shape[0]}", f"{t_clahe:.2f}", f"{t_fieldnorm:.2f}", *(f"{t:.2f}" for t in secs)]
+        row = [t_clahe, t_fieldnorm, t_dehaze, *secs]
+        cells = [path.name, f"{img.shape[1]}x{img.shape[0]}", f"{t_clahe:.2f}", f"{t_fieldnorm:.2f}", f"{t_dehaze:.2f}", *(f"{t:.2f}" for t in secs)]
         if native is not None:
             t_native, ref = timed(lambda im=img: native.enhance([im], vector)[0], 1, warmup=False)
             gaps = [psnr(outs[s], ref) for s in args.max_sides]
@@ -87,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         print("| " + " | ".join(cells) + " |", flush=True)
     means = np.mean(np.array(rows), axis=0)
     print(f"\nmean over {len(rows)} image(s): CLAHE-fov {means[0]:.2f} s; field normalisation {means[1]:.2f} s; "
-          + ", ".join(f"HQG-Net at {s}: {means[2 + k]:.2f} s" for k, s in enumerate(args.max_sides))
-          + (f"; native {means[2 + len(args.max_sides)]:.1f} s" if native is not None else ""))
+          f"veil removal {means[2]:.2f} s; "
+          + ", ".join(f"HQG-Net at {s}: {means[3 + k]:.2f} s" for k, s in enumerate(args.max_sides))
+          + (f"; native {means[3 + len(args.max_sides)]:.1f} s" if native is not None else ""))
     return 0
 
 

@@ -106,6 +106,7 @@ def register(model: ModelSpec) -> ModelSpec:
 register(ModelSpec("clahe", "CLAHE", "models.classical:build_clahe", (EDGE_ENHANCEMENT,)))
 register(ModelSpec("histeq", "histogram equalisation", "models.classical:build_histeq", (EDGE_ENHANCEMENT,)))
 register(ModelSpec("fieldnorm", "field normalisation", "models.fieldnorm:build", (EDGE_ENHANCEMENT,)))
+register(ModelSpec("dehaze", "veil removal", "models.dehaze:build", (EDGE_ENHANCEMENT,)))
 register(ModelSpec("retinex", "multi-scale Retinex", "models.classical:build_retinex", (EDGE_ENHANCEMENT,)))
 register(ModelSpec(
     "hqgnet", "HQG-Net", "models.hqgnet_enhancer:build", (SMOOTHING, EDGE_ENHANCEMENT),

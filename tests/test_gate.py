@@ -113,19 +113,19 @@ def test_a_burnt_region_is_stopped_where_scattered_clipping_is_not() -> None:
 def test_the_default_routes_outputs_on_held_out_images_pass(shared_data: Path, tmp_path: Path) -> None:
     """The calibration's promise (docs/quality-gate.md), checked: with the default gate, the default config's
     models pass on held-out images they never saw (CCM by the shipped HQG-Net, fundus by field normalisation,
-    endoscopy by CLAHE with fov), and the same images tinted red or blurred are stopped."""
+    endoscopy by veil removal), and the same images tinted red or blurred are stopped."""
     from dicomnode.tools.demo import demo_config
     from models.io import list_images, load_image, resize_long_side
 
     from factories import free_port
 
     cfg = demo_config(None, tmp_path / "var", tmp_path / "out", free_port())
-    models = ResidentModels.load(cfg, only=["hqgnet-ccm", "clahe-fov", "fieldnorm-fundus"])
+    models = ResidentModels.load(cfg, only=["hqgnet-ccm", "dehaze-endoscopy", "fieldnorm-fundus"])
     assert models.failures == {}
     cases = [("ccm/real_lq", 1, models.bind("hqgnet-ccm", "OP").enhancer),
              ("ccm/real_pairs/raw", 1, models.bind("hqgnet-ccm", "OP").enhancer),
              ("fundus/real_lq", 3, models.bind("fieldnorm-fundus", "OP").enhancer),
-             ("endoscopy/real_lq", 3, models.bind("clahe-fov", "ES").enhancer)]
+             ("endoscopy/real_lq", 3, models.bind("dehaze-endoscopy", "ES").enhancer)]
     for folder, channels, enhancer in cases:
         paths = list_images(shared_data / "holdout" / folder)[:4]
         assert paths, folder

@@ -52,7 +52,9 @@ def test_compose_files_agree_with_each_other() -> None:
     assert f"~= '{node.node.ae_title}'" in (DEPLOY / "orthanc" / "autoroute.lua").read_text()
     assert str(node.storage.root) == "/var/lib/dicomnode"
     # builtin: shipped files (classical models such as CLAHE or field normalisation have no weights)
-    assert all(m.weights.is_file() for m in node.models.values() if m.kind not in ("clahe", "histeq", "retinex", "fieldnorm"))
+    trained = [m for m in node.models.values() if m.kind in ("hqgnet", "hqgnet-lite", "stillgan", "lamegan")]
+    assert trained and all(m.weights is not None and m.weights.is_file() for m in trained)
+    assert all(m.weights is None for m in node.models.values() if m not in trained)  # classical: no weights
     assert any(m.weights is not None for m in node.models.values())
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "deploy/install.sh" in dockerfile and "TORCH=torch==2.13.0" in dockerfile  # the tested install path

@@ -66,12 +66,13 @@ def test_default_config_routes_and_binds_each_modalitys_guidance(tmp_path: Path)
         resident.bind("hqgnet-color", "SM")  # no cache, no default: the job fails with the reason
     assert resident.bind("hqgnet-ccm", "OP").guidance_id == gd.load(WEIGHTS / "hqgnet-ccm.guidance-default.json").id
     # routing follows the held-out evidence (docs/models.md): CCM to HQG-Net, fundus to field normalisation with
-    # the fundus targets, endoscopy to CLAHE
+    # the fundus targets, endoscopy to veil removal with the endoscopy dark-channel level
     rules = {r.name: r.model for r in cfg.rules}
     assert rules["ccm-by-description"] == rules["ccm-by-device"] == "hqgnet-ccm"
     fundus = cfg.models[rules["fundus-photography"]]
     assert fundus.kind == "fieldnorm" and fundus.options["targets"] == "fundus" and fundus.options["fov"] is True
-    assert cfg.models[rules["endoscopy"]].kind == "clahe"
+    endoscopy = cfg.models[rules["endoscopy"]]
+    assert endoscopy.kind == "dehaze" and endoscopy.options["targets"] == "endoscopy" and endoscopy.options["fov"] is True
 
 
 def test_corrupt_shipped_weights_fail_start_up_clearly(tmp_path: Path) -> None:
