@@ -19,31 +19,19 @@ black surround of the field of view neither enters the dark channel nor changes.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
 
 from models.classical import _builder
 from models.color import limit_chroma, unit_range
+from models.fieldnorm import Targets, _working_copy, shipped_targets
 from models.fov import feather, fov_mask
 
-if TYPE_CHECKING:
-    from models.fieldnorm import Targets
-
-WORK_SIDE = 512  # the dark channel and transmission are computed on a copy at most this large (they are smooth)
 PATCH = 0.03  # the dark channel's minimum window, as a fraction of sqrt(field area)
 SMOOTH = 0.05  # the transmission's Gaussian sigma, same unit
 AIR_FRACTION = 0.002  # the veil colour: mean of the pixels with the highest dark channel (this fraction)
 MIN_AIR = 0.5
-
-
-def _working_copy(img: np.ndarray) -> np.ndarray:
-    h, w = img.shape[:2]
-    if max(h, w) <= WORK_SIDE:
-        return img
-    s = WORK_SIDE / max(h, w)
-    return cv2.resize(img, (max(8, round(w * s)), max(8, round(h * s))), interpolation=cv2.INTER_AREA)
 
 
 def _channels(img: np.ndarray) -> np.ndarray:
@@ -94,8 +82,6 @@ def dehaze(
     ``omega`` < 1 leaves a trace of the veil (depth cue; 0.85 was chosen on the training frames), ``min_transmission`` bounds the contrast gain
     (1 / t, here at most 2.9), ``chroma_limit`` bounds the colour change (CIELAB units).
     """
-    from models.fieldnorm import shipped_targets  # noqa: PLC0415 - fieldnorm measures d0 with dark_level()
-
     if not 0.0 <= omega <= 1.0:
         raise ValueError(f"omega must be in [0, 1], got {omega}")
     if not 0.05 <= min_transmission <= 1.0:
@@ -109,7 +95,7 @@ def dehaze(
     d0 = prior.dark if img.ndim == 3 else prior.dark_grey  # a grey frame's "dark channel" is its luminance
     if d0 is None or not 0.0 <= d0 < 1.0:
         raise ValueError(f"the {prior.modality!r} targets have no dark-channel level: regenerate them (scripts/fieldnorm_targets.py)")
-    small = _working_copy(img)
+    small = _working_copy(img)  # the dark channel and t are smooth: computed on a copy at most 512 px wide
     field = fov_mask(small)
     air = airlight(small, field)
     veil = np.clip((dark_channel(small, air, field) - d0) / (1.0 - d0), 0.0, 1.0) * omega
