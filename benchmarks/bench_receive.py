@@ -4,13 +4,15 @@ Both receivers get the same synthetic CT instances from the same `dcmsend` (TCP_
 sender and receivers: dcmtk leaves Nagle on otherwise). With ``--senders N`` the instances are split
 into N series sent by N parallel `dcmsend` processes (one association each), storescp runs with
 ``--fork`` (a process per association) and the node with each ``--processes`` value
-(``node.receive_processes``: processes sharing the port). The node
+(``node.receive_processes``: processes sharing the port), and with each ``--engine``
+(``node.receive_engine``: pynetdicom's server or the node's native upper layer). The node
 runs as it does in production (`dicomnode serve`, spool + ledger + fsync per instance) with a long
 series quiet time so only receiving is timed. Rounds alternate between the receivers to share any
 background load fairly; the best round of each is reported (the least disturbed by other work).
 
     .venv/bin/python benchmarks/bench_receive.py --count 200 --size 512 --rounds 3
     .venv/bin/python benchmarks/bench_receive.py --count 400 --senders 4 --processes 1 4
+    .venv/bin/python benchmarks/bench_receive.py --count 200 --rounds 2 --engine native
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--senders", type=int, default=1, help="parallel dcmsend processes, one association each (default 1)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1],
                         help="node.receive_processes values to measure (default 1)")
+    parser.add_argument("--engine", nargs="+", choices=["native", "pynetdicom"], default=["native", "pynetdicom"],
+                        help="node.receive_engine values to measure (default both)")
     args = parser.parse_args(argv)
     for tool in ("dcmsend", "storescp", "echoscu"):
         if shutil.which(tool) is None:
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.count % args.senders:
         parser.error("--count must be a multiple of --senders")
     fork = args.senders > 1
-    receivers = [(f"dicomnode x{n}" if len(args.processes) > 1 or n > 1 else "dicomnode", n) for n in args.processes]
+    receivers = [(f"node {engine}" + (f" x{n}" if len(args.processes) > 1 or n > 1 else ""), n, engine)
+                 for engine in args.engine for n in args.processes]
     scp_name = "storescp --fork" if fork else "storescp"
     with tempfile.TemporaryDirectory(prefix="bench_receive_") as tmp:
         work = Path(tmp)
@@ -160,13 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(make_series(folder, args.count // args.senders, args.size) for folder in folders)
         print(f"{args.count} CT instances {args.size}x{args.size} 16-bit, {total / args.count / 1e6:.2f} MB each, "
               f"{args.senders} sender(s) in parallel")
-        times: dict[str, list[float]] = {name: [] for name, _ in receivers} | {scp_name: []}
+        times: dict[str, list[float]] = {name: [] for name, _, _ in receivers} | {scp_name: []}
         with tqdm(total=(len(receivers) + 1) * args.rounds, desc="rounds", unit="round") as bar:
             for _ in range(args.rounds):
-                for name, processes in [*receivers, (scp_name, 0)]:
+                for name, processes, engine in [*receivers, (scp_name, 0, "")]:
                     port = free_port()
                     if processes:
-                        proc, aec = start_node(work, port, receive_processes=processes), "DICOMNODE"
+                        proc, aec = start_node(work, port, receive_processes=processes, receive_engine=engine), "DICOMNODE"
                     else:
                         proc, aec = start_storescp(work, port, fork=fork), "PACS"
                     try:
@@ -178,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
                         if stored != args.count:
                             raise RuntimeError(f"node spooled {stored} of {args.count} instances")
                     bar.update(1)
-    print(f"\n{'receiver':<16} {'best s':>8} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'ratio':>6}")
+    print(f"\n{'receiver':<22} {'best s':>8} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'ratio':>6}")
     scp_rate = args.count / min(times[scp_name])
     for name, values in times.items():
         best = min(values)
         rate = args.count / best
-        print(f"{name:<16} {best:8.2f} {statistics.median(values):9.2f} {rate:8.1f} {total / best / 1e6:7.1f} {rate / scp_rate:6.2f}")
+        print(f"{name:<22} {best:8.2f} {statistics.median(values):9.2f} {rate:8.1f} {total / best / 1e6:7.1f} {rate / scp_rate:6.2f}")
     print(f"\nratio = instances/s over {scp_name}'s (same dcmsend, {args.senders} association(s) in parallel, "
           f"TCP_NODELAY=1, {os.cpu_count()} CPUs)")
     return 0

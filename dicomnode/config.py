@@ -104,6 +104,9 @@ class NodeSettings(StrictModel):
     # max_associations and max_connections_per_peer for its own connections.
     receive_processes: int = Field(1, ge=1, le=64)
     tls: NodeTLSConfig | None = None
+    # How C-STORE/C-ECHO are received: pynetdicom's server, or dicomnode.upper's own P-DATA path (several
+    # times faster, benchmarks/bench_receive.py; the default); both land, check and answer the same way.
+    receive_engine: Literal["pynetdicom", "native"] = "native"
     # Decode budgets, checked from the header before any pixel is decoded; an instance over one fails (quarantined).
     # Per frame: rows x columns x samples x bytes per sample plus the float32 working copy (CT 512x512: 1.5 MiB,
     # a 2592x1944 RGB fundus: 72 MiB). Per series: the same summed over every frame of every instance.

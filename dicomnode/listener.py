@@ -34,7 +34,8 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_PENDING_CONNECTIONS", "Limits", "NodeServer", "PduGuard", "pdu_limit", "start_server"]
+__all__ = ["MAX_PENDING_CONNECTIONS", "Limits", "NodeServer", "PduGuard", "RefusalLog", "admission_refusal", "pdu_limit",
+           "start_server"]
 
 MAX_PENDING_CONNECTIONS = 64  # accepted connections that have not sent an A-ASSOCIATE-RQ yet, all peers together
 MIN_PDU_LIMIT = 256 * 1024  # an A-ASSOCIATE-RQ proposing 128 contexts x every transfer syntax stays below this
@@ -187,6 +188,34 @@ class GuardedSocket(AssociationSocket):
                 pass
 
 
+def admission_refusal(same_peer: int, pending: int, limits: Limits) -> str | None:
+    """Why a just-accepted connection is closed at once (None: admitted), given the connections already open
+    from its address and those of all peers still waiting for their A-ASSOCIATE-RQ. Both engines use it."""
+    if same_peer >= limits.per_peer:
+        return f"{same_peer} connections open from this address (node.max_connections_per_peer)"
+    if pending >= MAX_PENDING_CONNECTIONS:
+        return f"{pending} connections waiting for their association request (all peers)"
+    return None
+
+
+class RefusalLog:
+    """Logs a refused connection once per peer and reason in :data:`REFUSAL_LOG_SECONDS`, so a flood cannot
+    flood the log; to the caller's logger (each engine logs under its own name)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._last: dict[tuple[str, str], float] = {}
+
+    def __call__(self, host: str, reason: str) -> None:
+        now = time.monotonic()
+        key = (host, reason.split(" ", 1)[1])
+        if now - self._last.get(key, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
+            if len(self._last) > 1024:
+                self._last.clear()
+            self._last[key] = now
+            self._log.warning("refused a connection from %s: %s", host, reason)
+
+
 @dataclass(eq=False)
 class _Connection:
     address: str
@@ -211,7 +240,7 @@ class NodeServer(ThreadedAssociationServer):
         self._connections: set[_Connection] = set()
         self._admitted: dict[Any, _Connection] = {}  # accepted socket -> its record, until its thread picks it up
         self._local = threading.local()
-        self._refusals: dict[tuple[str, str], float] = {}
+        self._log_refusal = RefusalLog(log)
         handlers = [*(evt_handlers or []), (evt.EVT_REQUESTED, self._on_requested)]
         super().__init__(ae, address, ae_title, contexts, None, evt_handlers=handlers, request_handler=_Handler)
 
@@ -230,13 +259,9 @@ class NodeServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
         with self._lock:
-            same_peer = sum(1 for c in self._connections if c.address == host)
-            pending = sum(1 for c in self._connections if not c.requested)
-            if same_peer >= self.limits.per_peer:
-                reason = f"{same_peer} connections open from this address (node.max_connections_per_peer)"
-            elif pending >= MAX_PENDING_CONNECTIONS:
-                reason = f"{pending} connections waiting for their association request (all peers)"
-            else:
+            reason = admission_refusal(sum(1 for c in self._connections if c.address == host),
+                                       sum(1 for c in self._connections if not c.requested), self.limits)
+            if reason is None:
                 conn = _Connection(host, time.monotonic() + self.limits.request_timeout)
                 self._connections.add(conn)
                 self._admitted[request] = conn
@@ -252,15 +277,6 @@ class NodeServer(ThreadedAssociationServer):
                 conn = self._admitted.pop(request, None)
                 self._connections.discard(conn)  # type: ignore[arg-type]
             raise
-
-    def _log_refusal(self, host: str, reason: str) -> None:
-        now = time.monotonic()
-        key = (host, reason.split(" ", 1)[1])
-        if now - self._refusals.get(key, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
-            if len(self._refusals) > 1024:
-                self._refusals.clear()
-            self._refusals[key] = now
-            log.warning("refused a connection from %s: %s", host, reason)
 
     # -- one connection (its own thread, for its whole life) ----------------------------------
     def process_request_thread(self, request: Any, client_address: Any) -> None:

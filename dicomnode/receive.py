@@ -1,4 +1,8 @@
-"""The node's DICOM face: a pynetdicom AE answering C-ECHO and C-STORE into the spool.
+"""The node's DICOM face: C-ECHO and C-STORE into the spool.
+
+Two engines receive (``node.receive_engine``): pynetdicom's server (:mod:`dicomnode.listener`) or the
+node's own upper layer (:mod:`dicomnode.upper`, several times faster). Both land the same Part 10 file
+and hand it to the same checks here (:meth:`Receiver._store`), so nothing downstream can tell them apart.
 
 Speed comes from never decoding what we receive: the C-STORE handler takes the encoded bytes as
 the sender sent them (``STORE_RECV_CHUNKED_DATASET`` streams them to a file while PDUs arrive;
@@ -43,6 +47,7 @@ from dicomnode.observe import Observer
 from dicomnode.part10 import PATIENT_ID, read_uids
 from dicomnode.security import server_ssl_context
 from dicomnode.spool import Spool
+from dicomnode.upper import UpperServer, rejection_reason
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +113,8 @@ class Receiver:
         self.settings = node
         self.disk = disk_guard or DiskGuard(spool.root, storage.disk_high_watermark_percent, storage.disk_low_watermark_percent)
         self.ae = self._build_ae()
-        self._server: Any = None
+        self._server: Any = None  # accepting: pynetdicom's NodeServer or the native UpperServer
+        self._upper: UpperServer | None = None  # the native engine's server, kept after stop_accepting for drain
         self.observer: Observer | None = None  # told of each C-STORE and of the bytes read (metrics); set before start
 
     def _build_ae(self) -> AE:
@@ -137,8 +143,24 @@ class Receiver:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        """Listen. The process-wide pynetdicom settings (chunked receive into the spool) are applied
-        once by :func:`dicomnode.netconfig.configure` before this is called."""
+        """Listen with ``node.receive_engine``. For pynetdicom the process-wide settings (chunked receive
+        into the spool) are applied once by :func:`dicomnode.netconfig.configure` before this is called."""
+        tls = server_ssl_context(self.settings.tls) if self.settings.tls is not None else None
+        if self.settings.receive_engine == "native":
+            self._upper = UpperServer(
+                self.settings, self.ae.supported_contexts, store=self._store_landed, temp_path=self.spool.temp_path,
+                observer=self.observer, tls=tls, reuse_port=self.reuse_port, network_timeout=self.ae.network_timeout)
+            self._upper.start()
+            self._server = self._upper
+        else:
+            self._start_pynetdicom(tls)
+        log.info(
+            "listening as %s on %s:%d (max %d associations, TLS %s, %s engine)",
+            self.settings.ae_title, self.settings.host, self.port, self.settings.max_associations,
+            "on" if tls else "off", self.settings.receive_engine,
+        )
+
+    def _start_pynetdicom(self, tls: Any) -> None:
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -146,15 +168,9 @@ class Receiver:
             (evt.EVT_REJECTED, self._on_rejected),
             *([(evt.EVT_DATA_RECV, self._on_data)] if self.observer is not None else []),
         ]
-        tls = server_ssl_context(self.settings.tls) if self.settings.tls is not None else None
         limits = Limits.from_settings(self.settings, network_timeout=self.ae.network_timeout)
         self._server = start_server(self.ae, (self.settings.host, self.settings.port), handlers=handlers,
                                     limits=limits, tls=tls, reuse_port=self.reuse_port)
-        log.info(
-            "listening as %s on %s:%d (max %d associations, TLS %s)",
-            self.settings.ae_title, self.settings.host, self.port, self.settings.max_associations,
-            "on" if tls else "off",
-        )
 
     @property
     def listening(self) -> bool:
@@ -182,6 +198,8 @@ class Receiver:
         s such half-open associations are not waited for. Returns False when an established
         association had to be aborted.
         """
+        if self._upper is not None:
+            return self._upper.drain(timeout, negotiation_grace)
         start = time.monotonic()
         deadline = start + timeout
         while time.monotonic() < deadline:
@@ -219,24 +237,33 @@ class Receiver:
             self.observer.received_bytes(len(event.data))
 
     def _on_store(self, event: evt.Event) -> int:
-        calling = str(event.assoc.requestor.ae_title).strip()
         request = event.request
+        return self._handle_store(lambda: self._land(event), str(event.assoc.requestor.ae_title).strip(),
+                                  str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+
+    def _store_landed(self, landed: Path, calling: str, cmd_class: str, cmd_sop: str) -> int:
+        """The native engine's C-STORE: ``landed`` is already a durable Part 10 file in incoming/."""
+        return self._handle_store(lambda: landed, calling, cmd_class, cmd_sop)
+
+    def _handle_store(self, land: Callable[[], Path], calling: str, cmd_class: str, cmd_sop: str) -> int:
+        """One C-STORE for either engine, timed for the observer; an exception fails this object only."""
         started = time.perf_counter()
         status = STATUS_PROCESSING_FAILURE
         try:
-            status = self._store(event, calling, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+            status = self._store(land, calling, cmd_class, cmd_sop)
             return status
         except Exception:  # never let one object take the SCP down; the sender gets a clear failure
-            log.exception("store of %s failed", request.AffectedSOPInstanceUID)
+            log.exception("store of %s failed", cmd_sop)
             return STATUS_PROCESSING_FAILURE
         finally:
             if self.observer is not None:
                 self.observer.stored(status, time.perf_counter() - started)
 
-    def _store(self, event: evt.Event, calling: str, cmd_class: str, cmd_sop: str) -> int:
+    def _store(self, land: Callable[[], Path], calling: str, cmd_class: str, cmd_sop: str) -> int:
+        """Check, spool and record the object ``land`` puts in incoming/ (the caller removes it on refusal)."""
         if self.disk.refuse():
             return STATUS_OUT_OF_RESOURCES
-        landed = self._land(event)
+        landed = land()
         size = landed.stat().st_size
         if size > self.settings.max_object_bytes:
             landed.unlink(missing_ok=True)
@@ -293,20 +320,6 @@ class Receiver:
             return event.dataset_path is not None
         except AttributeError:  # not a chunked receive
             return False
-
-
-def rejection_reason(settings: NodeSettings, calling: str, called: str, active: int = 0) -> str:
-    """Why an association was rejected, in the order pynetdicom checks: the called AE title (ours), the calling
-    AE title (``node.allowed_calling_aets``), then the association limit."""
-    reasons = []
-    if settings.require_called_aet and called != settings.ae_title.strip():
-        reasons.append(f"called AE {called!r} is not ours ({settings.ae_title!r}; node.require_called_aet)")
-    if settings.allowed_calling_aets and calling not in [a.strip() for a in settings.allowed_calling_aets]:
-        reasons.append(f"calling AE {calling!r} is not in node.allowed_calling_aets")
-    if not reasons:
-        reasons.append(f"calling AE {calling!r}, called AE {called!r}: too many associations ({active} open) "
-                       "or a negotiation the node does not support")
-    return "; ".join(reasons)
 
 
 def echo(host: str, port: int, ae_title: str, calling_ae_title: str = "ECHOSCU", timeout: float = 10.0) -> bool:

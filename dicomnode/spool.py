@@ -82,7 +82,9 @@ class Spool:
         size = landed.stat().st_size
 
         def place(job_id: int) -> Path:
-            return move(landed, self.job_dir(job_id) / f"{safe_file_name(sop_uid)}.dcm")
+            # incoming/ is emptied at start-up (clean_incoming), so its entry need not be made durable
+            return move(landed, self.job_dir(job_id) / f"{safe_file_name(sop_uid)}.dcm",
+                        sync_source=landed.parent not in (self.incoming, self.chunks))
 
         return self.ledger.add_instance(key, sop_uid=sop_uid, sop_class_uid=sop_class_uid, calling_aet=calling_aet,
                                         size=size, place=place, now=now)

@@ -26,6 +26,7 @@ from pydicom.uid import (
 )
 
 from dicomnode.config import NodeSettings, StorageConfig
+from dicomnode.observe import Observer
 from dicomnode.receive import Receiver
 from dicomnode.spool import Spool
 
@@ -169,6 +170,20 @@ def write(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+class StoreCounts(Observer):
+    """An observer that keeps what the receiver reports: each C-STORE's status and the bytes read."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+        self.bytes = 0
+
+    def stored(self, status: int, seconds: float) -> None:
+        self.statuses.append(status)
+
+    def received_bytes(self, count: int) -> None:
+        self.bytes += count
 
 
 def start_receiver(root: Path, *, storage: Mapping[str, Any] | None = None, **node: Any) -> tuple[Receiver, Spool]:

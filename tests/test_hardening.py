@@ -69,11 +69,13 @@ def _timed_echo(port: int, **kwargs) -> tuple[int, float]:
 
 
 # ------------------------------------------------------------------------------------------ 1. TLS stalls
-def test_an_idle_connection_to_the_tls_port_does_not_block_the_listener(certs: Certs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["pynetdicom", "native"])
+def test_an_idle_connection_to_the_tls_port_does_not_block_the_listener(certs: Certs, tmp_path: Path, engine: str) -> None:
     """pynetdicom shook hands in its one accept thread: one silent TCP connection stopped every TLS peer."""
     require_tools("echoscu")
     tls = {"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca, "require_client_cert": True}
-    receiver, spool = start_receiver(tmp_path / "var", tls=tls, association_request_timeout_seconds=2)
+    receiver, spool = start_receiver(tmp_path / "var", tls=tls, association_request_timeout_seconds=2,
+                                     receive_engine=engine)
     try:
         idle = _connect(receiver.port)  # connects, never says a word
         time.sleep(0.3)
@@ -92,11 +94,12 @@ def test_an_idle_connection_to_the_tls_port_does_not_block_the_listener(certs: C
 
 
 # ------------------------------------------------------------------------------------------ 2. idle sockets
-def test_idle_connections_neither_lock_out_senders_nor_stay(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["pynetdicom", "native"])
+def test_idle_connections_neither_lock_out_senders_nor_stay(tmp_path: Path, engine: str) -> None:
     """10 silent connections used to take all 10 association slots ("Local Limit Exceeded")."""
     require_tools("echoscu")
     receiver, spool = start_receiver(tmp_path / "var", max_associations=10, association_request_timeout_seconds=2,
-                                     max_connections_per_peer=4)
+                                     max_connections_per_peer=4, receive_engine=engine)
     idle: list[socket.socket] = []
     try:
         for source, n in (("127.0.0.2", 4), ("127.0.0.3", 4), ("127.0.0.4", 2)):
@@ -121,18 +124,20 @@ def test_idle_connections_neither_lock_out_senders_nor_stay(tmp_path: Path) -> N
         spool.close()
 
 
+@pytest.mark.parametrize("engine", ["pynetdicom", "native"])
 def test_refusals_are_logged_once_and_waiting_connections_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
-    from dicomnode import listener
+                                                                     caplog: pytest.LogCaptureFixture, engine: str) -> None:
+    from dicomnode import listener  # admission_refusal, shared by both engines, reads it there
 
     monkeypatch.setattr(listener, "MAX_PENDING_CONNECTIONS", 3)
-    receiver, spool = start_receiver(tmp_path / "var", max_connections_per_peer=1)
+    receiver, spool = start_receiver(tmp_path / "var", max_connections_per_peer=1, receive_engine=engine)
+    logger = "dicomnode.upper" if engine == "native" else "dicomnode.listener"
     held = [_connect(receiver.port, f"127.0.0.{i}") for i in (2, 3, 4)]
     try:
         time.sleep(0.2)
         refused = [_connect(receiver.port, "127.0.0.5") for _ in range(2)] + [_connect(receiver.port, "127.0.0.2")]
         assert all(_closed_within(sock, 1.5) is not None for sock in refused)
-        lines = [r.getMessage() for r in caplog.records if r.name == "dicomnode.listener"]
+        lines = [r.getMessage() for r in caplog.records if r.name == logger]
         assert lines.count("refused a connection from 127.0.0.5: 3 connections waiting for their association "
                            "request (all peers)") == 1, lines  # once per address and reason, not per connection
         assert any(line.startswith("refused a connection from 127.0.0.2: 1 connections open") for line in lines)
@@ -173,11 +178,13 @@ def test_a_pdu_stalled_halfway_ends_the_association(tmp_path: Path) -> None:
         spool.close()
 
 
-def test_established_associations_still_count_against_max_associations(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["pynetdicom", "native"])
+def test_established_associations_still_count_against_max_associations(tmp_path: Path, engine: str) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification
 
-    receiver, spool = start_receiver(tmp_path / "var", max_associations=2, max_connections_per_peer=8)
+    receiver, spool = start_receiver(tmp_path / "var", max_associations=2, max_connections_per_peer=8,
+                                     receive_engine=engine)
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context(Verification)
     held = [ae.associate("127.0.0.1", receiver.port, ae_title="DICOMNODE") for _ in range(2)]
@@ -298,20 +305,23 @@ def chunked_receive(monkeypatch: pytest.MonkeyPatch):
     return configure
 
 
-def test_an_oversized_object_is_aborted_while_it_arrives(tmp_path: Path, chunked_receive) -> None:
+@pytest.mark.parametrize("engine", ["pynetdicom", "native"])
+def test_an_oversized_object_is_aborted_while_it_arrives(tmp_path: Path, chunked_receive, engine: str) -> None:
     """max_object_bytes 10 MB: a 100 MB object is cut off near 10 MB, not written whole then refused."""
     require_tools("dcmsend", "echoscu")
     from reliability import dcmsend
 
     big = _big_ct(tmp_path / "in" / "big.dcm", 100_000_000)
-    receiver, spool = start_receiver(tmp_path / "var", max_object_bytes=10_000_000, allowed_calling_aets=[])
+    receiver, spool = start_receiver(tmp_path / "var", max_object_bytes=10_000_000, allowed_calling_aets=[],
+                                     receive_engine=engine)
     chunked_receive(spool.chunks)
+    landing = spool.chunks if engine == "pynetdicom" else spool.incoming  # where each engine streams the object
     seen: dict[str, tuple[int, int]] = {}  # chunk file -> (largest size seen, mode)
     stop = threading.Event()
 
     def watch() -> None:
         while not stop.is_set():
-            for path in spool.chunks.glob("*"):
+            for path in landing.glob("*"):
                 try:
                     st = path.stat()
                 except FileNotFoundError:
@@ -334,9 +344,9 @@ def test_an_oversized_object_is_aborted_while_it_arrives(tmp_path: Path, chunked
         assert largest < 12_000_000, f"{largest} bytes written before the limit was enforced ({seconds:.1f} s)"
         assert {mode for _size, mode in seen.values()} == {0o600}
         deadline = time.monotonic() + 5
-        while list(spool.chunks.iterdir()) and time.monotonic() < deadline:
+        while list(landing.iterdir()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert list(spool.chunks.iterdir()) == [], "the partial object stayed on disk after the abort"
+        assert list(landing.iterdir()) == [], "the partial object stayed on disk after the abort"
         assert not spool.ledger.all_instances()
         # the node keeps serving; an object under the limit still goes in
         small = write_series(tmp_path / "in", "small", "s1", 1)

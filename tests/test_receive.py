@@ -65,14 +65,15 @@ class Usage:
         return 1000, used, 1000 - used
 
 
-@pytest.fixture
-def node(tmp_path: Path, free_port: int) -> Iterator[tuple[Receiver, Spool, Usage]]:
+@pytest.fixture(params=["pynetdicom", "native"])
+def node(tmp_path: Path, free_port: int, request: pytest.FixtureRequest) -> Iterator[tuple[Receiver, Spool, Usage]]:
+    """A receiver with each ``node.receive_engine``: both must behave the same."""
     require_tools("dcmsend", "echoscu")
     spool = Spool(tmp_path / "var")
     usage = Usage()
     settings = NodeSettings(
         ae_title=NODE_AET, host="127.0.0.1", port=free_port, allowed_calling_aets=["SCANNER", "ECHOSCU"],
-        max_object_bytes=200_000,
+        max_object_bytes=200_000, receive_engine=request.param,
     )
     guard = DiskGuard(spool.root, 90.0, 85.0, usage=usage, interval=0.0)
     receiver = Receiver(spool, settings, StorageConfig(root=spool.root), disk_guard=guard)
@@ -189,7 +190,8 @@ def test_read_uids_names_the_problem(tmp_path: Path) -> None:
 
 
 def test_chunked_receive_streams_into_the_spool_not_tmp(tmp_path: Path, free_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the node's process settings, objects stream into spool/incoming/chunks and are renamed into the job."""
+    """pynetdicom engine, with the node's process settings: objects stream into spool/receiving and are renamed
+    into the job (the native engine streams into incoming/ itself)."""
     import tempfile
 
     from dicomnode.netconfig import configure
@@ -200,7 +202,8 @@ def test_chunked_receive_streams_into_the_spool_not_tmp(tmp_path: Path, free_por
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", _config.STORE_SEND_CHUNKED_DATASET)
     spool = Spool(tmp_path / "var")
     configure(spool.chunks)
-    receiver = Receiver(spool, NodeSettings(ae_title=NODE_AET, host="127.0.0.1", port=free_port), StorageConfig(root=spool.root))
+    receiver = Receiver(spool, NodeSettings(ae_title=NODE_AET, host="127.0.0.1", port=free_port, receive_engine="pynetdicom"),
+                        StorageConfig(root=spool.root))
     seen: list[Path] = []
     real_land = receiver._land
 

@@ -17,40 +17,27 @@ from pydicom.uid import generate_uid
 from test_receive import ct_series, dcmsend
 
 from dicomnode.config import ConfigError, NodeConfig, parse_config
-from dicomnode.observe import Observer
 from dicomnode.receivers import ProcessReceivers
 from dicomnode.server import Server
 
 from conftest import require_tools
-from factories import config_data
+from factories import StoreCounts, config_data
 from reliability import wait_until
 
 AET = "DICOMNODE"
 
 
-class Stores(Observer):
-    def __init__(self) -> None:
-        self.statuses: list[int] = []
-        self.bytes = 0
-
-    def stored(self, status: int, seconds: float) -> None:
-        self.statuses.append(status)
-
-    def received_bytes(self, count: int) -> None:
-        self.bytes += count
-
-
-def _config(tmp_path: Path, port: int, processes: int = 2) -> NodeConfig:
+def _config(tmp_path: Path, port: int, processes: int = 2, engine: str = "pynetdicom") -> NodeConfig:
     data = config_data(tmp_path / "var", port, {"out": {"folder": str(tmp_path / "out")}})
-    data["node"].update(receive_processes=processes, series_quiet_seconds=1.0)
+    data["node"].update(receive_processes=processes, series_quiet_seconds=1.0, receive_engine=engine)
     return parse_config(data, tmp_path)
 
 
-@pytest.fixture
-def node(tmp_path: Path, free_port: int) -> Iterator[tuple[Server, Stores]]:
+@pytest.fixture(params=["pynetdicom", "native"])
+def node(tmp_path: Path, free_port: int, request: pytest.FixtureRequest) -> Iterator[tuple[Server, StoreCounts]]:
     require_tools("dcmsend", "echoscu")
-    stores = Stores()
-    server = Server(_config(tmp_path, free_port), observer=stores)
+    stores = StoreCounts()
+    server = Server(_config(tmp_path, free_port, engine=request.param), observer=stores)
     server.start()
     try:
         yield server, stores

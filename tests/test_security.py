@@ -157,9 +157,10 @@ def storescu(port: int, paths: list[Path], *, tls: list[str]) -> subprocess.Comp
                            str(port), *map(str, paths)], capture_output=True, text=True, timeout=60, env=tool_env())
 
 
-def test_calling_and_called_ae_checks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["pynetdicom", "native"])
+def test_calling_and_called_ae_checks(tmp_path: Path, engine: str) -> None:
     require_tools("echoscu", "dcmsend")
-    receiver, spool = _receiver(tmp_path, ae_title="DICOMNODE", allowed_calling_aets=["CT01", "MR01"])
+    receiver, spool = _receiver(tmp_path, ae_title="DICOMNODE", allowed_calling_aets=["CT01", "MR01"], receive_engine=engine)
     try:
         port = receiver.port
         assert echoscu(port, aet="CT01").returncode == 0
@@ -187,10 +188,11 @@ def test_anyone_may_call_when_the_list_is_empty(tmp_path: Path) -> None:
         spool.close()
 
 
-def test_node_receiver_over_tls(certs: Certs, tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["pynetdicom", "native"])
+def test_node_receiver_over_tls(certs: Certs, tmp_path: Path, engine: str) -> None:
     require_tools("echoscu", "storescu")
     tls = {"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca, "require_client_cert": True}
-    receiver, spool = _receiver(tmp_path, tls=tls)
+    receiver, spool = _receiver(tmp_path, tls=tls, receive_engine=engine)
     try:
         port = receiver.port
         client = _tls(certs.client_key, certs.client_cert, certs.ca)

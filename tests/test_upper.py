@@ -1,0 +1,386 @@
+"""The native receive engine (``node.receive_engine: native``) against real peers: dcmtk, pynetdicom, raw sockets."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import tempfile
+from collections.abc import Iterator, Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, generate_uid
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, _config
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import A_ASSOCIATE, ImplementationClassUIDNotification, MaximumLengthNotification
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    MRImageStorage,
+    PatientRootQueryRetrieveInformationModelFind,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from test_receive import NODE_AET, ct_series, dcmsend, echoscu
+
+from dicomnode.config import NodeSettings, StorageConfig
+from dicomnode.receive import Receiver, echo
+from dicomnode.spool import Spool
+
+from conftest import require_tools
+from factories import StoreCounts, free_port
+
+MAX_OBJECT = 200_000
+
+
+def start(root: Path, engine: str, **node: Any) -> tuple[Receiver, Spool]:
+    spool = Spool(root)
+    settings = NodeSettings(**{
+        "ae_title": NODE_AET, "host": "127.0.0.1", "port": free_port(), "allowed_calling_aets": ["SCANNER", "ECHOSCU"],
+        "max_object_bytes": MAX_OBJECT, "receive_engine": engine, **node})
+    receiver = Receiver(spool, settings, StorageConfig(root=root))
+    receiver.observer = StoreCounts()
+    receiver.start()
+    return receiver, spool
+
+
+@pytest.fixture
+def native(tmp_path: Path) -> Iterator[tuple[Receiver, Spool]]:
+    require_tools("dcmsend", "echoscu")
+    receiver, spool = start(tmp_path / "native", "native")
+    yield receiver, spool
+    receiver.stop(timeout=5)
+    spool.close()
+
+
+def instances(spool: Spool) -> dict[str, tuple[bytes, tuple[Any, ...]]]:
+    """SOP Instance UID -> (landed bytes, ledger row without ids, paths and times)."""
+    out = {}
+    for job in spool.ledger.jobs():
+        for inst in spool.ledger.instances(job.id):
+            out[inst.sop_uid] = (inst.path.read_bytes(), (inst.series_uid, inst.sop_class_uid, inst.size, job.calling_aet))
+    return out
+
+
+def leftovers(spool: Spool) -> list[Path]:
+    return [*spool.incoming.iterdir(), *spool.chunks.iterdir()]
+
+
+def scu_store(port: int, files: Sequence[Path], contexts: Sequence[tuple[str, str]], aet: str = "SCANNER") -> list[int]:
+    ae = AE(ae_title=aet)
+    for sop, ts in contexts:
+        ae.add_requested_context(sop, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(dcmread(f)).Status) for f in files]
+    finally:
+        assoc.release()
+
+
+# -- a hand-driven requestor ---------------------------------------------------------------------------
+
+
+class RawPeer:
+    """Sends what well-behaved SCUs never do: PDUs and DIMSE messages built by hand."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def associate(self, contexts: Sequence[tuple[str, str]] = ((CTImageStorage, ExplicitVRLittleEndian),),
+                  calling: str = "SCANNER", called: str = NODE_AET) -> int:
+        """Send an A-ASSOCIATE-RQ; the reply's PDU type (2 accepted, 3 rejected)."""
+        primitive = A_ASSOCIATE()
+        primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+        primitive.calling_ae_title, primitive.called_ae_title = calling, called
+        proposed = []
+        for i, (sop, ts) in enumerate(contexts):
+            cx = build_context(sop, ts)
+            cx.context_id = 2 * i + 1
+            proposed.append(cx)
+        primitive.presentation_context_definition_list = proposed
+        length = MaximumLengthNotification()
+        length.maximum_length_received = 16384
+        impl = ImplementationClassUIDNotification()
+        impl.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        primitive.user_information = [length, impl]
+        rq = A_ASSOCIATE_RQ()
+        rq.from_primitive(primitive)
+        self.sock.sendall(rq.encode())
+        return self.pdu()[0]
+
+    def pdu(self) -> tuple[int, bytes]:
+        """The next PDU from the node; (0, b"") when it closed the connection."""
+        header = self._exact(6)
+        if len(header) < 6:
+            return 0, b""
+        pdu_type, _, length = struct.unpack(">BBL", header)
+        return pdu_type, self._exact(length)
+
+    def _exact(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            try:
+                chunk = self.sock.recv(n - len(out))
+            except ConnectionResetError:
+                return out
+            if not chunk:
+                return out
+            out += chunk
+        return out
+
+    def pdv(self, data: bytes, control: int, context_id: int = 1) -> None:
+        item = struct.pack(">LBB", len(data) + 2, context_id, control) + data
+        self.sock.sendall(struct.pack(">BBL", 4, 0, len(item)) + item)
+
+    def command(self, field: int, sop_class: str, sop_instance: str = "", data: bool = True, context_id: int = 1) -> None:
+        cs = Dataset()
+        cs.CommandGroupLength = 0
+        cs.AffectedSOPClassUID = sop_class
+        cs.CommandField = field
+        cs.MessageID = 7
+        if field == 0x0001:
+            cs.Priority = 0
+        cs.CommandDataSetType = 0x0001 if data else 0x0101
+        if sop_instance:
+            cs.AffectedSOPInstanceUID = sop_instance
+        cs.CommandGroupLength = len(encode(cs, True, True)) - 12
+        self.pdv(encode(cs, True, True), 0x03, context_id)
+
+    def status(self) -> int:
+        pdu_type, body = self.pdu()
+        assert pdu_type == 4, (pdu_type, body)
+        cs = decode(BytesIO(body[6:]), True, True)
+        assert cs.MessageIDBeingRespondedTo == 7
+        return int(cs.Status)
+
+    def store(self, sop_class: str, sop_instance: str, data: bytes) -> int:
+        self.command(0x0001, sop_class, sop_instance)
+        self.pdv(data, 0x02)
+        return self.status()
+
+    def release(self) -> int:
+        self.sock.sendall(struct.pack(">BBL", 5, 0, 4) + b"\0" * 4)
+        return self.pdu()[0]
+
+
+def data_set(path: Path) -> tuple[str, str, bytes]:
+    """(SOP Class, SOP Instance, the data set bytes after the File Meta Information) of a Part 10 file."""
+    raw = path.read_bytes()
+    meta_length = struct.unpack_from("<L", raw, 140)[0]
+    ds = dcmread(path, stop_before_pixels=True)
+    return str(ds.SOPClassUID), str(ds.SOPInstanceUID), raw[144 + meta_length:]
+
+
+# -- tests -----------------------------------------------------------------------------------------------
+
+
+def test_echo_with_dcmtk_and_pynetdicom_and_ae_title_checks(native: tuple[Receiver, Spool]) -> None:
+    receiver, _ = native
+    assert echoscu(receiver.port, aet="ECHOSCU") == 0
+    assert echo("127.0.0.1", receiver.port, NODE_AET)
+    assert echoscu(receiver.port, aet="STRANGER") != 0  # not in allowed_calling_aets
+    assert echoscu(receiver.port, aec="WRONGAE") != 0  # require_called_aet
+    peer = RawPeer(receiver.port)
+    assert peer.associate(calling="STRANGER") == 3  # A-ASSOCIATE-RJ
+    peer.close()
+    assert echoscu(receiver.port, aet="ECHOSCU") == 0
+
+
+def test_lands_what_the_pynetdicom_engine_lands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same files, same senders (dcmsend; pynetdicom in Explicit, Implicit VR and JPEG Baseline): byte-equal
+    spooled files and equal ledger rows from both engines."""
+    require_tools("dcmsend")
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", True)  # as `dicomnode serve` (netconfig.configure)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.gettempdir())
+    files = ct_series(tmp_path / "in", 3)
+    mr = Path(get_testdata_file("MR_small_implicit.dcm", download=False))
+    jpeg = Path(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm", download=False))
+    assert dcmread(jpeg).file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    results = []
+    for engine in ("pynetdicom", "native"):
+        receiver, spool = start(tmp_path / engine, engine)
+        try:
+            assert "with status SUCCESS  : 3" in dcmsend(receiver.port, *files)
+            assert scu_store(receiver.port, [mr], [(MRImageStorage, ImplicitVRLittleEndian)]) == [0]
+            assert scu_store(receiver.port, [jpeg], [(SecondaryCaptureImageStorage, JPEGBaseline8Bit)]) == [0]
+            ct = dcmread(files[0])
+            ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+            ct.save_as(tmp_path / f"ct-{engine}.dcm")
+            assert scu_store(receiver.port, [tmp_path / f"ct-{engine}.dcm"], [(CTImageStorage, ExplicitVRLittleEndian)]) == [0]
+            results.append(instances(spool))
+            observer = receiver.observer
+            assert isinstance(observer, StoreCounts) and observer.statuses == [0] * 6 and observer.bytes > 6 * 5000
+            assert leftovers(spool) == []
+        finally:
+            receiver.stop(timeout=5)
+            spool.close()
+    pynetdicom_engine, native_engine = results
+    assert len(native_engine) == 6 and native_engine.keys() == pynetdicom_engine.keys()
+    for sop, (data, row) in native_engine.items():
+        assert data == pynetdicom_engine[sop][0], sop
+        assert row == pynetdicom_engine[sop][1], sop
+    landed = dcmread(BytesIO(native_engine[str(dcmread(jpeg).SOPInstanceUID)][0]))
+    assert landed.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert landed.file_meta.ImplementationClassUID == PYNETDICOM_IMPLEMENTATION_UID
+
+
+def test_max_associations_counts_requested_associations(tmp_path: Path) -> None:
+    receiver, spool = start(tmp_path / "var", "native", max_associations=1)
+    try:
+        idle = RawPeer(receiver.port)  # connected, no request yet: takes no slot
+        first = RawPeer(receiver.port)
+        assert first.associate() == 2
+        second = RawPeer(receiver.port)
+        assert second.associate() == 3  # local limit exceeded
+        assert first.release() == 6
+        assert echo("127.0.0.1", receiver.port, NODE_AET, calling_ae_title="ECHOSCU")
+        idle.close()
+    finally:
+        receiver.stop(timeout=5)
+        spool.close()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the garbage it reads
+def test_store_statuses_and_unsupported_commands(native: tuple[Receiver, Spool], tmp_path: Path) -> None:
+    receiver, spool = native
+    (ct,) = ct_series(tmp_path / "in", 1)
+    sop_class, sop_instance, data = data_set(ct)
+    peer = RawPeer(receiver.port)
+    assert peer.associate([(CTImageStorage, ExplicitVRLittleEndian), (Verification, ImplicitVRLittleEndian)]) == 2
+    assert peer.store(sop_class, generate_uid(), data) == 0xA900  # the command names another instance
+    assert peer.store(sop_class, generate_uid(), b"\x08\x00\x16\x00UI\xff\xff" + b"\x01" * 300) == 0xC210
+    peer.command(0x0020, PatientRootQueryRetrieveInformationModelFind)  # C-FIND: not ours
+    peer.pdv(b"\x08\x00\x52\x00CS\x06\x00STUDY ", 0x02)
+    assert peer.status() == 0x0211
+    peer.command(0x0030, Verification, data=False, context_id=3)
+    assert peer.status() == 0x0000
+    assert peer.store(sop_class, sop_instance, data) == 0x0000  # the association still works
+    upper = receiver._upper
+    assert upper is not None
+    real_temp_path = upper.temp_path
+    upper.temp_path = lambda: tmp_path / "no such folder" / "x.part"  # the disk refuses the file
+    assert peer.store(sop_class, generate_uid(), data) == 0xA700
+    upper.temp_path = real_temp_path
+    assert peer.release() == 6
+    reasons = sorted(p.read_text() for p in spool.quarantine_dir.glob("*.reason.txt"))
+    assert len(reasons) == 2 and any("differ from the C-STORE command" in r for r in reasons)
+    (job,) = spool.ledger.jobs()
+    assert [i.sop_uid for i in spool.ledger.instances(job.id)] == [sop_instance]
+    assert leftovers(spool) == []
+
+
+@pytest.mark.parametrize("misdeed", ["oversized header", "flood", "disconnect", "unaccepted context",
+                                     "data before command", "garbage command", "unexpected PDU"])
+def test_misbehaving_peer_is_cut_and_leaves_nothing(native: tuple[Receiver, Spool], tmp_path: Path, misdeed: str) -> None:
+    receiver, spool = native
+    (ct,) = ct_series(tmp_path / "in", 1)
+    sop_class, sop_instance, data = data_set(ct)
+    peer = RawPeer(receiver.port)
+    assert peer.associate() == 2
+    if misdeed == "oversized header":
+        peer.sock.sendall(struct.pack(">BBL", 4, 0, 512 * 1024 * 1024))
+    elif misdeed == "flood":  # P-DATA beyond max_object_bytes in one message, in PDUs the node allows
+        peer.command(0x0001, sop_class, sop_instance)
+        try:
+            for _ in range(MAX_OBJECT // 60_000 + 3):
+                peer.pdv(b"\0" * 60_000, 0x00)
+        except OSError:
+            pass  # the node already closed
+    elif misdeed == "disconnect":
+        peer.command(0x0001, sop_class, sop_instance)
+        peer.pdv(data[:1000], 0x00)
+        assert _wait(lambda: len(list(spool.incoming.iterdir())) == 1)  # the node is writing the object
+    elif misdeed == "unaccepted context":
+        peer.command(0x0030, Verification, data=False, context_id=5)
+    elif misdeed == "data before command":
+        peer.pdv(data[:100], 0x02)
+    elif misdeed == "garbage command":
+        peer.pdv(b"\x01\x02\x03", 0x03)
+    elif misdeed == "unexpected PDU":
+        peer.sock.sendall(struct.pack(">BBL", 2, 0, 4) + b"\0" * 4)  # an A-ASSOCIATE-AC from a requestor
+    if misdeed == "disconnect":
+        peer.close()
+    else:
+        assert peer.pdu()[0] == 7  # A-ABORT
+        assert peer.pdu()[0] == 0  # then the node closes
+        peer.close()
+    deadline_ok = _wait(lambda: receiver._upper is not None and receiver._upper.active == 0)
+    assert deadline_ok
+    assert leftovers(spool) == []
+    assert "with status SUCCESS  : 1" in dcmsend(receiver.port, ct)  # still serving
+
+
+def _wait(condition: Any, timeout: float = 5.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def test_drain_waits_then_aborts_and_a_stalled_pdu_times_out(tmp_path: Path) -> None:
+    receiver, spool = start(tmp_path / "var", "native")
+    receiver.ae.network_timeout = 1.0  # read by start(): a stalled peer is cut after this
+    receiver.stop_accepting()
+    receiver.start()
+    try:
+        (ct,) = ct_series(tmp_path / "in", 1)
+        sop_class, sop_instance, data = data_set(ct)
+        stalled = RawPeer(receiver.port)
+        assert stalled.associate() == 2
+        stalled.sock.sendall(struct.pack(">BBL", 4, 0, 4096) + b"\0" * 100)  # then nothing
+        assert stalled.pdu()[0] == 0  # closed by the node after network_timeout
+        busy = RawPeer(receiver.port)
+        assert busy.associate() == 2
+        busy.command(0x0001, sop_class, sop_instance)
+        busy.pdv(data[:1000], 0x00)  # an object in transfer when the node stops
+        assert _wait(lambda: len(list(spool.incoming.iterdir())) == 1)
+        receiver.stop_accepting()
+        assert not receiver.listening
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", receiver.port), timeout=1).recv(1)
+        assert receiver.drain(0.3) is False  # an established association had to be aborted
+        assert busy.pdu()[0] == 7
+        assert leftovers(spool) == []
+    finally:
+        receiver.stop(timeout=1)
+        spool.close()
+
+
+def test_a_request_trickled_byte_by_byte_gets_no_more_than_the_request_timeout(tmp_path: Path) -> None:
+    import time
+
+    receiver, spool = start(tmp_path / "var", "native", association_request_timeout_seconds=1)
+    try:
+        peer = RawPeer(receiver.port)
+        started, closed = time.monotonic(), False
+        for _ in range(20):  # an A-ASSOCIATE-RQ header, one byte every 0.2 s
+            try:
+                peer.sock.sendall(b"\x01")
+                time.sleep(0.2)
+                closed = peer.sock.recv(1, socket.MSG_DONTWAIT) == b""
+            except BlockingIOError:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed and 0.9 < time.monotonic() - started < 2.5
+        peer.close()
+        assert echo("127.0.0.1", receiver.port, NODE_AET, calling_ae_title="ECHOSCU")
+    finally:
+        receiver.stop(timeout=1)
+        spool.close()
