@@ -368,7 +368,11 @@ def send_corpus(port: int, files: list[Path], work: Path) -> NodeVerdicts:
     report = work / "dcmsend_report.txt"
     out = dcmsend(port, files, extra=["-nh", "-nuc", "+crf", str(report)], timeout=300)
     statuses = dcmsend_report(report.read_text()) if report.is_file() else {}
-    sender = {name: "dcmsend" for name, status in statuses.items() if status != "<not sent>"}
+    # dcmsend names its C-STORE after the file's meta header; where that header contradicts the data set
+    # (pydicom's rtdose_rle*: meta class and instance "31") the node answers 0xA900 and quarantines it, the
+    # right answer to that request. The data set itself is then judged as sent under its own UIDs.
+    named_wrong = {name for name, status in statuses.items() if status == "0xa900"}
+    sender = {name: "dcmsend" for name, status in statuses.items() if status != "<not sent>" and name not in named_wrong}
     again = [p for p in files if p.name not in sender]
     unsendable = {p.name for p in again if dataset_bytes(p) is None}
     raw = [p for p in again if p.name not in unsendable]
@@ -376,7 +380,7 @@ def send_corpus(port: int, files: list[Path], work: Path) -> NodeVerdicts:
         results = send_raw(port, [o for o in map(dataset_bytes, raw) if o is not None], work / "raw")
         for path, status in zip(raw, results):
             statuses[path.name] = "<no answer>" if status is None else f"0x{status:04x}"
-            sender[path.name] = "raw C-STORE"
+            sender[path.name] = "raw C-STORE" + (" (dcmsend's request got 0xA900)" if path.name in named_wrong else "")
     for name in unsendable:
         statuses[name] = "unsendable"
         sender[name] = "none (no SOP Class/Instance UID to send it under)"

@@ -84,7 +84,7 @@ def test_wheel_serves_a_series_end_to_end_outside_the_repository(wheel: Path, tm
         _quick(config)
         check = subprocess.run([str(bin_dir / "dicomnode"), "check-config", str(config)], cwd=work, env=env,
                                capture_output=True, text=True)
-        assert check.returncode == 0 and check.stdout.startswith("OK: 4 rules, 5 models, 2 destinations"), check.stderr
+        assert check.returncode == 0 and check.stdout.startswith("OK: 4 rules, 6 models, 2 destinations"), check.stderr
 
         sources = ccm_series(tmp_path / "study", 2)  # routed to the shipped HQG-Net weights inside the wheel
         with Served([str(bin_dir / "dicomnode"), "serve", "--config", str(config)], work, tmp_path / "serve.log", env) as node:
