@@ -25,7 +25,7 @@ import numpy as np
 
 from models.classical import _builder
 from models.color import limit_chroma, unit_range
-from models.fieldnorm import Targets, _working_copy, shipped_targets
+from models.fieldnorm import Targets, _to_full, _working_copy, shipped_targets
 from models.fov import feather, fov_mask
 
 PATCH = 0.03  # the dark channel's minimum window, as a fraction of sqrt(field area)
@@ -102,10 +102,7 @@ def dehaze(
     t = np.maximum(1.0 - veil, min_transmission)
     if not field.all():  # the surround keeps t = 1 (unchanged), the edge feathered as fieldnorm's
         t = 1.0 - feather(field) * field * (1.0 - t)
-    shape = img.shape[:2]
-    if t.shape != shape:
-        t = cv2.resize(t.astype(np.float32), (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
-    t = t.astype(np.float32)
+    t = _to_full(t.astype(np.float32), img.shape[:2])
     a = air if img.ndim == 3 else air[0]
     out = (img - a) / (t[..., None] if img.ndim == 3 else t) + a
     np.clip(out, 0.0, 1.0, out=out)
