@@ -155,3 +155,35 @@ def test_unknown_job_state_is_refused(spool: Spool) -> None:
     job, _ = land(spool, "1.2.3.4.1")
     with pytest.raises(ValueError, match="finished"):
         spool.ledger.set_job_state(job, "finished")  # type: ignore[arg-type]
+
+
+def test_writers_of_one_process_queue_on_the_ledger_not_on_sqlites_busy_handler(spool: Spool) -> None:
+    """With SQLite's busy wait off, a second writer fails with "database is locked" unless it waited on the
+    ledger's own lock (woken at release instead of polling with sleeps)."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with spool.ledger._transaction() as db:
+            db.execute("PRAGMA busy_timeout=0")
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    result: list[object] = []
+
+    def write() -> None:
+        spool.ledger._conn().execute("PRAGMA busy_timeout=0")  # this thread's connection
+        result.append(land(spool, "1.2.3.4.9"))
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        writer.join(0.3)
+        assert writer.is_alive() and not result  # waiting for the holder, not failed
+    finally:
+        release.set()
+        holder.join(10)
+        writer.join(10)
+    assert len(result) == 1
