@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import ssl
 import struct
@@ -55,7 +56,7 @@ from dicomnode.observe import Observer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Store", "UpperServer", "rejection_reason"]
+__all__ = ["Store", "UpperServer", "file_meta", "rejection_reason"]
 
 Store = Callable[[Path, str, str, str], int]
 """(landed file, calling AE title, command SOP Class UID, command SOP Instance UID) -> DIMSE status."""
@@ -73,6 +74,8 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 MAX_COMMAND_BYTES = 64 * 1024  # a command set is a few hundred bytes; more is not a DICOM peer
 _PREAMBLE = b"\0" * 128 + b"DICM"
+_IMPLEMENTATION_UID = str(PYNETDICOM_IMPLEMENTATION_UID)
+_IMPLEMENTATION_VERSION = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii") + b" " * (len(PYNETDICOM_IMPLEMENTATION_VERSION) % 2)
 
 
 def rejection_reason(settings: NodeSettings, calling: str, called: str, active: int = 0) -> str:
@@ -132,6 +135,35 @@ def parse_command(data: bytes | bytearray) -> dict[int, bytes]:
         out[element] = bytes(data[pos:pos + length])
         pos += length
     return out
+
+
+_META_UID = re.compile(r"[0-9.]{1,64}")
+
+
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, "DICM" and the File Meta Information pynetdicom writes for a received data set, same bytes.
+
+    Why: pydicom's ``create_file_meta`` + ``write_file_meta_info`` cost 0.3-0.4 ms of CPU per instance, a
+    fifth of the native engine's; encoding these seven elements by hand costs microseconds. UIDs that are
+    not plain (digits and dots, 1-64 characters) go through pydicom, whose bytes are the reference.
+    """
+    if not all(_META_UID.fullmatch(uid) for uid in (sop_class, sop_instance, transfer_syntax)):
+        meta = BytesIO()
+        meta.write(_PREAMBLE)
+        write_file_meta_info(meta, create_file_meta(  # type: ignore[arg-type]
+            sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(transfer_syntax)))
+        return meta.getvalue()
+    body = b"".join([
+        struct.pack("<HH2sHL", 0x0002, 0x0001, b"OB", 0, 2) + b"\0\1",
+        *(_meta_element(element, b"UI", uid.encode("ascii") + b"\0" * (len(uid) % 2)) for element, uid in (
+            (0x0002, sop_class), (0x0003, sop_instance), (0x0010, transfer_syntax), (0x0012, _IMPLEMENTATION_UID))),
+        _meta_element(0x0013, b"SH", _IMPLEMENTATION_VERSION),
+    ])
+    return _PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
 def _us(command: dict[int, bytes], element: int) -> int | None:
@@ -521,11 +553,7 @@ class _Association:
             self._answer(message)
             return
         if field == C_STORE_RQ:
-            meta = BytesIO()
-            meta.write(_PREAMBLE)
-            write_file_meta_info(meta, create_file_meta(  # type: ignore[arg-type]
-                sop_class_uid=UID(message.sop_class), sop_instance_uid=UID(message.sop_instance),
-                transfer_syntax=UID(self.contexts[context_id])))
+            meta = file_meta(message.sop_class, message.sop_instance, self.contexts[context_id])
             message.path = self.server.temp_path()
             try:
                 fd = os.open(message.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -533,7 +561,7 @@ class _Association:
                 self._write_failed(message, exc)
             else:
                 message.file = os.fdopen(fd, "wb", buffering=0)
-                self._write(message, meta.getbuffer())
+                self._write(message, meta)
         self._message = message
 
     def _write(self, message: _Message, data: memoryview | bytes) -> None:

@@ -384,3 +384,32 @@ def test_a_request_trickled_byte_by_byte_gets_no_more_than_the_request_timeout(t
     finally:
         receiver.stop(timeout=1)
         spool.close()
+
+
+@pytest.mark.parametrize("sop_class, sop_instance, syntax", [
+    (CTImageStorage, "1.2.3.4", ExplicitVRLittleEndian),
+    (MRImageStorage, "1.2.3.45", ImplicitVRLittleEndian),  # odd and even lengths: padded with NUL
+    (SecondaryCaptureImageStorage, "9" * 64, JPEGBaseline8Bit),
+    (CTImageStorage, generate_uid(), "1.2.840.10008.1.2.4.201"),
+    ("", "1.2.3", ExplicitVRLittleEndian),  # not plain UIDs: pydicom's own encoding
+    (CTImageStorage, "1.2.3.\ufffd", ExplicitVRLittleEndian),
+    (CTImageStorage, "1.2.3 ", ExplicitVRLittleEndian),
+    (CTImageStorage, "1." + "2" * 70, ExplicitVRLittleEndian),
+])
+def test_file_meta_is_the_bytes_pydicom_writes_for_pynetdicom(sop_class: str, sop_instance: str, syntax: str) -> None:
+    from pydicom.filewriter import write_file_meta_info
+    from pydicom.uid import UID
+    from pynetdicom.dsutils import create_file_meta
+
+    from dicomnode.upper import file_meta
+
+    reference = BytesIO()
+    reference.write(b"\0" * 128 + b"DICM")
+    try:
+        write_file_meta_info(reference, create_file_meta(  # type: ignore[arg-type]
+            sop_class_uid=UID(sop_class), sop_instance_uid=UID(sop_instance), transfer_syntax=UID(syntax)))
+    except Exception as exc:  # an empty UID: pydicom refuses, and so does the node (the association is aborted)
+        with pytest.raises(type(exc)):
+            file_meta(str(sop_class), sop_instance, str(syntax))
+        return
+    assert file_meta(str(sop_class), sop_instance, str(syntax)) == reference.getvalue()
