@@ -16,7 +16,7 @@ from pydicom import dcmread
 
 from dicomnode.uids import is_valid_uid
 
-__all__ = ["PATIENT_ID", "read_uids", "scan_uids"]
+__all__ = ["PATIENT_ID", "SCAN_BYTES", "read_uids", "scan_uids"]
 
 PATIENT_ID = "PatientID"
 _UID_TAGS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -30,7 +30,7 @@ _PATIENT_ID = 0x00100020
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
                         b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
-_SCAN_BYTES = 64 * 1024
+SCAN_BYTES = 64 * 1024  # how much of a file the fast path looks at
 _IMPLICIT_LE = "1.2.840.10008.1.2"
 _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _DEFLATED = "1.2.840.10008.1.2.1.99"
@@ -90,17 +90,21 @@ def scan_uids(head: bytes) -> dict[str, str] | None:
     return found
 
 
-def read_uids(path: Path | io.BufferedIOBase) -> dict[str, str]:
+def read_uids(path: Path | io.BufferedIOBase, head: bytes | bytearray | None = None) -> dict[str, str]:
     """The four UIDs that file a received object, plus ``PatientID`` (raw text, "" when absent).
 
     ValueError naming what is missing or unreadable.
 
     :func:`scan_uids` answers for well-formed files from one 64 KiB read; everything else goes
-    through pydicom, whose verdict (and error message) is the one that counts.
+    through pydicom, whose verdict (and error message) is the one that counts. ``head``: the file's
+    first :data:`SCAN_BYTES` bytes (all of it when shorter), when the caller wrote them and still has
+    them (the native receive engine): the fast path then reads nothing.
     """
     if isinstance(path, (str, Path)):
-        with open(path, "rb") as fh:
-            fast = scan_uids(fh.read(_SCAN_BYTES))
+        if head is None:
+            with open(path, "rb") as fh:
+                head = fh.read(SCAN_BYTES)
+        fast = scan_uids(bytes(head[:SCAN_BYTES]))
         if fast is not None:
             return fast
     try:

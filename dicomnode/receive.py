@@ -241,16 +241,18 @@ class Receiver:
         return self._handle_store(lambda: self._land(event), str(event.assoc.requestor.ae_title).strip(),
                                   str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
 
-    def _store_landed(self, landed: Path, calling: str, cmd_class: str, cmd_sop: str) -> int:
-        """The native engine's C-STORE: ``landed`` is already a durable Part 10 file in incoming/."""
-        return self._handle_store(lambda: landed, calling, cmd_class, cmd_sop)
+    def _store_landed(self, landed: Path, calling: str, cmd_class: str, cmd_sop: str, head: bytes | bytearray) -> int:
+        """The native engine's C-STORE: ``landed`` is already a durable Part 10 file in incoming/, ``head`` its first
+        bytes (:data:`~dicomnode.part10.SCAN_BYTES`)."""
+        return self._handle_store(lambda: landed, calling, cmd_class, cmd_sop, head)
 
-    def _handle_store(self, land: Callable[[], Path], calling: str, cmd_class: str, cmd_sop: str) -> int:
+    def _handle_store(self, land: Callable[[], Path], calling: str, cmd_class: str, cmd_sop: str,
+                      head: bytes | bytearray | None = None) -> int:
         """One C-STORE for either engine, timed for the observer; an exception fails this object only."""
         started = time.perf_counter()
         status = STATUS_PROCESSING_FAILURE
         try:
-            status = self._store(land, calling, cmd_class, cmd_sop)
+            status = self._store(land, calling, cmd_class, cmd_sop, head)
             return status
         except Exception:  # never let one object take the SCP down; the sender gets a clear failure
             log.exception("store of %s failed", cmd_sop)
@@ -259,8 +261,10 @@ class Receiver:
             if self.observer is not None:
                 self.observer.stored(status, time.perf_counter() - started)
 
-    def _store(self, land: Callable[[], Path], calling: str, cmd_class: str, cmd_sop: str) -> int:
-        """Check, spool and record the object ``land`` puts in incoming/ (the caller removes it on refusal)."""
+    def _store(self, land: Callable[[], Path], calling: str, cmd_class: str, cmd_sop: str,
+               head: bytes | bytearray | None = None) -> int:
+        """Check, spool and record the object ``land`` puts in incoming/ (the caller removes it on refusal);
+        ``head``: its first bytes when the engine kept them (no second read)."""
         if self.disk.refuse():
             return STATUS_OUT_OF_RESOURCES
         landed = land()
@@ -273,7 +277,7 @@ class Receiver:
             )
             return STATUS_OUT_OF_RESOURCES
         try:
-            uids = read_uids(landed)
+            uids = read_uids(landed, head)
         except ValueError as exc:
             reason = f"calling AE {calling}, SOP Instance {cmd_sop}: {exc}"
             kept = self.spool.quarantine(landed, reason)

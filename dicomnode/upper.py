@@ -29,7 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -53,13 +53,15 @@ from dicomnode.config import NodeSettings
 from dicomnode.durable import FILE_MODE
 from dicomnode.listener import Limits, PduGuard, RefusalLog, admission_refusal
 from dicomnode.observe import Observer
+from dicomnode.part10 import SCAN_BYTES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Store", "UpperServer", "file_meta", "rejection_reason"]
 
-Store = Callable[[Path, str, str, str], int]
-"""(landed file, calling AE title, command SOP Class UID, command SOP Instance UID) -> DIMSE status."""
+Store = Callable[[Path, str, str, str, bytearray], int]
+"""(landed file, calling AE title, command SOP Class UID, command SOP Instance UID, the file's first
+:data:`~dicomnode.part10.SCAN_BYTES` bytes) -> DIMSE status."""
 
 _HEADER = struct.Struct(">BBL")
 _PDV = struct.Struct(">LBB")
@@ -186,6 +188,7 @@ class _Message:
     sop_instance: str
     path: Path | None = None
     file: Any = None  # an unbuffered binary file while the data set arrives
+    head: bytearray = field(default_factory=bytearray)  # the file's first SCAN_BYTES: its UIDs are read from here
     write_failed: bool = False  # the disk refused a write: the rest is read and dropped, the answer is 0xA700
 
 
@@ -526,6 +529,8 @@ class _Association:
                 if context_id != message.context_id:
                     raise _Abort("data set fragment on another presentation context than its command", reason=6)
                 if message.file is not None:
+                    if len(message.head) < SCAN_BYTES:
+                        message.head += data[:SCAN_BYTES - len(message.head)]
                     self._write(message, data)
                 if control & 0x02:
                     self._data_set_done(message)
@@ -561,6 +566,7 @@ class _Association:
                 self._write_failed(message, exc)
             else:
                 message.file = os.fdopen(fd, "wb", buffering=0)
+                message.head += meta
                 self._write(message, meta)
         self._message = message
 
@@ -597,7 +603,8 @@ class _Association:
         self._message = None
         if message.field == C_STORE_RQ and message.path is not None:
             try:
-                status = self.server.store(message.path, self.calling, message.sop_class, message.sop_instance)
+                status = self.server.store(message.path, self.calling, message.sop_class, message.sop_instance,
+                                           message.head)
             finally:
                 message.path.unlink(missing_ok=True)  # stored, quarantined or refused: anything left is ours
                 message.path = None

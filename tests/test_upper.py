@@ -413,3 +413,33 @@ def test_file_meta_is_the_bytes_pydicom_writes_for_pynetdicom(sop_class: str, so
             file_meta(str(sop_class), sop_instance, str(syntax))
         return
     assert file_meta(str(sop_class), sop_instance, str(syntax)) == reference.getvalue()
+
+
+def test_store_gets_the_landed_files_first_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UIDs are read from the bytes the engine kept while writing (no second read): they must be the
+    file's first SCAN_BYTES, across PDVs of a 16 KiB PDU, and all of a shorter file."""
+    from dicomnode.part10 import SCAN_BYTES
+
+    seen: list[tuple[bytes, bytes]] = []
+    original = Receiver._store_landed
+
+    def spy(self: Receiver, landed: Path, calling: str, cmd_class: str, cmd_sop: str, head: bytearray) -> int:
+        seen.append((bytes(head), landed.read_bytes()))
+        return original(self, landed, calling, cmd_class, cmd_sop, head)
+
+    monkeypatch.setattr(Receiver, "_store_landed", spy)
+    receiver, spool = start(tmp_path / "node", "native")
+    try:
+        small = ct_series(tmp_path / "in", 1)[0]
+        large = dcmread(small)
+        large.Rows = large.Columns = 256
+        large.PixelData = bytes(range(256)) * 512  # 128 KiB: the head ends inside the pixel data
+        large.SOPInstanceUID = large.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        large.save_as(tmp_path / "large.dcm")
+        assert scu_store(receiver.port, [small, tmp_path / "large.dcm"], [(CTImageStorage, ExplicitVRLittleEndian)]) == [0, 0]
+    finally:
+        receiver.stop(timeout=5)
+        spool.close()
+    (small_head, small_file), (large_head, large_file) = seen
+    assert small_head == small_file and len(small_file) < SCAN_BYTES
+    assert len(large_file) > SCAN_BYTES and large_head == large_file[:SCAN_BYTES]
