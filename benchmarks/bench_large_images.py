@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     native = build_model("hqgnet", weights=weights, device="cpu", options={"max_side": None}) if args.native else None
     clahe = build_model("clahe", device="cpu", options={"fov": True})
     fieldnorm = build_model("fieldnorm", device="cpu", options={"targets": "fundus", "fov": True})
-    dehaze = build_model("dehaze", device="cpu", options={"targets": "endoscopy", "omega": 0.85, "fov": True})
+    dehaze = build_model("dehaze", device="cpu", options={"targets": "endoscopy", "fov": True})
     header = ["image", "size", "clahe-fov s", "fieldnorm-fundus s", "dehaze s"] + [f"hqgnet@{s} s" for s in args.max_sides]
     if native is not None:
         header += ["native s"] + [f"PSNR@{s} vs native" for s in args.max_sides]

@@ -57,8 +57,8 @@ class Targets:
     std: tuple[float, float, float]
     n_images: int
     sources: dict[str, int]
-    dark: float | None = None  # the median dark channel of the same images (models.dehaze's clear level d0)
-    dark_grey: float | None = None  # the same for their luminance (d0 for grey frames)
+    dark_ratio: float | None = None  # dark channel / local mean of the same images (models.dehaze's clear ratio r0)
+    dark_ratio_grey: float | None = None  # the same for their luminance (r0 for grey frames)
 
 
 def _blur(a: np.ndarray, sigma: float) -> np.ndarray:
@@ -86,7 +86,7 @@ def local_stats(img: np.ndarray, field: np.ndarray, sigma: float) -> tuple[np.nd
 def measure_targets(images: Iterable[tuple[str, np.ndarray]], modality: str, sigma: float) -> Targets:
     """Targets from ``(source, RGB image in [0, 1])`` pairs; each source weighs sqrt(its count) in total, so
     one camera that gave most of the images does not set the goal alone."""
-    from models.dehaze import dark_level  # noqa: PLC0415 - dehaze reads these targets
+    from models.dehaze import dark_ratio  # noqa: PLC0415 - dehaze reads these targets
 
     sources: list[str] = []
     means: list[np.ndarray] = []
@@ -102,7 +102,7 @@ def measure_targets(images: Iterable[tuple[str, np.ndarray]], modality: str, sig
         sources.append(source)
         means.append(mean[field].mean(0))
         stds.append(std[field].mean(0))
-        darks.append((dark_level(img), dark_level(img @ np.float32([0.2126, 0.7152, 0.0722]))))
+        darks.append((dark_ratio(img), dark_ratio(img @ np.float32([0.2126, 0.7152, 0.0722]))))
     if not sources:
         raise ValueError("no images to measure targets from")
     w = np.asarray(balanced_weights(sources))
@@ -111,8 +111,8 @@ def measure_targets(images: Iterable[tuple[str, np.ndarray]], modality: str, sig
     return Targets(
         modality=modality, sigma=float(sigma),
         mean=tuple(round(float(v), 5) for v in mean), std=tuple(round(float(v), 5) for v in std),  # type: ignore[arg-type]
-        n_images=len(sources), sources=dict(sorted(Counter(sources).items())), dark=round(float(dark[0]), 5),
-        dark_grey=round(float(dark[1]), 5),
+        n_images=len(sources), sources=dict(sorted(Counter(sources).items())), dark_ratio=round(float(dark[0]), 5),
+        dark_ratio_grey=round(float(dark[1]), 5),
     )
 
 

@@ -114,7 +114,7 @@ def test_shipped_targets_are_what_the_training_hq_images_give(shared_data: Path)
         measured = targets_from_folder(shared_data / "train" / name / "hq", name, shipped.sigma)
         np.testing.assert_allclose(measured.mean, shipped.mean, atol=2e-4)
         np.testing.assert_allclose(measured.std, shipped.std, atol=2e-4)
-        for level in ("dark", "dark_grey"):  # models.dehaze's d0
+        for level in ("dark_ratio", "dark_ratio_grey"):  # models.dehaze's r0
             assert getattr(shipped, level) is not None and abs(getattr(measured, level) - getattr(shipped, level)) < 2e-4
         assert measured.sources == shipped.sources
 
