@@ -22,7 +22,12 @@ provenance and the derived UIDs):
   (``models.hqgnet.limit_fields``; default true; the image head ignores it);
 * ``keep_detail``: gains below 1 become 1 with the offset that gives the same local mean, so a region is
   darkened as the model wants without flattening its vessels or nerves (``models.hqgnet.keep_detail_fields``;
-  default: the card's, else false).
+  default: the card's, else false);
+* ``detail_boost``: after the correction, add this fraction of the output's own detail finer than a
+  Gaussian of DETAIL_SIGMA x the frame's longer side (an unsharp mask at nerve/vessel scale, 4 % of the
+  side: about 15 px at 384). The affine head restores level and illumination but not the local contrast a
+  low-contrast degradation took away; 0.2 was chosen for CCM on the validation pairs
+  (``docs/models.md``). Not the paper's; default: the card's, else 0.
 
 Channel mismatch is resolved rather than refused: a gray model enhances the intensity of an RGB
 frame and keeps its hue; an RGB model given a gray frame sees it in three channels and returns the
@@ -37,6 +42,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -50,7 +56,8 @@ from models.registry import Enhancer, ModelCard, ModelInfo, ModelLoadError, read
 
 log = logging.getLogger(__name__)
 
-OPTIONS = ("batch_size", "max_side", "color_mode", "fov", "field_smoothing", "clip_guard", "keep_detail")
+OPTIONS = ("batch_size", "max_side", "color_mode", "fov", "field_smoothing", "clip_guard", "keep_detail", "detail_boost")
+DETAIL_SIGMA = 0.04  # detail_boost's scale, a fraction of the frame's longer side
 COLOR_MODES = ("full", "luminance")
 LARGE_FRAME = 4_000_000  # pixels: such frames go through the model one at a time
 GUIDANCE_CROPS = 4
@@ -61,7 +68,7 @@ class HQGNetEnhancer(Enhancer):
 
     def __init__(self, net: HQGNet, card: ModelCard, device: str, *, batch_size: int, max_side: int | None,
                  color_mode: str, fov: bool, field_smoothing: float = 0.0, clip_guard: bool = True,
-                 keep_detail: bool = False):
+                 keep_detail: bool = False, detail_boost: float = 0.0):
         self.net = net
         self.card = card
         self.device = device
@@ -72,6 +79,7 @@ class HQGNetEnhancer(Enhancer):
         self.field_smoothing = field_smoothing
         self.clip_guard = clip_guard
         self.keep_detail = keep_detail and net.cfg.head == "affine"
+        self.detail_boost = detail_boost
         self.channels = int(net.cfg.channels)
         self.size = int(card.size or 256)
         self.guidance_dim = int(net.cfg.guidance_dim)
@@ -84,6 +92,7 @@ class HQGNetEnhancer(Enhancer):
         pixel_options = {"max_side": max_side, "color_mode": color_mode, "fov": fov, "field_smoothing": field_smoothing,
                          **({"clip_guard": True} if clip_guard and net.cfg.head == "affine" else {}),
                          **({"keep_detail": True} if keep_detail and net.cfg.head == "affine" else {}),
+                         **({"detail_boost": detail_boost} if detail_boost else {}),
                          "device": torch.device(device).type, "batch_size": batch_size}
         self.info = ModelInfo(kind=card.kind, name=card.name or "HQG-Net", version=f"{card.version} ({net.cfg.name})",
                               weights_sha256=card.weights_sha256, card=card, options=pixel_options)
@@ -182,7 +191,10 @@ class HQGNetEnhancer(Enhancer):
         return self.net.enhance(x, v_z)
 
     def _finish(self, original: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """Colour mode and field of view, in the frame's own layout."""
+        """Detail boost, colour mode and field of view, in the frame's own layout."""
+        if self.detail_boost:
+            sigma = DETAIL_SIGMA * max(out.shape[:2])
+            out = out + self.detail_boost * (out - cv2.GaussianBlur(out, (0, 0), sigma, borderType=cv2.BORDER_REFLECT))
         if original.ndim == 3 and out.ndim == 3 and self.color_mode == "luminance":
             out = keep_chroma(original, out)
         if self.fov:
@@ -258,8 +270,14 @@ def _option(options: Mapping[str, Any], card: ModelCard, device: torch.device) -
     keep_detail = options.get("keep_detail", card.extra.get("keep_detail", False))
     if not isinstance(keep_detail, bool):
         raise ModelLoadError(f"hqgnet option keep_detail must be true or false, got {keep_detail!r}")
+    try:
+        detail_boost = float(options.get("detail_boost", card.extra.get("detail_boost", 0.0)))
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"hqgnet option detail_boost must be a number: {exc}") from exc
+    if not 0.0 <= detail_boost <= 1.0:
+        raise ModelLoadError(f"hqgnet option detail_boost must be in [0, 1] (a fraction of the output's own detail), got {detail_boost}")
     return {"batch_size": batch_size, "max_side": max_side, "color_mode": color_mode, "fov": fov, "field_smoothing": smoothing,
-            "clip_guard": clip_guard, "keep_detail": keep_detail}
+            "clip_guard": clip_guard, "keep_detail": keep_detail, "detail_boost": detail_boost}
 
 
 def build(*, weights: Path | None, device: str, options: Mapping[str, Any]) -> HQGNetEnhancer:

@@ -256,7 +256,7 @@ def _val_pairs(root: Path, modality: str, channels: int) -> tuple[list[np.ndarra
 
 
 def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | None = None, color_mode: str = "full",
-           field_smoothing: float = 0.0, clip_guard: bool = True, keep_detail: bool = False,
+           field_smoothing: float = 0.0, clip_guard: bool = True, keep_detail: bool = False, detail_boost: float = 0.0,
            haar_weight: float = 1000.0, haar_since: int = 0, device: str = "cpu") -> Path:
     """Weights (fp16) + card from a training checkpoint, and one guidance cache per modality from the training HQ images."""
     import torch
@@ -283,6 +283,7 @@ def export(target: str, work: Path, weights_dir: Path, *, checkpoint: Path | Non
         "kind": "hqgnet", "name": "HQG-Net", "version": "2.0.0", "config": cfg.to_dict(), "channels": cfg.channels,
         "size": 192, "working_max_side": int(manifest["max_side"]), "fov": bool(manifest.get("fov", False)),
         "color_mode": color_mode, "field_smoothing": field_smoothing, "clip_guard": clip_guard, "keep_detail": keep_detail,
+        **({"detail_boost": detail_boost} if detail_boost else {}),
         "for": DISPLAY[target],
         "training_data": {"source": "shared/data/train (SOURCES.md), validation split held out",
                           "counts": {d: n for d, n in counts.items() if d in TARGETS[target][2]},
@@ -420,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="export: the card's default clip guard (models.hqgnet.limit_fields); the guidance strength is measured with it")
     parser.add_argument("--keep-detail", choices=("on", "off"), default="off",
                         help="export: the card's default keep_detail (gains below 1 become offsets; models.hqgnet.keep_detail_fields)")
+    parser.add_argument("--detail-boost", type=float, default=0.0,
+                        help="export: the card's default detail_boost (models.hqgnet_enhancer; CCM: 0.2, chosen on the validation pairs)")
     parser.add_argument("--target", choices=tuple(TARGETS), required=True)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work", type=Path, default=DEFAULT_WORK)
@@ -453,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage in ("export", "all"):
         export(args.target, args.work, args.weights_dir, checkpoint=args.checkpoint, color_mode=args.color_mode,
                field_smoothing=args.field_smoothing, clip_guard=args.clip_guard == "on",
-               keep_detail=args.keep_detail == "on",
+               keep_detail=args.keep_detail == "on", detail_boost=args.detail_boost,
                haar_weight=args.haar_weight, haar_since=args.haar_since, device=_eval_device(args.device))
     if args.stage in ("validate", "all"):
         validate(args.target, args.work, args.weights_dir / f"hqgnet-{args.target}.pt", args.work / args.target / "validation",

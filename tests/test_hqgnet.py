@@ -499,3 +499,29 @@ def test_keep_detail_is_a_pixel_option(tmp_path) -> None:
     assert on.info.options["keep_detail"] is True and on.keep_detail is True
     with pytest.raises(ModelLoadError, match="keep_detail"):
         build_model("hqgnet", weights=path, device="cpu", options={"keep_detail": "yes"})
+
+
+def test_detail_boost_restores_local_contrast_as_a_pixel_option(tmp_path) -> None:
+    """detail_boost adds the output's own mid-scale detail back (local contrast up, level kept, no change on a
+    flat frame); it is off unless the card or the config says, reaches provenance, and is range-checked."""
+    from models.hqgnet import HQGNet, HQGNetConfig
+
+    net = HQGNet(HQGNetConfig(name="lite", channels=1, head="affine"))
+    path = tmp_path / "m.pt"
+    export_weights(path, net.state_dict(), {"kind": "hqgnet", "name": "HQG-Net", "version": "t", "config": net.cfg.to_dict(),
+                                            "channels": 1, "size": 64})
+    plain = build_model("hqgnet", weights=path, device="cpu")
+    assert "detail_boost" not in plain.info.options
+    boosted = build_model("hqgnet", weights=path, device="cpu", options={"detail_boost": 0.2})
+    assert boosted.info.options["detail_boost"] == 0.2
+    yy, xx = np.mgrid[:128, :128]
+    frame = (0.45 + 0.1 * np.sin(xx / 3.0) * np.sin(yy / 4.0)).astype(np.float32)  # nerve-scale texture
+    vec = np.zeros(net.cfg.guidance_dim, np.float32)
+    a, b = plain.enhance([frame], vec)[0], boosted.enhance([frame], vec)[0]
+    assert b.std() > 1.1 * a.std()  # more local contrast ...
+    assert abs(float(b.mean()) - float(a.mean())) < 0.01  # ... at the same level
+    flat = np.full((64, 64), 0.4, np.float32)
+    assert np.allclose(boosted.enhance([flat], vec)[0], plain.enhance([flat], vec)[0], atol=1e-3)
+    for bad in (-0.1, 1.5, "much"):
+        with pytest.raises(ModelLoadError, match="detail_boost"):
+            build_model("hqgnet", weights=path, device="cpu", options={"detail_boost": bad})
