@@ -50,28 +50,33 @@ def airlight(img: np.ndarray, field: np.ndarray) -> np.ndarray:
     return np.maximum(top.mean(axis=0), MIN_AIR).astype(np.float32)
 
 
+def _field_smooth(values: np.ndarray, field: np.ndarray, side: float) -> np.ndarray:
+    """Gaussian smoothing (SMOOTH x the field's side) normalised by the field's weight: the surround pulls
+    nothing towards black."""
+    m = field.astype(np.float32)
+    v = np.where(field, np.minimum(values, 1.0), 0.0).astype(np.float32)
+    sigma = max(0.5, SMOOTH * side)
+    return cv2.GaussianBlur(v * m, (0, 0), sigma) / (cv2.GaussianBlur(m, (0, 0), sigma) + 1e-6)
+
+
+def _side(field: np.ndarray) -> float:
+    return math.sqrt(max(1.0, float(field.sum())))
+
+
 def dark_channel(img: np.ndarray, air: np.ndarray, field: np.ndarray) -> np.ndarray:
     """min over channels of ``img / air``, then over a window of PATCH x the field's side, then smoothed
-    (SMOOTH); the surround is ignored by the minimum and by the smoothing (normalised by the field's weight)."""
-    side = math.sqrt(max(1.0, float(field.sum())))
+    (SMOOTH); the surround is ignored by the minimum and by the smoothing."""
+    side = _side(field)
     dc = (_channels(img) / air).min(axis=2).astype(np.float32)
     dc[~field] = np.inf  # the surround never wins the minimum
     size = max(3, int(PATCH * side) | 1)
     dc = cv2.erode(dc, np.ones((size, size), np.uint8), borderType=cv2.BORDER_REPLICATE)
-    m = field.astype(np.float32)
-    dc = np.where(field, np.minimum(dc, 1.0), 0.0).astype(np.float32)
-    sigma = max(0.5, SMOOTH * side)
-    den = cv2.GaussianBlur(m, (0, 0), sigma) + 1e-6
-    return cv2.GaussianBlur(dc * m, (0, 0), sigma) / den
+    return _field_smooth(dc, field, side)
 
 
 def local_mean(img: np.ndarray, air: np.ndarray, field: np.ndarray) -> np.ndarray:
     """The mean over channels of ``img / air``, smoothed as the dark channel is (SMOOTH, surround ignored)."""
-    side = math.sqrt(max(1.0, float(field.sum())))
-    mc = np.where(field, np.minimum((_channels(img) / air).mean(axis=2), 1.0), 0.0).astype(np.float32)
-    m = field.astype(np.float32)
-    sigma = max(0.5, SMOOTH * side)
-    return cv2.GaussianBlur(mc * m, (0, 0), sigma) / (cv2.GaussianBlur(m, (0, 0), sigma) + 1e-6)
+    return _field_smooth((_channels(img) / air).mean(axis=2), field, _side(field))
 
 
 def dark_ratio(img: np.ndarray) -> float:
