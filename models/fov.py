@@ -87,14 +87,15 @@ def feather(mask: np.ndarray, radius: float = 2.0) -> np.ndarray:
     """A soft float mask in [0, 1]: the hard field eroded by about ``radius`` px, then smoothed.
 
     Used to blend an enhanced field back into the untouched surround without a visible seam; the
-    erosion keeps the blurred rim of the disc on the surround side, so nothing is lifted there.
+    erosion keeps the blurred rim of the disc on the surround side, and the smoothing's tail is cut at the
+    field's edge, so nothing outside the field changes at all.
     """
     m = np.asarray(mask, dtype=bool)
     if m.all():
         return np.ones(m.shape, dtype=np.float32)
     r = max(1, int(round(radius)))
     inner = ndi.binary_erosion(m, iterations=r)
-    return np.clip(ndi.gaussian_filter(inner.astype(np.float32), radius / 2.0), 0.0, 1.0)
+    return np.clip(ndi.gaussian_filter(inner.astype(np.float32), radius / 2.0), 0.0, 1.0) * m
 
 
 def keep_surround(original: np.ndarray, enhanced: np.ndarray, *, in_place: bool = False) -> np.ndarray:
