@@ -238,6 +238,25 @@ class HQGNetEnhancer(Enhancer):
         return final
 
 
+def _flag(options: Mapping[str, Any], card: ModelCard, name: str, default: bool) -> bool:
+    """A true/false option: the config's, else the card's, else ``default``."""
+    value = options.get(name, card.extra.get(name, default))
+    if not isinstance(value, bool):
+        raise ModelLoadError(f"hqgnet option {name} must be true or false, got {value!r}")
+    return value
+
+
+def _fraction(options: Mapping[str, Any], card: ModelCard, name: str, top: float, unit: str) -> float:
+    """A number in [0, top]: the config's, else the card's, else 0."""
+    try:
+        value = float(options.get(name, card.extra.get(name, 0.0)))
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"hqgnet option {name} must be a number: {exc}") from exc
+    if not 0.0 <= value <= top:
+        raise ModelLoadError(f"hqgnet option {name} must be in [0, {top:g}] ({unit}), got {value}")
+    return value
+
+
 def _option(options: Mapping[str, Any], card: ModelCard, device: torch.device) -> dict[str, Any]:
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
@@ -255,27 +274,11 @@ def _option(options: Mapping[str, Any], card: ModelCard, device: torch.device) -
     color_mode = str(options.get("color_mode", card.extra.get("color_mode", "full")))
     if color_mode not in COLOR_MODES:
         raise ModelLoadError(f"hqgnet option color_mode must be one of {', '.join(COLOR_MODES)}, got {color_mode!r}")
-    fov = options.get("fov", card.extra.get("fov", False))
-    if not isinstance(fov, bool):
-        raise ModelLoadError(f"hqgnet option fov must be true or false, got {fov!r}")
-    try:
-        smoothing = float(options.get("field_smoothing", card.extra.get("field_smoothing", 0.0)))
-    except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"hqgnet option field_smoothing must be a number: {exc}") from exc
-    if not 0.0 <= smoothing <= 0.5:
-        raise ModelLoadError(f"hqgnet option field_smoothing must be in [0, 0.5] (a fraction of the working side), got {smoothing}")
-    clip_guard = options.get("clip_guard", card.extra.get("clip_guard", True))
-    if not isinstance(clip_guard, bool):
-        raise ModelLoadError(f"hqgnet option clip_guard must be true or false, got {clip_guard!r}")
-    keep_detail = options.get("keep_detail", card.extra.get("keep_detail", False))
-    if not isinstance(keep_detail, bool):
-        raise ModelLoadError(f"hqgnet option keep_detail must be true or false, got {keep_detail!r}")
-    try:
-        detail_boost = float(options.get("detail_boost", card.extra.get("detail_boost", 0.0)))
-    except (TypeError, ValueError) as exc:
-        raise ModelLoadError(f"hqgnet option detail_boost must be a number: {exc}") from exc
-    if not 0.0 <= detail_boost <= 1.0:
-        raise ModelLoadError(f"hqgnet option detail_boost must be in [0, 1] (a fraction of the output's own detail), got {detail_boost}")
+    fov = _flag(options, card, "fov", False)
+    smoothing = _fraction(options, card, "field_smoothing", 0.5, "a fraction of the working side")
+    clip_guard = _flag(options, card, "clip_guard", True)
+    keep_detail = _flag(options, card, "keep_detail", False)
+    detail_boost = _fraction(options, card, "detail_boost", 1.0, "a fraction of the output's own detail")
     return {"batch_size": batch_size, "max_side": max_side, "color_mode": color_mode, "fov": fov, "field_smoothing": smoothing,
             "clip_guard": clip_guard, "keep_detail": keep_detail, "detail_boost": detail_boost}
 
