@@ -27,6 +27,10 @@ _SCAN_TAGS = {
     0x0020000E: "SeriesInstanceUID",
 }
 _PATIENT_ID = 0x00100020
+_TRANSFER_SYNTAX = 0x00020010
+_WANTED = frozenset({*_SCAN_TAGS, _PATIENT_ID, _TRANSFER_SYNTAX})
+_EXPLICIT_HEADER = struct.Struct("<HH2sH")  # group, element, VR, 16-bit length
+_U32 = struct.Struct("<I")
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
                         b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US"})
@@ -43,46 +47,52 @@ def scan_uids(head: bytes) -> dict[str, str] | None:
     decision to pydicom, whenever anything is unusual: no preamble, big endian or deflated data,
     an undefined length before the UIDs, an element running past ``head``, a UID missing or not
     well-formed. It never judges a file bad by itself, so it cannot refuse what pydicom accepts.
+
+    It runs for every received instance (about 130 elements each), so each element costs one
+    ``unpack_from`` and a few comparisons; only the six elements it wants are sliced.
     """
     if len(head) < 132 or head[128:132] != b"DICM":
         return None
-    pos, end, syntax = 132, len(head), None
+    pos, end, syntax, implicit = 132, len(head), None, False
     found: dict[str, str] = {}
+    explicit_header, u32 = _EXPLICIT_HEADER.unpack_from, _U32.unpack_from
+    short_vrs, long_vrs, wanted = _SHORT_VRS, _LONG_VRS, _WANTED
     while pos + 8 <= end:
-        group, element = struct.unpack_from("<HH", head, pos)
-        if group != 0x0002 and syntax is None:
-            return None  # file meta without a transfer syntax
-        tag = (group << 16) | element
-        if group != 0x0002 and syntax == _IMPLICIT_LE:  # file meta is always explicit VR
-            (length,) = struct.unpack_from("<I", head, pos + 4)
+        group, element, vr, length = explicit_header(head, pos)
+        if group != 0x0002 and implicit:  # file meta is always explicit VR
+            (length,) = u32(head, pos + 4)
             header = 8
         else:
-            vr = head[pos + 4 : pos + 6]
-            if vr in _LONG_VRS:
+            if group != 0x0002 and syntax is None:
+                return None  # file meta without a transfer syntax
+            if vr in short_vrs:
+                header = 8
+            elif vr in long_vrs:
                 if pos + 12 > end:
                     return None
-                (length,) = struct.unpack_from("<I", head, pos + 8)
+                (length,) = u32(head, pos + 8)
                 header = 12
-            elif vr in _SHORT_VRS:
-                (length,) = struct.unpack_from("<H", head, pos + 6)
-                header = 8
             else:  # not a VR: pydicom guesses how to go on, so its verdict must decide (found by fuzzing)
                 return None
-        if length == 0xFFFFFFFF or pos + header + length > end:
+        following = pos + header + length
+        if length == 0xFFFFFFFF or following > end:
             return None
-        value = head[pos + header : pos + header + length]
-        if tag == 0x00020010:
-            syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
-            if syntax in (_BIG_ENDIAN, _DEFLATED):
-                return None
-        elif tag in _SCAN_TAGS:
-            found[_SCAN_TAGS[tag]] = value.rstrip(b"\x00 ").decode("ascii", "replace")
-        elif tag == _PATIENT_ID:
-            found[PATIENT_ID] = value.rstrip(b"\x00 ").decode("latin-1")
+        tag = (group << 16) | element
+        if tag in wanted:
+            value = head[pos + header : following]
+            if tag == _TRANSFER_SYNTAX:
+                syntax = value.rstrip(b"\x00 ").decode("ascii", "replace")
+                if syntax in (_BIG_ENDIAN, _DEFLATED):
+                    return None
+                implicit = syntax == _IMPLICIT_LE
+            elif tag == _PATIENT_ID:
+                found[PATIENT_ID] = value.rstrip(b"\x00 ").decode("latin-1")
+            else:
+                found[_SCAN_TAGS[tag]] = value.rstrip(b"\x00 ").decode("ascii", "replace")
         elif tag > 0x0020000E:
             break
-        pos += header + length
-    if any(k not in found for k in _SCAN_TAGS.values()):
+        pos = following
+    if len(found) < 4 or any(k not in found for k in _SCAN_TAGS.values()):
         return None
     if not all(is_valid_uid(found[k]) for k in _SCAN_TAGS.values()):
         return None
