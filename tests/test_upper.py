@@ -443,3 +443,86 @@ def test_store_gets_the_landed_files_first_bytes(tmp_path: Path, monkeypatch: py
     (small_head, small_file), (large_head, large_file) = seen
     assert small_head == small_file and len(small_file) < SCAN_BYTES
     assert len(large_file) > SCAN_BYTES and large_head == large_file[:SCAN_BYTES]
+
+
+def test_plain_tcp_uses_kernel_timeouts_and_tls_keeps_settimeout() -> None:
+    """A plain socket is blocking with SO_RCVTIMEO/SO_SNDTIMEO (no poll() before each recv); TLS keeps settimeout."""
+    import ssl
+
+    from dicomnode.upper import _set_network_timeout
+
+    timeval = struct.Struct("@ll")
+    with socket.socket() as sock:
+        _set_network_timeout(sock, 1.25)
+        assert sock.gettimeout() is None
+        for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+            seconds, micros = timeval.unpack(sock.getsockopt(socket.SOL_SOCKET, option, timeval.size))
+            assert seconds == 1 and abs(micros - 250_000) <= 10_000  # the kernel keeps it in jiffies
+    with socket.socket() as sock:
+        _set_network_timeout(sock, None)
+        assert sock.gettimeout() is None
+        assert timeval.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval.size)) == (0, 0)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    with context.wrap_socket(socket.socket(), server_hostname="x", do_handshake_on_connect=False) as tls:
+        _set_network_timeout(tls, 2.0)
+        assert tls.gettimeout() == 2.0
+
+
+def test_an_idle_association_is_dropped_after_the_network_timeout(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Between messages (nothing in transfer) a silent peer is cut after network_timeout, not before, not never."""
+    import logging
+    import time
+
+    receiver, spool = start(tmp_path / "var", "native")
+    receiver.ae.network_timeout = 1.0  # read by start()
+    receiver.stop_accepting()
+    receiver.start()
+    try:
+        peer = RawPeer(receiver.port)
+        assert peer.associate() == 2
+        (ct,) = ct_series(tmp_path / "in", 1)
+        assert peer.store(*data_set(ct)) == 0  # the association works, then the peer goes silent
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="dicomnode.upper"):
+            assert peer.pdu()[0] == 0  # closed by the node
+            waited = time.monotonic() - started
+            assert _wait(lambda: "timed out after 1 s without data" in caplog.text)
+        assert 0.8 < waited < 4, waited
+        assert len(instances(spool)) == 1
+    finally:
+        receiver.stop(timeout=1)
+        spool.close()
+
+
+def test_the_landed_file_is_synced_whole_before_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync runs on the landed file once all of it is written, before the file goes to the spool."""
+    import os
+
+    import dicomnode.upper as upper
+
+    synced: list[int] = []
+    stored: list[int] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.path.realpath(f"/proc/self/fd/{fd}").endswith(".part"):  # the landed file, not a folder
+            synced.append(os.fstat(fd).st_size)
+        real(fd)
+
+    original = Receiver._store_landed
+
+    def spy(self: Receiver, landed: Path, calling: str, cmd_class: str, cmd_sop: str, head: bytearray) -> int:
+        stored.append(landed.stat().st_size)
+        assert len(synced) == len(stored)
+        return original(self, landed, calling, cmd_class, cmd_sop, head)
+
+    monkeypatch.setattr(upper.os, "fsync", fsync)
+    monkeypatch.setattr(Receiver, "_store_landed", spy)
+    receiver, spool = start(tmp_path / "node", "native")
+    try:
+        files = ct_series(tmp_path / "in", 2)
+        assert scu_store(receiver.port, files, [(CTImageStorage, ExplicitVRLittleEndian)]) == [0, 0]
+    finally:
+        receiver.stop(timeout=5)
+        spool.close()
+    assert synced == stored and len(synced) == 2
