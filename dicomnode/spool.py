@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from dicomnode.durable import FILE_MODE, fsync_dir, make_dir, move, write_bytes
+from dicomnode.durable import DIR_MODE, FILE_MODE, fsync_dir, make_dir, move, write_bytes
 from dicomnode.ledger import Ledger, LedgerError, SeriesKey
 from dicomnode.uids import safe_file_name
 
@@ -55,7 +55,19 @@ class Spool:
         return self.incoming / f"{uuid.uuid4().hex}.part"
 
     def job_dir(self, job_id: int) -> Path:
-        return make_dir(self.series_dir / f"job-{job_id}")
+        """series/job-<id>, created on first use. A new folder's entry in series/ is made durable (fsync of
+        series/) before any instance is renamed into it, or a power cut could lose the folder with its
+        acknowledged instances. Runs inside the ledger's write transaction, so one writer creates it."""
+        path = self.series_dir / f"job-{job_id}"
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            return path
+        except FileNotFoundError:  # series/ itself was removed: recreate the chain
+            make_dir(path)
+            fsync_dir(self.root)
+        fsync_dir(self.series_dir)
+        return path
 
     def outgoing_dir(self, job_id: int) -> Path:
         return make_dir(self.outgoing / f"job-{job_id}")
@@ -81,10 +93,13 @@ class Spool:
         """Move a landed file into its job folder and record it; returns (job id, final path)."""
         size = landed.stat().st_size
 
+        ours = landed.parent in (self.incoming, self.chunks)
+
         def place(job_id: int) -> Path:
-            # incoming/ is emptied at start-up (clean_incoming), so its entry need not be made durable
+            # incoming/ is emptied at start-up (clean_incoming), so its entry need not be made durable; the node
+            # created what lands there with FILE_MODE, so no chmod (which would also dirty the synced inode)
             return move(landed, self.job_dir(job_id) / f"{safe_file_name(sop_uid)}.dcm",
-                        sync_source=landed.parent not in (self.incoming, self.chunks))
+                        mode=None if ours else FILE_MODE, sync_source=not ours)
 
         return self.ledger.add_instance(key, sop_uid=sop_uid, sop_class_uid=sop_class_uid, calling_aet=calling_aet,
                                         size=size, place=place, now=now)

@@ -3,6 +3,7 @@ delivery retries and restart recovery (all through the ledger's API)."""
 
 from __future__ import annotations
 
+import shutil
 import stat
 import threading
 from pathlib import Path
@@ -187,3 +188,42 @@ def test_writers_of_one_process_queue_on_the_ledger_not_on_sqlites_busy_handler(
         holder.join(10)
         writer.join(10)
     assert len(result) == 1
+
+
+def test_a_new_job_folder_is_made_durable_in_series_once(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """series/ is fsynced when a job's folder is created (else a power cut could lose the folder with its
+    acknowledged instances), and not again for the job's later instances."""
+    import dicomnode.spool as spool_module
+
+    synced: list[Path] = []
+    real = spool_module.fsync_dir
+    monkeypatch.setattr(spool_module, "fsync_dir", lambda folder: (synced.append(Path(folder)), real(folder))[1])
+    job, _ = land(spool, "1.2.3.4.1")
+    assert synced == [spool.series_dir]
+    assert land(spool, "1.2.3.4.2")[0] == job
+    assert synced == [spool.series_dir]
+    land(spool, "1.2.3.5.1", series="1.2.3.5")
+    assert synced == [spool.series_dir, spool.series_dir]
+    shutil.rmtree(spool.series_dir)  # gone altogether: recreated, and its own entry synced too
+    _, path = land(spool, "1.2.3.6.1", series="1.2.3.6")
+    assert path.is_file()
+    assert synced[2:] == [spool.root, spool.series_dir]
+
+
+def test_accept_chmods_only_files_the_node_did_not_create(spool: Spool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What lands in incoming/ was created 0600 by the node: no chmod (it would dirty the inode just synced).
+    A file from elsewhere is still made private."""
+    import os
+
+    foreign = tmp_path / "foreign.dcm"
+    foreign.write_bytes(b"y")
+    foreign.chmod(0o644)
+    key = SeriesKey("p1", "1.2.3", "1.2.3.4")
+    _, path = spool.accept(foreign, key, sop_uid="1.2.3.4.9", sop_class_uid="1.2.840.10008.5.1.4.1.1.7",
+                           calling_aet="SCANNER")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    chmods: list[str] = []
+    real = os.chmod
+    monkeypatch.setattr(os, "chmod", lambda p, *a, **k: (chmods.append(str(p)), real(p, *a, **k))[1])
+    _, path = land(spool, "1.2.3.4.10")
+    assert chmods == [] and stat.S_IMODE(path.stat().st_mode) == 0o600
