@@ -92,14 +92,13 @@ class Spool:
                now: float | None = None) -> tuple[int, Path]:
         """Move a landed file into its job folder and record it; returns (job id, final path)."""
         size = landed.stat().st_size
-
-        ours = landed.parent in (self.incoming, self.chunks)
+        temporary = landed.parent in (self.incoming, self.chunks)
 
         def place(job_id: int) -> Path:
             # incoming/ is emptied at start-up (clean_incoming), so its entry need not be made durable; the node
             # created what lands there with FILE_MODE, so no chmod (which would also dirty the synced inode)
             return move(landed, self.job_dir(job_id) / f"{safe_file_name(sop_uid)}.dcm",
-                        mode=None if ours else FILE_MODE, sync_source=not ours)
+                        mode=None if landed.parent == self.incoming else FILE_MODE, sync_source=not temporary)
 
         return self.ledger.add_instance(key, sop_uid=sop_uid, sop_class_uid=sop_class_uid, calling_aet=calling_aet,
                                         size=size, place=place, now=now)
