@@ -8,11 +8,15 @@ into N series sent by N parallel `dcmsend` processes (one association each), sto
 (``node.receive_engine``: pynetdicom's server or the node's native upper layer). The node
 runs as it does in production (`dicomnode serve`, spool + ledger + fsync per instance) with a long
 series quiet time so only receiving is timed. Rounds alternate between the receivers to share any
-background load fairly; the best round of each is reported (the least disturbed by other work).
+background load fairly; the best and the median round of each are reported, with the receiver's CPU
+time per instance (its processes and their children, median). ``--baseline DIR`` adds the node as the
+``dicomnode`` package in DIR runs it (older code, same rounds), to compare before and after in one run.
 
     .venv/bin/python benchmarks/bench_receive.py --count 200 --size 512 --rounds 3
     .venv/bin/python benchmarks/bench_receive.py --count 400 --senders 4 --processes 1 4
     .venv/bin/python benchmarks/bench_receive.py --count 200 --rounds 2 --engine native
+    git archive HEAD~3 dicomnode | tar -x -C /tmp/base && \
+    .venv/bin/python benchmarks/bench_receive.py --count 400 --senders 4 --rounds 10 --engine native --baseline /tmp/base
 """
 
 from __future__ import annotations
@@ -46,8 +50,14 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
+def env(pythonpath: str | None = None) -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its waited-for children (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def make_series(folder: Path, count: int, size: int) -> int:
@@ -106,8 +116,9 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def start_node(work: Path, port: int, **node: object) -> subprocess.Popen:
-    """``dicomnode serve`` on ``port`` that spools everything and enhances nothing; ``node`` adds node settings."""
+def start_node(work: Path, port: int, pythonpath: str | None = None, **node: object) -> subprocess.Popen:
+    """``dicomnode serve`` on ``port`` that spools everything and enhances nothing; ``node`` adds node settings,
+    ``pythonpath`` a folder whose ``dicomnode`` package runs instead of this tree's."""
     shutil.rmtree(work / "var", ignore_errors=True)
     config = {
         "node": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": port, "series_quiet_seconds": 3600, **node},
@@ -120,7 +131,7 @@ def start_node(work: Path, port: int, **node: object) -> subprocess.Popen:
     path.write_text(yaml.safe_dump(config))
     log_file = work / "node.log"
     offset = log_file.stat().st_size if log_file.exists() else 0
-    proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(path)], env=env(),
+    proc = subprocess.Popen([str(DICOMNODE), "serve", "--config", str(path)], env=env(pythonpath),
                             stdout=subprocess.DEVNULL, stderr=(work / "node.log").open("ab"))
     wait_echo(port, "DICOMNODE", proc)
     deadline = time.monotonic() + 120
@@ -149,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="node.receive_processes values to measure (default 1)")
     parser.add_argument("--engine", nargs="+", choices=["native", "pynetdicom"], default=["native", "pynetdicom"],
                         help="node.receive_engine values to measure (default both)")
+    parser.add_argument("--baseline", type=Path, help="a folder holding an older dicomnode package: measured too "
+                        "(first --engine and --processes value), rounds interleaved")
     args = parser.parse_args(argv)
     for tool in ("dcmsend", "storescp", "echoscu"):
         if shutil.which(tool) is None:
@@ -156,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.count % args.senders:
         parser.error("--count must be a multiple of --senders")
     fork = args.senders > 1
-    receivers = [(f"node {engine}" + (f" x{n}" if len(args.processes) > 1 or n > 1 else ""), n, engine)
+    receivers = [(f"node {engine}" + (f" x{n}" if len(args.processes) > 1 or n > 1 else ""), n, engine, None)
                  for engine in args.engine for n in args.processes]
+    if args.baseline is not None:
+        if not (args.baseline / "dicomnode" / "__init__.py").is_file():
+            parser.error(f"no dicomnode package in {args.baseline}")
+        receivers.insert(0, (f"baseline {args.engine[0]}", args.processes[0], args.engine[0], str(args.baseline.resolve())))
     scp_name = "storescp --fork" if fork else "storescp"
     with tempfile.TemporaryDirectory(prefix="bench_receive_") as tmp:
         work = Path(tmp)
@@ -165,17 +182,21 @@ def main(argv: list[str] | None = None) -> int:
         total = sum(make_series(folder, args.count // args.senders, args.size) for folder in folders)
         print(f"{args.count} CT instances {args.size}x{args.size} 16-bit, {total / args.count / 1e6:.2f} MB each, "
               f"{args.senders} sender(s) in parallel")
-        times: dict[str, list[float]] = {name: [] for name, _, _ in receivers} | {scp_name: []}
+        times: dict[str, list[float]] = {name: [] for name, _, _, _ in receivers} | {scp_name: []}
+        cpu: dict[str, list[float]] = {name: [] for name in times}
         with tqdm(total=(len(receivers) + 1) * args.rounds, desc="rounds", unit="round") as bar:
             for _ in range(args.rounds):
-                for name, processes, engine in [*receivers, (scp_name, 0, "")]:
+                for name, processes, engine, pythonpath in [*receivers, (scp_name, 0, "", None)]:
                     port = free_port()
                     if processes:
-                        proc, aec = start_node(work, port, receive_processes=processes, receive_engine=engine), "DICOMNODE"
+                        proc, aec = start_node(work, port, pythonpath, receive_processes=processes,
+                                               receive_engine=engine), "DICOMNODE"
                     else:
                         proc, aec = start_storescp(work, port, fork=fork), "PACS"
                     try:
+                        before = cpu_seconds(proc.pid)
                         times[name].append(send(port, aec, folders, args.count))
+                        cpu[name].append((cpu_seconds(proc.pid) - before) / args.count * 1000)
                     finally:
                         stop(proc)
                     if processes:
@@ -183,14 +204,16 @@ def main(argv: list[str] | None = None) -> int:
                         if stored != args.count:
                             raise RuntimeError(f"node spooled {stored} of {args.count} instances")
                     bar.update(1)
-    print(f"\n{'receiver':<22} {'best s':>8} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'ratio':>6}")
-    scp_rate = args.count / min(times[scp_name])
+    print(f"\n{'receiver':<22} {'best s':>8} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'ratio':>6} {'median ratio':>13} "
+          f"{'CPU ms/inst':>12}")
+    scp_rate, scp_median = args.count / min(times[scp_name]), statistics.median(times[scp_name])
     for name, values in times.items():
         best = min(values)
         rate = args.count / best
-        print(f"{name:<22} {best:8.2f} {statistics.median(values):9.2f} {rate:8.1f} {total / best / 1e6:7.1f} {rate / scp_rate:6.2f}")
-    print(f"\nratio = instances/s over {scp_name}'s (same dcmsend, {args.senders} association(s) in parallel, "
-          f"TCP_NODELAY=1, {os.cpu_count()} CPUs)")
+        print(f"{name:<22} {best:8.2f} {statistics.median(values):9.2f} {rate:8.1f} {total / best / 1e6:7.1f} "
+              f"{rate / scp_rate:6.2f} {scp_median / statistics.median(values):13.2f} {statistics.median(cpu[name]):12.2f}")
+    print(f"\nratio = instances/s over {scp_name}'s (best rounds; median ratio: median rounds; same dcmsend, "
+          f"{args.senders} association(s) in parallel, TCP_NODELAY=1, {os.cpu_count()} CPUs)")
     return 0
 
 
