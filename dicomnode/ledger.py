@@ -22,7 +22,10 @@ SQLite runs in WAL mode with one connection per thread, so the SCP threads, the 
 dispatcher never share a connection; write transactions are short and ``BEGIN IMMEDIATE`` so two
 writers queue instead of failing half-way. Writers in one process queue on a lock of the
 :class:`Ledger` before SQLite's: SQLite's busy handler polls with sleeps of 1, 2, 5, 10, 25... ms,
-which with four receiving associations cost more than the transactions themselves.
+which with four receiving associations cost more than the transactions themselves. ``synchronous=FULL``:
+every commit is fsynced (about 0.25 ms on this project's test disk), because a C-STORE is answered
+Success only once its row is committed, and with ``NORMAL`` a power cut could take back the last
+committed rows while their files, already fsynced, stayed: instances acknowledged and then forgotten.
 """
 
 from __future__ import annotations
@@ -278,7 +281,7 @@ class Ledger:
                 else:
                     db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
                     db.execute("PRAGMA journal_mode=WAL")
-                    db.execute("PRAGMA synchronous=NORMAL")
+                    db.execute("PRAGMA synchronous=FULL")  # a commit is on disk: Success promises the row survives a power cut
                     db.execute("PRAGMA foreign_keys=ON")
             except sqlite3.DatabaseError as exc:
                 raise LedgerError(f"ledger {self.path} cannot be opened: {exc}") from exc

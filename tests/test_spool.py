@@ -227,3 +227,20 @@ def test_accept_chmods_only_files_the_node_did_not_create(spool: Spool, tmp_path
     monkeypatch.setattr(os, "chmod", lambda p, *a, **k: (chmods.append(str(p)), real(p, *a, **k))[1])
     _, path = land(spool, "1.2.3.4.10")
     assert chmods == [] and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_every_ledger_writer_commits_to_disk(spool: Spool) -> None:
+    """Success is answered once the row is committed; with WAL and synchronous=NORMAL a power cut could take
+    the last commits back while their files (fsynced) stay. Every writing connection, in every thread, runs
+    synchronous=FULL (2) in WAL mode."""
+    seen: list[tuple[int, str]] = []
+
+    def probe() -> None:
+        db = spool.ledger._conn()
+        seen.append((db.execute("PRAGMA synchronous").fetchone()[0], db.execute("PRAGMA journal_mode").fetchone()[0]))
+
+    probe()
+    worker = threading.Thread(target=probe)
+    worker.start()
+    worker.join()
+    assert seen == [(2, "wal"), (2, "wal")]
