@@ -58,7 +58,9 @@ def shared_data_root() -> Path:
 class Sample:
     """One image as the metrics see it: the method's output and what it may be compared with.
 
-    ``view`` is the field of view (True inside); None means the whole frame.
+    ``view`` is the field of view (True inside; the reference's where there is one); None means the whole
+    frame. ``surround_of_input`` is the input's own field: the border figure is about what the method did
+    where *its input* was black (a degradation may spread content past the clean frame's rim).
     """
 
     output: np.ndarray
@@ -67,6 +69,7 @@ class Sample:
     mask: np.ndarray | None = None
     lassim_level: int = 3
     view: np.ndarray | None = None
+    surround_of_input: np.ndarray | None = None
     _cache: dict = field(default_factory=dict)
 
     def crop(self) -> np.ndarray:
@@ -158,7 +161,8 @@ METRICS: dict[str, Metric] = {
                "structure kept from the input (1 = identical)"),
         Metric("chroma", "Chroma", "down", "", lambda s: M.chroma_shift(s.output, s.input, s.view),
                "colour shift from the input, lightness removed (CIEDE2000)"),
-        Metric("border", "Border", "down", "", lambda s: M.border_damage(s.output, s.input, s.view),
+        Metric("border", "Border", "down", "",
+               lambda s: M.border_damage(s.output, s.input, s.view if s.surround_of_input is None else s.surround_of_input),
                "mean change (0-255) of the input's black surround"),
         Metric("ag", "AG", "ref", "", lambda s: M.average_gradient(s.crop()), "average gradient, 8-bit scale (noise raises it too)"),
         Metric("en", "EN", "ref", "", lambda s: M.entropy(s.crop()), "entropy of the 8-bit histogram, bits"),
@@ -529,7 +533,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
         image = _load(path, cfg.size)
         ref = _match_to(_load(refs[path.stem], None), image) if refs else None
         mask = _match_to(_load(masks[path.stem], None), image[..., 0] if image.ndim == 3 else image, order=0) > 0.5 if masks else None
-        field_of_view = fov_mask(ref if ref is not None else image) if cfg.fov else None
+        input_field = fov_mask(image) if cfg.fov else None
+        field_of_view = fov_mask(ref) if cfg.fov and ref is not None else input_field
         box = _crop_box(image.shape, field_of_view, cfg.crop)
         panels: list[tuple[str, np.ndarray, str]] = []
         for method in methods:
@@ -545,7 +550,8 @@ def evaluate(cfg: EvalConfig) -> EvalResult:
                 seconds[method] += time.perf_counter() - t0
                 if output.shape != image.shape:
                     raise RuntimeError(f"method {method} returned shape {output.shape} for an input of {image.shape}")
-            sample = Sample(output=output, input=image, reference=ref, mask=mask, lassim_level=cfg.lassim_level, view=field_of_view)
+            sample = Sample(output=output, input=image, reference=ref, mask=mask, lassim_level=cfg.lassim_level, view=field_of_view,
+                            surround_of_input=input_field)
             panels.append((method, output[box[0]:box[1], box[2]:box[3]], _panel_scores(sample) if idx < cfg.montage_images else ""))
             row: dict[str, object] = {"method": method, "image": path.name}
             for m in metrics:

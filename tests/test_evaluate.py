@@ -194,3 +194,25 @@ def test_ccm_benchmark_without_data_says_where(tmp_path, monkeypatch):
     monkeypatch.setenv("DICOMNODE_SHARED_DATA", str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="vignetting_corrected"):
         E.prepare_benchmark("ccm", tmp_path / "b")
+
+
+def test_border_is_measured_on_the_inputs_own_surround() -> None:
+    """A degradation can spread content past the clean frame's rim (blur, haze); a method that keeps its
+    input's black surround must score 0, and one that lifts it must not. The full-reference metrics keep
+    the reference's field; the border figure uses the input's, as the issue defines it."""
+    from scipy import ndimage as ndi
+
+    from models.fov import fov_mask, keep_surround
+
+    yy, xx = np.mgrid[:160, :160]
+    disc = ((yy - 80) ** 2 + (xx - 80) ** 2) < 60**2
+    clean = np.where(disc[..., None], np.array([0.7, 0.35, 0.2], np.float32), 0.0).astype(np.float32)
+    spread = np.stack([ndi.gaussian_filter(clean[..., c], 3.0) for c in range(3)], axis=-1)  # blur past the rim
+    assert fov_mask(spread).sum() > fov_mask(clean).sum()
+    kept = keep_surround(spread, np.clip(spread * 1.2, 0, 1))
+    lifted = np.clip(spread + 0.1, 0, 1).astype(np.float32)
+    border = E.METRICS["border"].fn
+    view, own = fov_mask(clean), fov_mask(spread)
+    assert border(E.Sample(output=kept, input=spread, reference=clean, view=view, surround_of_input=own)) == 0.0
+    assert border(E.Sample(output=kept, input=spread, reference=clean, view=view)) > 0.0  # judged on the clean rim
+    assert border(E.Sample(output=lifted, input=spread, reference=clean, view=view, surround_of_input=own)) > 20.0

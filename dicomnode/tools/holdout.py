@@ -216,7 +216,7 @@ def run_holdout(config: NodeConfig, models: ResidentModels, root: Path, out: Pat
     sections = ["# Held-out evaluation", "",
                 f"Images: `{root}` (evaluation only). Each table: mean ± std (n images); the input and reference rows "
                 "are the baseline and the target; ↑/↓ direction, ≈ closest to the reference. Metrics inside the field "
-                "of view for fundus and endoscopy; Border = change of the black surround.", ""]
+                "of view for fundus and endoscopy; Border = change of the input's black surround.", ""]
     for hs in holdout_sets(root, out / "data"):
         enhancers, default = _methods(config, models, hs.domain)
         paired = hs.reference is not None
