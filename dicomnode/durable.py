@@ -17,7 +17,7 @@ from typing import BinaryIO
 FILE_MODE = 0o600
 DIR_MODE = 0o700
 
-__all__ = ["DIR_MODE", "FILE_MODE", "copy_file", "fsync_dir", "fsync_file", "make_dir", "move", "write_bytes", "write_with"]
+__all__ = ["DIR_MODE", "FILE_MODE", "copy_file", "fsync_dir", "fsync_file", "make_dir", "move", "move_new", "write_bytes", "write_with"]
 
 
 def make_dir(path: Path, mode: int = DIR_MODE) -> Path:
@@ -91,4 +91,23 @@ def move(src: Path, dst: Path, mode: int | None = FILE_MODE, *, sync_source: boo
     fsync_dir(Path(dst).parent)
     if sync_source and Path(src).parent != Path(dst).parent:
         fsync_dir(Path(src).parent)
+    return Path(dst)
+
+
+def move_new(src: Path, dst: Path, *, sync_file: bool = False) -> Path:
+    """Like :func:`move` from a temp folder (``sync_source=False``, no chmod), but never replaces ``dst``:
+    FileExistsError when it exists (a hard link, then the source name removed; same file system).
+
+    ``sync_file``: fsync the file once it is at ``dst`` (before the folder's fsync): where the file was not
+    synced yet, one sync covers data and entry (ext4 syncs a new entry's folder with the file), and
+    nothing else can refer to ``dst`` before this returns. On a failing sync ``dst`` is removed again."""
+    os.link(src, dst)
+    os.unlink(src)
+    try:
+        if sync_file:
+            fsync_file(Path(dst))
+        fsync_dir(Path(dst).parent)
+    except OSError:
+        Path(dst).unlink(missing_ok=True)
+        raise
     return Path(dst)

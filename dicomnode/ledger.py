@@ -248,6 +248,7 @@ class Ledger:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._write = threading.RLock()  # this process's writers wait here, woken at once (see the module doc)
+        self._pending: list[_Record] = []  # record_instance's requests waiting for a combined commit
         self._all: list[sqlite3.Connection] = []
         if readonly:
             if not self.path.is_file():
@@ -356,14 +357,48 @@ class Ledger:
                 job_id = row[0]
                 db.execute("UPDATE jobs SET last_received_at=?, updated_at=? WHERE id=?", (now, now, job_id))
             final = place(int(job_id))
-            db.execute(
-                "INSERT INTO instances(job_id, series_uid, sop_uid, sop_class_uid, path, size, received_at)"
-                " VALUES (?,?,?,?,?,?,?) ON CONFLICT(job_id, sop_uid) DO UPDATE SET"
-                " sop_class_uid=excluded.sop_class_uid, path=excluded.path, size=excluded.size,"
-                " received_at=excluded.received_at",
-                (job_id, key.series_uid, sop_uid, sop_class_uid, str(final), size, now),
-            )
+            _insert_instance(db, int(job_id), key, sop_uid, sop_class_uid, final, size, now)
         return int(job_id), final
+
+    def collecting_job(self, key: SeriesKey) -> int | None:
+        """The series' job that is still collecting, if any (a read: no write lock taken)."""
+        rows = self._query(
+            "SELECT id FROM jobs WHERE series_uid=? AND study_uid=? AND patient_key=? AND state=? ORDER BY id DESC LIMIT 1",
+            (key.series_uid, key.study_uid, key.patient_key, JobState.COLLECTING))
+        return int(rows[0][0]) if rows else None
+
+    def record_instance(self, job_id: int, key: SeriesKey, *, sop_uid: str, sop_class_uid: str, path: Path, size: int,
+                        now: float | None = None) -> bool:
+        """Record an instance already made durable in ``job_id``'s folder, if that job still collects.
+
+        The receive fast path (:meth:`~dicomnode.spool.Spool.accept`): the file's and the folder's syncs
+        happen before, outside the write lock, so concurrent associations hold the lock only for the commit.
+        Their rows share commits (flat combining): whoever gets the write lock commits every row queued by
+        then in one transaction, one WAL sync for them all; the others find theirs done. A row that fails
+        fails alone (a savepoint each). False (nothing written) when the job has moved on meanwhile; the
+        caller then uses :meth:`add_instance`.
+        """
+        request = _Record(job_id, key, sop_uid, sop_class_uid, path, size, time.time() if now is None else now)
+        with self._lock:
+            self._pending.append(request)
+        with self._write:
+            if not request.done:
+                with self._lock:
+                    batch, self._pending = self._pending, []
+                try:
+                    with self._transaction() as db:
+                        for r in batch:
+                            r.apply(db)
+                except BaseException as exc:  # the commit itself failed: nothing of the batch is recorded
+                    for r in batch:
+                        r.error, r.recorded = r.error or exc, False
+                    raise
+                finally:
+                    for r in batch:
+                        r.done = True
+        if request.error is not None:
+            raise request.error
+        return request.recorded
 
     def series_conflicts(self, key: SeriesKey) -> list[int]:
         """Jobs with this series UID but another patient or study (a faulty UID generator)."""
@@ -724,3 +759,45 @@ class Ledger:
     def mark_purged(self, job_id: int) -> None:
         with self._transaction() as db:
             db.execute("UPDATE jobs SET purged=1 WHERE id=?", (job_id,))
+
+
+def _insert_instance(db: sqlite3.Connection, job_id: int, key: SeriesKey, sop_uid: str, sop_class_uid: str, path: Path,
+                     size: int, now: float) -> None:
+    """The instance's row; a SOPInstanceUID already in the job is replaced by the later copy."""
+    db.execute(
+        "INSERT INTO instances(job_id, series_uid, sop_uid, sop_class_uid, path, size, received_at)"
+        " VALUES (?,?,?,?,?,?,?) ON CONFLICT(job_id, sop_uid) DO UPDATE SET"
+        " sop_class_uid=excluded.sop_class_uid, path=excluded.path, size=excluded.size,"
+        " received_at=excluded.received_at",
+        (job_id, key.series_uid, sop_uid, sop_class_uid, str(path), size, now),
+    )
+
+
+@dataclass(eq=False)
+class _Record:
+    """One :meth:`Ledger.record_instance` request, applied by whichever thread commits it."""
+
+    job_id: int
+    key: SeriesKey
+    sop_uid: str
+    sop_class_uid: str
+    path: Path
+    size: int
+    now: float
+    done: bool = False
+    recorded: bool = False
+    error: BaseException | None = None
+
+    def apply(self, db: sqlite3.Connection) -> None:
+        db.execute("SAVEPOINT record")
+        try:
+            updated = db.execute("UPDATE jobs SET last_received_at=MAX(last_received_at, ?), updated_at=? WHERE id=? AND state=?",
+                                 (self.now, self.now, self.job_id, JobState.COLLECTING)).rowcount
+            if updated:
+                _insert_instance(db, self.job_id, self.key, self.sop_uid, self.sop_class_uid, self.path, self.size, self.now)
+            db.execute("RELEASE record")
+            self.recorded = bool(updated)
+        except sqlite3.Error as exc:
+            db.execute("ROLLBACK TO record")
+            db.execute("RELEASE record")
+            self.error = exc

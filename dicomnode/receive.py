@@ -242,17 +242,17 @@ class Receiver:
                                   str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
 
     def _store_landed(self, landed: Path, calling: str, cmd_class: str, cmd_sop: str, head: bytes | bytearray) -> int:
-        """The native engine's C-STORE: ``landed`` is already a durable Part 10 file in incoming/, ``head`` its first
-        bytes (:data:`~dicomnode.part10.SCAN_BYTES`)."""
-        return self._handle_store(lambda: landed, calling, cmd_class, cmd_sop, head)
+        """The native engine's C-STORE: ``landed`` is a complete Part 10 file in incoming/, not yet fsynced (the
+        spool syncs it in its job folder), ``head`` its first bytes (:data:`~dicomnode.part10.SCAN_BYTES`)."""
+        return self._handle_store(lambda: landed, calling, cmd_class, cmd_sop, head, synced=False)
 
     def _handle_store(self, land: Callable[[], Path], calling: str, cmd_class: str, cmd_sop: str,
-                      head: bytes | bytearray | None = None) -> int:
+                      head: bytes | bytearray | None = None, *, synced: bool = True) -> int:
         """One C-STORE for either engine, timed for the observer; an exception fails this object only."""
         started = time.perf_counter()
         status = STATUS_PROCESSING_FAILURE
         try:
-            status = self._store(land, calling, cmd_class, cmd_sop, head)
+            status = self._store(land, calling, cmd_class, cmd_sop, head, synced=synced)
             return status
         except Exception:  # never let one object take the SCP down; the sender gets a clear failure
             log.exception("store of %s failed", cmd_sop)
@@ -262,9 +262,10 @@ class Receiver:
                 self.observer.stored(status, time.perf_counter() - started)
 
     def _store(self, land: Callable[[], Path], calling: str, cmd_class: str, cmd_sop: str,
-               head: bytes | bytearray | None = None) -> int:
+               head: bytes | bytearray | None = None, *, synced: bool = True) -> int:
         """Check, spool and record the object ``land`` puts in incoming/ (the caller removes it on refusal);
-        ``head``: its first bytes when the engine kept them (no second read)."""
+        ``head``: its first bytes when the engine kept them (no second read); ``synced``: whether the landed
+        file is fsynced already (the native engine leaves that to the spool)."""
         if self.disk.refuse():
             return STATUS_OUT_OF_RESOURCES
         landed = land()
@@ -279,6 +280,8 @@ class Receiver:
         try:
             uids = read_uids(landed, head)
         except ValueError as exc:
+            if not synced:
+                fsync_file(landed)  # kept for a human: as durable as what is spooled
             reason = f"calling AE {calling}, SOP Instance {cmd_sop}: {exc}"
             kept = self.spool.quarantine(landed, reason)
             log.warning("quarantined %s: %s", kept.name, reason)
@@ -288,6 +291,8 @@ class Receiver:
                 f"dataset UIDs (class {uids['SOPClassUID']}, instance {uids['SOPInstanceUID']}) differ from "
                 f"the C-STORE command (class {cmd_class}, instance {cmd_sop})"
             )
+            if not synced:
+                fsync_file(landed)
             kept = self.spool.quarantine(landed, f"calling AE {calling}: {reason}")
             log.warning("quarantined %s: %s", kept.name, reason)
             return STATUS_DATASET_MISMATCH
@@ -295,6 +300,7 @@ class Receiver:
         try:
             job_id, _final = self.spool.accept(
                 landed, key, sop_uid=uids["SOPInstanceUID"], sop_class_uid=uids["SOPClassUID"], calling_aet=calling,
+                synced=synced,
             )
         except OSError as exc:
             landed.unlink(missing_ok=True)

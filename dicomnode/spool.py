@@ -20,7 +20,7 @@ import time
 import uuid
 from pathlib import Path
 
-from dicomnode.durable import DIR_MODE, FILE_MODE, fsync_dir, make_dir, move, write_bytes
+from dicomnode.durable import DIR_MODE, FILE_MODE, fsync_dir, fsync_file, make_dir, move, move_new, write_bytes
 from dicomnode.ledger import Ledger, LedgerError, SeriesKey
 from dicomnode.uids import safe_file_name
 
@@ -57,7 +57,8 @@ class Spool:
     def job_dir(self, job_id: int) -> Path:
         """series/job-<id>, created on first use. A new folder's entry in series/ is made durable (fsync of
         series/) before any instance is renamed into it, or a power cut could lose the folder with its
-        acknowledged instances. Runs inside the ledger's write transaction, so one writer creates it."""
+        acknowledged instances. A job's folder is created by its first instance, inside the ledger's write
+        transaction, so it exists (and is durable) before the job's row can be seen by :meth:`accept`'s fast path."""
         path = self.series_dir / f"job-{job_id}"
         try:
             os.mkdir(path, DIR_MODE)
@@ -89,19 +90,49 @@ class Spool:
         return write_bytes(self.incoming / f"{uuid.uuid4().hex}.dcm", data)
 
     def accept(self, landed: Path, key: SeriesKey, *, sop_uid: str, sop_class_uid: str, calling_aet: str,
-               now: float | None = None) -> tuple[int, Path]:
-        """Move a landed file into its job folder and record it; returns (job id, final path)."""
-        size = landed.stat().st_size
-        temporary = landed.parent in (self.incoming, self.chunks)
+               now: float | None = None, synced: bool = True) -> tuple[int, Path]:
+        """Move a landed file into its job folder and record it; returns (job id, final path).
 
-        def place(job_id: int) -> Path:
+        ``synced=False``: the landed file is not fsynced yet. On the fast path below it is synced once it is
+        linked into its job folder: one fsync of the file, which on ext4 also makes that folder's entry
+        durable, where syncing it in incoming/ first also wrote incoming/ for nothing. Before a rename that
+        may replace an acknowledged copy, it is synced first.
+
+        When the series already has a collecting job (every instance but a series' first), the file is
+        linked into that job's folder (never replacing a file there) and the folder fsynced *before* the
+        ledger's write transaction, which then holds the write lock only for its commit: parallel associations
+        no longer queue behind
+        each other's folder fsync. Should the job move on in between, the file is moved again under the
+        transaction, as for a series' first instance. A crash before the commit leaves a file without a
+        row, as it always could; the sender had no Success for it.
+        """
+        size = landed.stat().st_size
+
+        def place(job_id: int, source: Path) -> Path:
             # incoming/ is emptied at start-up (clean_incoming), so its entry need not be made durable; the node
             # created what lands there with FILE_MODE, so no chmod (which would also dirty the synced inode)
-            return move(landed, self.job_dir(job_id) / f"{safe_file_name(sop_uid)}.dcm",
-                        mode=None if landed.parent == self.incoming else FILE_MODE, sync_source=not temporary)
+            return move(source, self.job_dir(job_id) / f"{safe_file_name(sop_uid)}.dcm",
+                        mode=None if source.parent == self.incoming else FILE_MODE,
+                        sync_source=source.parent not in (self.incoming, self.chunks))
 
+        job_id = self.ledger.collecting_job(key) if landed.parent == self.incoming else None
+        if job_id is not None:
+            try:  # never replaces: a copy already in the folder may belong to a job that moved on meanwhile
+                final = move_new(landed, self.job_dir(job_id) / f"{safe_file_name(sop_uid)}.dcm",
+                                 sync_file=not synced)
+            except FileExistsError:
+                final = None  # a resent SOP Instance: replaced under the transaction below
+            if final is not None:
+                synced = True
+                if self.ledger.record_instance(job_id, key, sop_uid=sop_uid, sop_class_uid=sop_class_uid,
+                                               path=final, size=size, now=now):
+                    return job_id, final
+                landed = final  # the job moved on meanwhile: from its folder into the series' next job
+        if not synced:
+            fsync_file(landed)
+        source = landed
         return self.ledger.add_instance(key, sop_uid=sop_uid, sop_class_uid=sop_class_uid, calling_aet=calling_aet,
-                                        size=size, place=place, now=now)
+                                        size=size, place=lambda job: place(job, source), now=now)
 
     def quarantine(self, data: bytes | memoryview | Path, reason: str, *, keep_source: bool = False) -> Path:
         """Keep bytes we could not understand or use, with the reason beside them, for a human to look at.

@@ -61,8 +61,10 @@ __all__ = ["Store", "UpperServer", "file_meta", "rejection_reason"]
 
 Store = Callable[[Path, str, str, str, bytearray], int]
 """(landed file, calling AE title, command SOP Class UID, command SOP Instance UID, the file's first
-:data:`~dicomnode.part10.SCAN_BYTES` bytes) -> DIMSE status. On Success the landed file has been moved
-away (into the spool); on any other status the engine removes whatever is left of it."""
+:data:`~dicomnode.part10.SCAN_BYTES` bytes) -> DIMSE status. The landed file is complete and closed but
+not fsynced: ``store`` makes it durable where it keeps it (one sync in its final folder instead of one
+here and one there). On Success the landed file has been moved away (into the spool); on any other
+status the engine removes whatever is left of it."""
 
 _HEADER = struct.Struct(">BBL")
 _PDV = struct.Struct(">LBB")
@@ -601,8 +603,7 @@ class _Association:
     def _data_set_done(self, message: _Message) -> None:
         status: int | None = STATUS_OUT_OF_RESOURCES if message.write_failed else None
         if message.file is not None:
-            try:
-                os.fsync(message.file.fileno())
+            try:  # no fsync here: ``store`` syncs the file once it is in its job folder (see Store)
                 message.file.close()
             except OSError as exc:
                 self._write_failed(message, exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,115 @@ def test_every_ledger_writer_commits_to_disk(spool: Spool) -> None:
     worker.start()
     worker.join()
     assert seen == [(2, "wal"), (2, "wal")]
+
+
+def test_later_instances_are_placed_before_the_write_lock(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A series' first instance creates its job and folder under the ledger's write lock; every later one is
+    renamed into the folder and the folder fsynced outside it, so parallel associations hold the lock only
+    for their commits (issue 16)."""
+    import dicomnode.durable as durable
+
+    real_fsync_dir = durable.fsync_dir
+    lock_held: list[bool] = []
+
+    def watched(folder: Path) -> None:
+        if folder.parent == spool.series_dir:
+            free: list[bool] = []
+
+            def probe() -> None:  # another thread: the RLock's owner could always take it again
+                free.append(spool.ledger._write.acquire(blocking=False))
+                if free[0]:
+                    spool.ledger._write.release()
+
+            thread = threading.Thread(target=probe)
+            thread.start()
+            thread.join()
+            lock_held.append(not free[0])
+        real_fsync_dir(folder)
+
+    monkeypatch.setattr(durable, "fsync_dir", watched)
+    job, first = land(spool, "1.2.3.4.1")
+    assert lock_held == [True]  # the rename into the new job's folder, under the transaction
+    lock_held.clear()
+    again, second = land(spool, "1.2.3.4.2", now=101.0)
+    assert again == job and lock_held == [False]
+    assert sorted(i.path for i in spool.ledger.instances(job)) == sorted([first, second])
+    assert second.parent == first.parent and second.is_file()
+
+
+def test_a_job_that_moves_on_before_the_commit_gets_the_instance_in_its_follow_up(spool: Spool,
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path placed the file in a job that completed before the row was written: the row is not
+    written there; the file moves on into the series' follow-up job, row and file together."""
+    job, first = land(spool, "1.2.3.4.1")
+    record = spool.ledger.record_instance
+
+    def job_completes_first(*args: object, **kwargs: object) -> bool:
+        assert spool.ledger.complete_quiet_jobs(0.0, now=200.0) == [job]
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(spool.ledger, "record_instance", job_completes_first)
+    follow, path = land(spool, "1.2.3.4.2", now=101.0)
+    assert follow != job and spool.ledger.job(follow).follow_up_of == job
+    assert [i.path for i in spool.ledger.instances(job)] == [first]
+    assert [i.path for i in spool.ledger.instances(follow)] == [path]
+    assert path.parent == spool.job_dir(follow) and path.is_file()
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]  # nothing left in the completed job's folder
+    assert list(spool.incoming.iterdir()) == []
+
+
+def test_a_stale_job_never_loses_its_copy_to_a_resent_instance(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path read a job as collecting just before it completed, and the sender resends an instance
+    that job already holds: the completed job's file is never replaced; the resend goes to the follow-up."""
+    job, first = land(spool, "1.2.3.4.1", payload=b"original")
+    assert spool.ledger.complete_quiet_jobs(0.0, now=200.0) == [job]
+    monkeypatch.setattr(spool.ledger, "collecting_job", lambda key: job)  # the stale read
+    follow, path = land(spool, "1.2.3.4.1", payload=b"resent", now=201.0)
+    assert follow != job and path != first
+    assert first.read_bytes() == b"original" and path.read_bytes() == b"resent"
+    assert [i.path for i in spool.ledger.instances(job)] == [first]
+
+
+def test_rows_of_parallel_associations_share_commits(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """record_instance combines the rows queued while another commit runs into one transaction (one WAL
+    sync for all); each caller still learns its own outcome: a job that moved on refuses only its row."""
+    ledger = spool.ledger
+    open_key, done_key = SeriesKey("p", "1.2", "1.2.1"), SeriesKey("p", "1.2", "1.2.2")
+    open_job, _ = land(spool, "1.2.1.0", series="1.2.1", study="1.2", patient="p")
+    done_job, _ = land(spool, "1.2.2.0", series="1.2.2", study="1.2", patient="p")
+    ledger.complete_quiet_jobs(0.0, now=100.0)
+    open_job, _ = land(spool, "1.2.1.1", series="1.2.1", study="1.2", patient="p", now=150.0)  # its follow-up
+    transactions: list[int] = []
+    real = type(ledger)._transaction
+    started = threading.Event()
+
+    def slow(self: object):  # the first commit waits until the other threads have queued their rows
+        transactions.append(1)
+        if len(transactions) == 1:
+            started.set()
+            deadline = time.monotonic() + 5
+            while len(ledger._pending) < 7 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real(self)
+
+    monkeypatch.setattr(type(ledger), "_transaction", slow)
+    results: dict[int, bool] = {}
+
+    def record(i: int) -> None:
+        if i:
+            started.wait(5)
+        job, key = (done_job, done_key) if i == 3 else (open_job, open_key)
+        results[i] = ledger.record_instance(job, key, sop_uid=f"1.2.1.9.{i}", sop_class_uid="1.2",
+                                            path=Path(f"/spool/{i}.dcm"), size=i, now=160.0 + i)
+
+    threads = [threading.Thread(target=record, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: i != 3 for i in range(8)}
+    assert len(transactions) == 2  # the first row alone, then the seven queued meanwhile together
+    uids = {r.sop_uid for r in ledger.instances(open_job)}
+    assert uids == {"1.2.1.1"} | {f"1.2.1.9.{i}" for i in range(8) if i != 3}
+    assert not any(r.sop_uid.startswith("1.2.1.9") for r in ledger.instances(done_job))
+    assert ledger.job(open_job).last_received_at == 167.0

@@ -494,35 +494,53 @@ def test_an_idle_association_is_dropped_after_the_network_timeout(tmp_path: Path
         spool.close()
 
 
-def test_the_landed_file_is_synced_whole_before_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fsync runs on the landed file once all of it is written, before the file goes to the spool."""
+def test_the_landed_file_is_synced_whole_before_its_row_is_committed(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole landed file is fsynced before the ledger row that makes it acknowledged is committed: a
+    series' first instance before it is renamed into its job folder, every later one once it is linked
+    there (one sync of file and folder entry, issue 16)."""
     import os
+    import stat as st
 
-    import dicomnode.upper as upper
+    from dicomnode.ledger import Ledger
 
-    synced: list[int] = []
-    stored: list[int] = []
+    synced: dict[int, int] = {}  # inode -> size when synced
+    checked: list[str] = []
     real = os.fsync
 
     def fsync(fd: int) -> None:
-        if os.path.realpath(f"/proc/self/fd/{fd}").endswith(".part"):  # the landed file, not a folder
-            synced.append(os.fstat(fd).st_size)
+        info = os.fstat(fd)
+        if st.S_ISREG(info.st_mode):
+            synced[info.st_ino] = info.st_size
         real(fd)
 
-    original = Receiver._store_landed
+    def assert_synced(path: Path) -> None:
+        info = path.stat()
+        assert synced.get(info.st_ino) == info.st_size, f"{path.name} not synced whole before its row"
+        checked.append(path.parent.name)
 
-    def spy(self: Receiver, landed: Path, calling: str, cmd_class: str, cmd_sop: str, head: bytearray) -> int:
-        stored.append(landed.stat().st_size)
-        assert len(synced) == len(stored)
-        return original(self, landed, calling, cmd_class, cmd_sop, head)
+    record, add = Ledger.record_instance, Ledger.add_instance
 
-    monkeypatch.setattr(upper.os, "fsync", fsync)
-    monkeypatch.setattr(Receiver, "_store_landed", spy)
+    def record_spy(self: Ledger, job_id: int, key: object, **kw: object) -> bool:
+        assert_synced(kw["path"])
+        return record(self, job_id, key, **kw)
+
+    def add_spy(self: Ledger, key: object, *, place: object, **kw: object) -> object:
+        def placed(job_id: int) -> Path:
+            final = place(job_id)
+            assert_synced(final)
+            return final
+        return add(self, key, place=placed, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Ledger, "record_instance", record_spy)
+    monkeypatch.setattr(Ledger, "add_instance", add_spy)
     receiver, spool = start(tmp_path / "node", "native")
     try:
-        files = ct_series(tmp_path / "in", 2)
-        assert scu_store(receiver.port, files, [(CTImageStorage, ExplicitVRLittleEndian)]) == [0, 0]
+        files = ct_series(tmp_path / "in", 3)
+        assert scu_store(receiver.port, files, [(CTImageStorage, ExplicitVRLittleEndian)]) == [0, 0, 0]
+        rows = [i for j in spool.ledger.jobs() for i in spool.ledger.instances(j.id)]
     finally:
         receiver.stop(timeout=5)
         spool.close()
-    assert synced == stored and len(synced) == 2
+    assert len(rows) == 3 and len(checked) == 3 and len(set(checked)) == 1
