@@ -8,8 +8,9 @@ Speed comes from never decoding what we receive: the C-STORE handler takes the e
 the sender sent them (``STORE_RECV_CHUNKED_DATASET`` streams them to a file while PDUs arrive;
 ``node.max_pdu_size``, 1 MiB, is as fast as larger PDUs and bounds what one PDU can make us buffer),
 reads only the four UIDs
-from the header, fsyncs, renames the file into its job folder and records it in the ledger
-*before* answering Success. A Success therefore always means "durably on our disk".
+from the header, moves the file into its job folder, fsyncs file and folder and records it in the
+ledger *before* answering Success (:meth:`~dicomnode.spool.Spool.accept` says in which order). A
+Success therefore always means "durably on our disk".
 
 Failure statuses are explicit so a sender knows whether to retry:
 ``0xA700`` out of resources (disk above the high watermark until it drops below the low one,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -176,6 +177,9 @@ def test_disk_watermarks_and_size_limit(node: tuple[Receiver, Spool, Usage], tmp
     assert "with status REFUSED  : 1" in dcmsend(receiver.port, tmp_path / "over.dcm")
     aborted = dcmsend(receiver.port, tmp_path / "big.dcm")
     assert "SUCCESS  : 1" not in aborted and "Abort" in aborted, aborted
+    deadline = time.monotonic() + 5  # the connection's thread removes the partial object after dcmsend saw the abort
+    while (list(spool.incoming.iterdir()) or list(spool.chunks.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert list(spool.incoming.iterdir()) == [] and list(spool.chunks.iterdir()) == []
     assert echoscu(receiver.port) == 0
 
