@@ -50,7 +50,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from dicomnode.config import NodeSettings
-from dicomnode.durable import FILE_MODE
+from dicomnode.durable import FILE_MODE, start_writeback
 from dicomnode.listener import Limits, PduGuard, RefusalLog, admission_refusal
 from dicomnode.observe import Observer
 from dicomnode.part10 import SCAN_BYTES
@@ -79,6 +79,7 @@ STATUS_UNRECOGNISED_OPERATION = 0x0211
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC210
 MAX_COMMAND_BYTES = 64 * 1024  # a command set is a few hundred bytes; more is not a DICOM peer
+WRITEBACK_BYTES = 256 * 1024  # an arriving object's bytes are sent to the disk in steps of this (see _write)
 _PREAMBLE = b"\0" * 128 + b"DICM"
 _IMPLEMENTATION_UID = str(PYNETDICOM_IMPLEMENTATION_UID)
 _IMPLEMENTATION_VERSION = PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii") + b" " * (len(PYNETDICOM_IMPLEMENTATION_VERSION) % 2)
@@ -194,6 +195,8 @@ class _Message:
     file: Any = None  # an unbuffered binary file while the data set arrives
     head: bytearray = field(default_factory=bytearray)  # the file's first SCAN_BYTES: its UIDs are read from here
     write_failed: bool = False  # the disk refused a write: the rest is read and dropped, the answer is 0xA700
+    written: int = 0  # bytes written to ``file``
+    flushed: int = 0  # bytes of them whose write-out to the disk has been started
 
 
 class UpperServer:
@@ -581,8 +584,14 @@ class _Association:
         self._message = message
 
     def _write(self, message: _Message, data: memoryview | bytes) -> None:
+        """Append to the object's file; every WRITEBACK_BYTES, start writing what came to the disk, so the
+        store's fsync at the end waits for little more than the tail (one sender waited 38% of its time there)."""
         try:
             _write_all(message.file, data)
+            message.written += len(data)
+            if message.written - message.flushed >= WRITEBACK_BYTES:
+                start_writeback(message.file.fileno(), message.flushed, message.written - message.flushed)
+                message.flushed = message.written
         except OSError as exc:
             self._write_failed(message, exc)
 

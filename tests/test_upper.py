@@ -544,3 +544,40 @@ def test_the_landed_file_is_synced_whole_before_its_row_is_committed(tmp_path: P
         receiver.stop(timeout=5)
         spool.close()
     assert len(rows) == 3 and len(checked) == 3 and len(set(checked)) == 1
+
+
+def test_an_arriving_object_is_sent_to_the_disk_in_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a large object arrives, its bytes are handed to the disk every WRITEBACK_BYTES (the kernel
+    accepts each request), so the fsync at its end has only the tail left; the file is still whole."""
+    import os
+
+    import dicomnode.upper as upper
+
+    require_tools("dcmsend")
+
+    calls: list[tuple[int, int, int]] = []
+    real = upper.start_writeback
+
+    def spy(fd: int, offset: int, count: int) -> bool:
+        calls.append((offset, count, os.fstat(fd).st_size))
+        accepted = real(fd, offset, count)
+        assert accepted, "sync_file_range refused"
+        return accepted
+
+    monkeypatch.setattr(upper, "start_writeback", spy)
+    (ct,) = ct_series(tmp_path / "in", 1)
+    ds = dcmread(ct)
+    ds.add_new(0x00291010, "OB", bytes(range(256)) * 3000)  # 768 kB: two steps or more (fragment sizes vary)
+    ds.save_as(ct)
+    receiver, spool = start(tmp_path / "node", "native", max_object_bytes=2_000_000)
+    try:
+        assert "with status SUCCESS  : 1" in dcmsend(receiver.port, ct)  # dcmtk: 16 kB PDUs
+        (instance,) = spool.ledger.instances(spool.ledger.jobs()[0].id)
+        landed = instance.path.read_bytes()
+    finally:
+        receiver.stop(timeout=5)
+        spool.close()
+    assert len(calls) >= 2 and sum(count for _, count, _ in calls) <= len(landed)
+    assert [offset for offset, _, _ in calls] == [sum(count for _, count, _ in calls[:i]) for i in range(len(calls))]
+    assert all(count >= upper.WRITEBACK_BYTES and offset + count <= size for offset, count, size in calls)
+    assert dcmread(BytesIO(landed)).SOPInstanceUID == ds.SOPInstanceUID and landed.endswith(ds.PixelData)
