@@ -93,18 +93,17 @@ class Spool:
                now: float | None = None, synced: bool = True) -> tuple[int, Path]:
         """Move a landed file into its job folder and record it; returns (job id, final path).
 
-        ``synced=False``: the landed file is not fsynced yet. On the fast path below it is synced once it is
-        linked into its job folder: one fsync of the file, which on ext4 also makes that folder's entry
-        durable, where syncing it in incoming/ first also wrote incoming/ for nothing. Before a rename that
-        may replace an acknowledged copy, it is synced first.
-
         When the series already has a collecting job (every instance but a series' first), the file is
         linked into that job's folder (never replacing a file there) and the folder fsynced *before* the
-        ledger's write transaction, which then holds the write lock only for its commit: parallel associations
-        no longer queue behind
-        each other's folder fsync. Should the job move on in between, the file is moved again under the
-        transaction, as for a series' first instance. A crash before the commit leaves a file without a
-        row, as it always could; the sender had no Success for it.
+        ledger's write transaction, which then holds the write lock only for its commit: parallel
+        associations no longer queue behind each other's syncs. Should the job move on in between, the file
+        is moved again under the transaction, as a series' first instance always is. A crash before the
+        commit leaves a file without a row, as it always could; the sender had no Success for it.
+
+        ``synced=False``: the landed file is not fsynced yet (the native engine). On the fast path it is
+        synced once linked into its job folder, one fsync where there were two (in incoming/, which wrote
+        incoming/ for nothing, then the folder's); before a rename that may replace an acknowledged copy it
+        is synced first.
         """
         size = landed.stat().st_size
 
