@@ -9,7 +9,8 @@ into N series sent by N parallel `dcmsend` processes (one association each), sto
 runs as it does in production (`dicomnode serve`, spool + ledger + fsync per instance) with a long
 series quiet time so only receiving is timed. Rounds alternate between the receivers to share any
 background load fairly; the best and the median round of each are reported, with the receiver's CPU
-time per instance (its processes and their children, median). ``--baseline DIR`` adds the node as the
+time per instance (its processes and their children, median) and how busy the whole machine was
+(``/proc/stat``, senders included: near 100% the round was CPU-bound, lower it waited). ``--baseline DIR`` adds the node as the
 ``dicomnode`` package in DIR runs it (older code, same rounds), to compare before and after in one run.
 
     .venv/bin/python benchmarks/bench_receive.py --count 200 --size 512 --rounds 3
@@ -58,6 +59,12 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a process and its waited-for children (/proc/<pid>/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(all, idle) CPU ticks of the whole machine since boot (/proc/stat), to tell CPU-bound from waiting."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]  # idle + iowait
 
 
 def make_series(folder: Path, count: int, size: int) -> int:
@@ -184,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.senders} sender(s) in parallel")
         times: dict[str, list[float]] = {name: [] for name, _, _, _ in receivers} | {scp_name: []}
         cpu: dict[str, list[float]] = {name: [] for name in times}
+        busy: dict[str, list[float]] = {name: [] for name in times}
         with tqdm(total=(len(receivers) + 1) * args.rounds, desc="rounds", unit="round") as bar:
             for _ in range(args.rounds):
                 for name, processes, engine, pythonpath in [*receivers, (scp_name, 0, "", None)]:
@@ -194,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                     else:
                         proc, aec = start_storescp(work, port, fork=fork), "PACS"
                     try:
-                        before = cpu_seconds(proc.pid)
+                        before, ticks = cpu_seconds(proc.pid), machine_ticks()
                         times[name].append(send(port, aec, folders, args.count))
                         cpu[name].append((cpu_seconds(proc.pid) - before) / args.count * 1000)
+                        ticks_all, idle = (a - b for a, b in zip(machine_ticks(), ticks))
+                        busy[name].append(100.0 * (1 - idle / ticks_all) if ticks_all else float("nan"))
                     finally:
                         stop(proc)
                     if processes:
@@ -205,15 +215,17 @@ def main(argv: list[str] | None = None) -> int:
                             raise RuntimeError(f"node spooled {stored} of {args.count} instances")
                     bar.update(1)
     print(f"\n{'receiver':<22} {'best s':>8} {'median s':>9} {'inst/s':>8} {'MB/s':>7} {'ratio':>6} {'median ratio':>13} "
-          f"{'CPU ms/inst':>12}")
+          f"{'CPU ms/inst':>12} {'busy %':>7}")
     scp_rate, scp_median = args.count / min(times[scp_name]), statistics.median(times[scp_name])
     for name, values in times.items():
         best = min(values)
         rate = args.count / best
         print(f"{name:<22} {best:8.2f} {statistics.median(values):9.2f} {rate:8.1f} {total / best / 1e6:7.1f} "
-              f"{rate / scp_rate:6.2f} {scp_median / statistics.median(values):13.2f} {statistics.median(cpu[name]):12.2f}")
+              f"{rate / scp_rate:6.2f} {scp_median / statistics.median(values):13.2f} {statistics.median(cpu[name]):12.2f} "
+              f"{statistics.median(busy[name]):7.0f}")
     print(f"\nratio = instances/s over {scp_name}'s (best rounds; median ratio: median rounds; same dcmsend, "
-          f"{args.senders} association(s) in parallel, TCP_NODELAY=1, {os.cpu_count()} CPUs)")
+          f"{args.senders} association(s) in parallel, TCP_NODELAY=1, {os.cpu_count()} CPUs; busy %: the whole "
+          f"machine's CPU use during the round, senders included, median: near 100 the round was CPU-bound)")
     return 0
 
 
