@@ -301,7 +301,7 @@ class Receiver:
         try:
             job_id, _final = self.spool.accept(
                 landed, key, sop_uid=uids["SOPInstanceUID"], sop_class_uid=uids["SOPClassUID"], calling_aet=calling,
-                synced=synced,
+                synced=synced, size=size,
             )
         except OSError as exc:
             landed.unlink(missing_ok=True)

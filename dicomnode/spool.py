@@ -90,7 +90,7 @@ class Spool:
         return write_bytes(self.incoming / f"{uuid.uuid4().hex}.dcm", data)
 
     def accept(self, landed: Path, key: SeriesKey, *, sop_uid: str, sop_class_uid: str, calling_aet: str,
-               now: float | None = None, synced: bool = True) -> tuple[int, Path]:
+               now: float | None = None, synced: bool = True, size: int | None = None) -> tuple[int, Path]:
         """Move a landed file into its job folder and record it; returns (job id, final path).
 
         When the series already has a collecting job (every instance but a series' first), the file is
@@ -103,9 +103,9 @@ class Spool:
         ``synced=False``: the landed file is not fsynced yet (the native engine). On the fast path it is
         synced once linked into its job folder, one fsync where there were two (in incoming/, which wrote
         incoming/ for nothing, then the folder's); before a rename that may replace an acknowledged copy it
-        is synced first.
+        is synced first. ``size``: the landed file's, when the caller has it already (one stat fewer).
         """
-        size = landed.stat().st_size
+        size = landed.stat().st_size if size is None else size
 
         def place(job_id: int, source: Path) -> Path:
             # incoming/ is emptied at start-up (clean_incoming), so its entry need not be made durable; the node
